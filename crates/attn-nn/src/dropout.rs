@@ -1,0 +1,32 @@
+//! Dropout that is active only in training mode.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    pub fn new(p: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::config("dropout", format!("must be in [0, 1), got {p}")));
+        }
+        Ok(Dropout { p })
+    }
+
+    pub fn p(&self) -> f32 {
+        self.p
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by
+    /// `1 / (1 - p)` when `train`; the identity otherwise.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        Ok(candle_nn::ops::dropout(x, self.p)?)
+    }
+}

@@ -1,0 +1,113 @@
+//! A linear layer that hides the number format of its weight.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::weights::{Init, Weights};
+
+/// `y = x W^T + b` with `W` of shape `[out, in]`.
+///
+/// The weight is dense (f32/f16/bf16, differentiable) or quantized (a GGUF
+/// block type, inference only); model code is the same for both.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Dense(candle_nn::Linear),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// A dense layer from a `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight
+            .dims2()
+            .map_err(|_| Error::input("linear", format!("weight must be 2-D, got {:?}", weight.dims())))?;
+        if let Some(b) = &bias {
+            if b.dims() != [out_features] {
+                return Err(Error::input("linear", format!("bias shape {:?}, expected [{out_features}]", b.dims())));
+            }
+        }
+        Ok(Linear {
+            weight: LinearWeight::Dense(candle_nn::Linear::new(weight, None)),
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// A layer whose weight stays in a quantized block format.
+    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight
+            .shape()
+            .dims2()
+            .map_err(|_| Error::input("linear", format!("weight must be 2-D, got {:?}", weight.shape())))?;
+        Ok(Linear { weight: LinearWeight::Quantized(QMatMul::from_arc(weight)?), bias, in_features, out_features })
+    }
+
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`), initialised
+    /// Xavier-uniform / zeros when a trainable source creates them.
+    pub fn load(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight =
+            w.get_with_init(&[out_features, in_features], "weight", Init::xavier_uniform(out_features, in_features))?;
+        let bias = if bias { Some(w.get_with_init(&[out_features], "bias", Init::Zeros)?) } else { None };
+        Self::new(weight, bias)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The dense weight, if the layer is dense.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(l) => Some(l.weight()),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
+    }
+
+    /// `x`: `[..., in]` -> `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let last = x.dims().last().copied().unwrap_or(0);
+        if last != self.in_features {
+            return Err(Error::input(
+                "linear",
+                format!("input last dim {last} != in_features {} (input shape {:?})", self.in_features, x.dims()),
+            ));
+        }
+        let y = match &self.weight {
+            LinearWeight::Dense(l) => l.forward(x)?,
+            LinearWeight::Quantized(q) => {
+                // Quantized kernels take f32 activations.
+                let dtype = x.dtype();
+                let y = q.forward(&x.to_dtype(DType::F32)?)?;
+                y.to_dtype(dtype)?
+            }
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+}
