@@ -1,0 +1,434 @@
+//! A bounds-checked reader of GGUF files (the llama.cpp model format).
+//!
+//! The header, metadata and tensor table are parsed from a memory map with
+//! every length checked against the bytes that remain, so a truncated or
+//! corrupt file is an error that says where it went wrong, never a panic or
+//! a huge allocation. Tensor data stays in the map until a tensor is asked
+//! for, and quantized tensors stay quantized.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use attn_nn::{Error, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const MAX_DIMS: usize = 4;
+const MAX_ARRAY_DEPTH: usize = 4;
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A short rendering for listings: arrays show their length only.
+    pub fn summary(&self) -> String {
+        match self {
+            Value::String(s) if s.len() > 80 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(80)], s.len()),
+            Value::String(s) => format!("{s:?}"),
+            Value::Array(a) => format!("[{} items]", a.len()),
+            Value::Bool(b) => b.to_string(),
+            Value::F32(v) => v.to_string(),
+            Value::F64(v) => v.to_string(),
+            other => other.as_u64().map(|v| v.to_string()).unwrap_or_else(|| format!("{other:?}")),
+        }
+    }
+}
+
+/// A GGML tensor type as stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorType(pub u32);
+
+impl TensorType {
+    pub fn name(&self) -> String {
+        let n = match self.0 {
+            0 => "F32",
+            1 => "F16",
+            2 => "Q4_0",
+            3 => "Q4_1",
+            6 => "Q5_0",
+            7 => "Q5_1",
+            8 => "Q8_0",
+            9 => "Q8_1",
+            10 => "Q2_K",
+            11 => "Q3_K",
+            12 => "Q4_K",
+            13 => "Q5_K",
+            14 => "Q6_K",
+            15 => "Q8_K",
+            24 => "I8",
+            25 => "I16",
+            26 => "I32",
+            27 => "I64",
+            28 => "F64",
+            30 => "BF16",
+            other => return format!("type{other}"),
+        };
+        n.to_string()
+    }
+
+    /// `(elements per block, bytes per block)`, for the types attn knows.
+    pub fn block(&self) -> Option<(u64, u64)> {
+        Some(match self.0 {
+            0 => (1, 4),
+            1 => (1, 2),
+            2 => (32, 18),
+            3 => (32, 20),
+            6 => (32, 22),
+            7 => (32, 24),
+            8 => (32, 34),
+            9 => (32, 36),
+            10 => (256, 84),
+            11 => (256, 110),
+            12 => (256, 144),
+            13 => (256, 176),
+            14 => (256, 210),
+            15 => (256, 292),
+            24 => (1, 1),
+            25 => (1, 2),
+            26 => (1, 4),
+            27 => (1, 8),
+            28 => (1, 8),
+            30 => (1, 2),
+            _ => return None,
+        })
+    }
+
+    /// The candle type, for the types attn can compute with.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        Some(match self.0 {
+            0 => GgmlDType::F32,
+            1 => GgmlDType::F16,
+            2 => GgmlDType::Q4_0,
+            3 => GgmlDType::Q4_1,
+            6 => GgmlDType::Q5_0,
+            7 => GgmlDType::Q5_1,
+            8 => GgmlDType::Q8_0,
+            9 => GgmlDType::Q8_1,
+            10 => GgmlDType::Q2K,
+            11 => GgmlDType::Q3K,
+            12 => GgmlDType::Q4K,
+            13 => GgmlDType::Q5K,
+            14 => GgmlDType::Q6K,
+            15 => GgmlDType::Q8K,
+            30 => GgmlDType::BF16,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGML order: `dims[0]` is the innermost (contiguous) dimension.
+    pub dims: Vec<u64>,
+    pub ty: TensorType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub size: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape (outermost first), as tensors use.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// The parsed header of a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    /// Absolute file offset of the tensor data section.
+    pub data_offset: u64,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> String {
+        format!("truncated or corrupt GGUF at byte {}: {what}", self.pos)
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
+        let remaining = (self.buf.len() - self.pos) as u64;
+        if n > remaining {
+            return Err(self.err(&format!("{what} needs {n} bytes, {remaining} left")));
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn arr<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+        let s = self.take(N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> std::result::Result<String, String> {
+        let len = self.u64(what)?;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.err(&format!("{what} is not valid UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, depth: usize, what: &str) -> std::result::Result<Value, String> {
+        Ok(match ty {
+            0 => Value::U8(self.arr::<1>(what)?[0]),
+            1 => Value::I8(self.arr::<1>(what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.arr(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.arr(what)?)),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(i32::from_le_bytes(self.arr(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.arr(what)?)),
+            7 => match self.arr::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.err(&format!("{what}: bool byte {b}"))),
+            },
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.err(&format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                }
+                let item_ty = self.u32(what)?;
+                let count = self.u64(what)?;
+                // Every item takes at least one byte: a count beyond the
+                // remaining bytes is corrupt, and checking it first bounds
+                // the allocation.
+                let remaining = (self.buf.len() - self.pos) as u64;
+                if count > remaining {
+                    return Err(self.err(&format!("{what}: array of {count} items in {remaining} bytes")));
+                }
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(item_ty, depth + 1, what)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(i64::from_le_bytes(self.arr(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.arr(what)?)),
+            other => return Err(self.err(&format!("{what}: unknown value type {other}"))),
+        })
+    }
+}
+
+impl GgufHeader {
+    /// Parses the header of a GGUF file held in `buf` (the whole file).
+    pub fn parse(buf: &[u8]) -> std::result::Result<Self, String> {
+        let mut r = Reader { buf, pos: 0 };
+        let magic = r.take(4, "magic")?;
+        if magic != MAGIC {
+            return Err(format!("not a GGUF file (magic {:?}, expected \"GGUF\")", String::from_utf8_lossy(magic)));
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("GGUF version {version} is not supported (2 and 3 are)"));
+        }
+        let n_tensors = r.u64("tensor count")?;
+        let n_kv = r.u64("metadata count")?;
+        // Each entry is at least 8 + 4 bytes (tensor: name len, n_dims, ...).
+        let remaining = (buf.len() - r.pos) as u64;
+        if n_kv > remaining / 12 || n_tensors > remaining / 24 {
+            return Err(format!(
+                "header claims {n_kv} metadata entries and {n_tensors} tensors in a file of {} bytes",
+                buf.len()
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = r.string(&format!("metadata key #{i}"))?;
+            let ty = r.u32(&format!("type of `{key}`"))?;
+            let v = r.value(ty, 0, &format!("value of `{key}`"))?;
+            metadata.insert(key, v);
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 16 => a,
+                _ => return Err(format!("general.alignment {} is not a power of two", v.summary())),
+            },
+        };
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for i in 0..n_tensors {
+            let name = r.string(&format!("name of tensor #{i}"))?;
+            let n_dims = r.u32(&format!("rank of `{name}`"))? as usize;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(format!("tensor `{name}` has rank {n_dims} (1 to {MAX_DIMS} supported)"));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(r.u64(&format!("dims of `{name}`"))?);
+            }
+            let ty = TensorType(r.u32(&format!("type of `{name}`"))?);
+            let offset = r.u64(&format!("offset of `{name}`"))?;
+            let elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| format!("tensor `{name}` dims {dims:?} overflow"))?;
+            let size = match ty.block() {
+                Some((block, bytes)) => {
+                    if dims[0] % block != 0 {
+                        return Err(format!(
+                            "tensor `{name}`: row length {} is not a multiple of the {} block size {block}",
+                            dims[0],
+                            ty.name()
+                        ));
+                    }
+                    (elements / block).checked_mul(bytes).ok_or_else(|| format!("tensor `{name}` size overflows"))?
+                }
+                // Unknown types keep a size of 0: listed, but not loadable.
+                None => 0,
+            };
+            if offset % alignment != 0 {
+                return Err(format!("tensor `{name}` offset {offset} is not aligned to {alignment}"));
+            }
+            tensors.push(TensorInfo { name, dims, ty, offset, size });
+        }
+        let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_len = (buf.len() as u64).saturating_sub(data_offset);
+        for t in &tensors {
+            let end = t.offset.checked_add(t.size).ok_or_else(|| format!("tensor `{}` range overflows", t.name))?;
+            if end > data_len {
+                return Err(format!(
+                    "tensor `{}` ends at byte {} of the data section, which has {data_len} bytes (file truncated?)",
+                    t.name, end
+                ));
+            }
+        }
+        Ok(GgufHeader { version, metadata, tensors, data_offset })
+    }
+
+    /// The `general.architecture` value.
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata.get("general.architecture").and_then(|v| v.as_str())
+    }
+}
+
+/// An open, memory-mapped GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Arc<memmap2::Mmap>,
+    pub header: GgufHeader,
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only map; attn never writes to model files while they
+        // are loaded.
+        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let header = GgufHeader::parse(&mmap).map_err(|e| Error::format(&path, e))?;
+        Ok(GgufFile { path, mmap: Arc::new(mmap), header })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.header.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        // Ranges were checked against the file length when parsing.
+        let start = (self.header.data_offset + info.offset) as usize;
+        &self.mmap[start..start + info.size as usize]
+    }
+
+    /// Loads a tensor in its stored (possibly quantized) type.
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let dtype = info.ty.ggml_dtype().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "tensor `{name}` has GGML type {}, which attn cannot compute with",
+                info.ty.name()
+            ))
+        })?;
+        Ok(qtensor_from_ggml(dtype, self.tensor_data(info), info.shape(), device)?)
+    }
+}
