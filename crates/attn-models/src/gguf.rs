@@ -432,3 +432,110 @@ impl GgufFile {
         Ok(qtensor_from_ggml(dtype, self.tensor_data(info), info.shape(), device)?)
     }
 }
+
+/// A tensor to write: name, type, GGML-order dims and its raw bytes.
+pub struct TensorToWrite<'a> {
+    pub name: &'a str,
+    pub ty: TensorType,
+    /// GGML order (innermost first).
+    pub dims: Vec<u64>,
+    pub data: &'a [u8],
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) -> std::result::Result<(), String> {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::String(s) => put_string(out, s),
+        Value::Array(items) => {
+            let ty = items.first().map_or(4, value_type);
+            if items.iter().any(|i| value_type(i) != ty) {
+                return Err("GGUF arrays must hold a single value type".into());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for i in items {
+                put_value(out, i)?;
+            }
+        }
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+    Ok(())
+}
+
+/// Serialises a GGUF v3 file (alignment 32) into bytes.
+pub fn write_gguf(metadata: &BTreeMap<String, Value>, tensors: &[TensorToWrite<'_>]) -> Result<Vec<u8>> {
+    let bad = |e: String| Error::input("gguf writer", e);
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_string(&mut out, k);
+        out.extend_from_slice(&value_type(v).to_le_bytes());
+        put_value(&mut out, v).map_err(bad)?;
+    }
+    let mut offset = 0u64;
+    let mut offsets = Vec::new();
+    for t in tensors {
+        let expected = t.ty.block().map(|(b, s)| t.dims.iter().product::<u64>() / b * s);
+        if expected != Some(t.data.len() as u64) {
+            return Err(bad(format!(
+                "tensor `{}`: {} bytes do not fit {:?} {}",
+                t.name,
+                t.data.len(),
+                t.dims,
+                t.ty.name()
+            )));
+        }
+        put_string(&mut out, t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.ty.0.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offsets.push(offset);
+        offset = (offset + t.data.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+    }
+    let pad_to = |out: &mut Vec<u8>, n: usize| out.resize(n, 0);
+    let data_start = (out.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+    pad_to(&mut out, data_start as usize);
+    for (t, off) in tensors.iter().zip(offsets) {
+        pad_to(&mut out, (data_start + off) as usize);
+        out.extend_from_slice(t.data);
+    }
+    Ok(out)
+}

@@ -25,8 +25,8 @@ pub enum Error {
     Input { op: &'static str, reason: String },
 
     /// A file could not be read.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 
     /// A file was read but its content is malformed, truncated or corrupt.
     #[error("{}: {reason}", path.display())]
@@ -55,7 +55,7 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 }
 
