@@ -1,0 +1,107 @@
+//! The `attn` program as a user runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn attn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().expect("run attn")
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attn-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let o = attn(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for cmd in [
+        "generate", "chat", "embed", "tokenize", "perplexity", "bench", "serve", "train", "eval", "pull", "info",
+        "quantize",
+    ] {
+        assert!(out.lines().any(|l| l.trim_start().starts_with(cmd)), "`{cmd}` missing from --help:\n{out}");
+    }
+}
+
+#[test]
+fn commands_not_built_yet_say_so_and_fail() {
+    for cmd in ["serve", "train", "eval", "quantize"] {
+        let o = attn(&[cmd, "--whatever", "x"]);
+        assert!(!o.status.success(), "{cmd} succeeded");
+        assert!(o.stdout.is_empty(), "{cmd} printed output");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("not built yet"), "{e}");
+    }
+}
+
+#[test]
+fn info_on_safetensors_json() {
+    let o = attn(&["info", &fixture("transformer_2017.safetensors"), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "safetensors");
+    assert!(v["architecture"].as_str().unwrap().starts_with("transformer-2017"));
+    // 138 float tensors (68 parameters + 68 gradients + 2 outputs) and 5 int64 inputs.
+    assert_eq!(v["dtypes"]["F32"]["tensors"], 138);
+    assert_eq!(v["dtypes"]["I64"]["tensors"], 5);
+    let params = v["parameters"].as_u64().unwrap();
+    let bytes = v["bytes"].as_u64().unwrap();
+    assert_eq!(bytes, (params - 63) * 4 + 63 * 8);
+}
+
+#[test]
+fn info_on_hf_folder_reads_config() {
+    let dir = temp("folder");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("moe.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"architectures": ["MixtralForCausalLM"]}"#).unwrap();
+    let o = attn(&["info", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("MixtralForCausalLM (from config.json)"), "{out}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let cases: Vec<(Vec<String>, &str)> = {
+        let corrupt = temp("corrupt.safetensors");
+        std::fs::write(&corrupt, b"\x10\0\0\0\0\0\0\0{\"a\": 1}garbage").unwrap();
+        let truncated = temp("truncated.safetensors");
+        let full = std::fs::read(fixture("moe.safetensors")).unwrap();
+        std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+        let fake_gguf = temp("fake.gguf");
+        std::fs::write(&fake_gguf, b"not a gguf at all").unwrap();
+        let empty_dir = temp("empty-dir");
+        std::fs::create_dir_all(&empty_dir).unwrap();
+        vec![
+            (vec!["info".into(), "/no/such/model.gguf".into()], "No such file"),
+            (vec!["info".into(), corrupt.display().to_string()], "not a valid safetensors file"),
+            (vec!["info".into(), truncated.display().to_string()], "not a valid safetensors file"),
+            (vec!["info".into(), fake_gguf.display().to_string()], "GGUF magic"),
+            (vec!["info".into(), empty_dir.display().to_string()], "no *.safetensors"),
+        ]
+    };
+    for (args, expect) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = attn(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        assert!(e.starts_with("error: ") && e.contains(expect), "{args:?}: {e}");
+    }
+    let o = attn(&["info", "--bogus-flag", "x"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--bogus-flag"));
+}
