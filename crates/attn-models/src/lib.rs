@@ -3,6 +3,8 @@
 
 pub mod gguf;
 pub mod inspect;
+pub mod lm;
 pub mod transformer;
 
 pub use transformer::{DecoderState, EncoderOutput, Transformer, TransformerConfig};
+pub use lm::{LanguageModel, Logits, SeqStep, SequenceCache, Tokenizer};

@@ -1,0 +1,75 @@
+//! The interfaces the engine drives models and tokenizers through.
+//!
+//! A causal language model takes a batch of sequences, each with its new
+//! tokens and its own cache, and returns logits. A single prompt is a batch
+//! of one; continuous batching, beam search and speculative decoding reuse
+//! the same call. A seq2seq model becomes a causal LM conditioned on its
+//! encoded source (see [`crate::transformer`]).
+
+use attn_nn::Result;
+use candle_core::Tensor;
+
+/// Per-sequence decoding state (the KV cache and its position).
+pub trait SequenceCache: Clone {
+    /// Tokens processed so far (the position of the next token).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Forgets positions from `len` on (speculative decoding rollback).
+    fn truncate(&mut self, len: usize) -> Result<()>;
+}
+
+/// One sequence's part of a batched forward call.
+pub struct SeqStep<'a, C> {
+    /// New tokens, appended after what `cache` holds.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut C,
+}
+
+/// Which logits a forward call returns for each sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last new token's: `[vocab]` (generation).
+    Last,
+    /// Every new token's: `[n_new, vocab]` (scoring, perplexity, speculative verification).
+    All,
+}
+
+pub trait LanguageModel {
+    type Cache: SequenceCache;
+
+    /// A fresh, empty cache for one sequence.
+    fn new_cache(&self) -> Result<Self::Cache>;
+
+    fn vocab_size(&self) -> usize;
+
+    /// The longest sequence (prompt + generated) the model supports.
+    fn context_length(&self) -> usize;
+
+    /// Runs every sequence's new tokens and appends them to its cache.
+    /// Returns f32 logits per sequence, shaped as `logits` asks.
+    fn forward(&self, batch: &mut [SeqStep<'_, Self::Cache>], logits: Logits) -> Result<Vec<Tensor>>;
+}
+
+/// Text <-> token ids.
+pub trait Tokenizer {
+    /// Token ids of `text`; with `add_special`, the model's BOS (and EOS
+    /// where the model adds one) as its config says.
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>>;
+
+    /// Text of `ids`. With `skip_special`, control tokens (BOS, EOS, turn
+    /// markers) are left out. Invalid UTF-8 (a multi-byte character cut
+    /// between tokens) becomes U+FFFD.
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String>;
+
+    /// The token's text as stored in the vocabulary (for `attn tokenize`).
+    fn piece(&self, id: u32) -> Option<String>;
+
+    fn vocab_size(&self) -> usize;
+
+    fn bos_id(&self) -> Option<u32>;
+
+    /// Tokens that end generation (EOS, end of turn).
+    fn eos_ids(&self) -> Vec<u32>;
+}
