@@ -22,6 +22,11 @@ pub fn causal_mask(q_len: usize, kv_len: usize, window: Option<usize>, device: &
     if q_len > kv_len {
         return Err(Error::input("causal mask", format!("q_len {q_len} > kv_len {kv_len}")));
     }
+    if window == Some(0) {
+        // Every key would be masked, and a fully masked row attends
+        // uniformly to all keys, future ones included.
+        return Err(Error::input("causal mask", "sliding window must be at least 1"));
+    }
     let offset = kv_len - q_len;
     let mut m = vec![0f32; q_len * kv_len];
     for i in 0..q_len {

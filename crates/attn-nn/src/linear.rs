@@ -8,6 +8,15 @@ use candle_core::{DType, Module, Tensor};
 use crate::error::{Error, Result};
 use crate::weights::{Init, Weights};
 
+fn check_bias(bias: Option<&Tensor>, out_features: usize) -> Result<()> {
+    if let Some(b) = bias {
+        if b.dims() != [out_features] {
+            return Err(Error::input("linear", format!("bias shape {:?}, expected [{out_features}]", b.dims())));
+        }
+    }
+    Ok(())
+}
+
 /// `y = x W^T + b` with `W` of shape `[out, in]`.
 ///
 /// The weight is dense (f32/f16/bf16, differentiable) or quantized (a GGUF
@@ -32,11 +41,7 @@ impl Linear {
         let (out_features, in_features) = weight
             .dims2()
             .map_err(|_| Error::input("linear", format!("weight must be 2-D, got {:?}", weight.dims())))?;
-        if let Some(b) = &bias {
-            if b.dims() != [out_features] {
-                return Err(Error::input("linear", format!("bias shape {:?}, expected [{out_features}]", b.dims())));
-            }
-        }
+        check_bias(bias.as_ref(), out_features)?;
         Ok(Linear {
             weight: LinearWeight::Dense(candle_nn::Linear::new(weight, None)),
             bias,
@@ -51,6 +56,7 @@ impl Linear {
             .shape()
             .dims2()
             .map_err(|_| Error::input("linear", format!("weight must be 2-D, got {:?}", weight.shape())))?;
+        check_bias(bias.as_ref(), out_features)?;
         Ok(Linear { weight: LinearWeight::Quantized(QMatMul::from_arc(weight)?), bias, in_features, out_features })
     }
 

@@ -127,9 +127,10 @@ pub fn top_k_indices(probs: &Tensor, k: usize) -> Result<(Tensor, Vec<usize>)> {
     Ok((selected, counts))
 }
 
-/// The auxiliary load-balancing loss of Switch Transformer / Mixtral:
-/// `n_experts * sum_e (fraction of routed slots to e) * (mean router prob of e)`,
-/// averaged over the k slots. Minimised (value 1) by a uniform routing.
+/// The auxiliary load-balancing loss of Switch Transformer / Mixtral, as HF
+/// `load_balancing_loss_func`:
+/// `n_experts * sum_{slot, e} (fraction of tokens whose slot-th choice is e) * (mean router prob of e)`,
+/// summed (not averaged) over the k slots. A uniform router gives `top_k`.
 pub fn load_balancing_loss(router_logits: &Tensor, n_experts: usize, top_k: usize) -> Result<Tensor> {
     let (n, e) = router_logits.dims2()?;
     if e != n_experts || top_k == 0 || top_k > e {
@@ -140,12 +141,12 @@ pub fn load_balancing_loss(router_logits: &Tensor, n_experts: usize, top_k: usiz
     }
     let probs = candle_nn::ops::softmax(&router_logits.to_dtype(DType::F32)?, 1)?;
     let (_, counts) = top_k_indices(&probs, top_k)?;
-    // Fraction of tokens sent to each expert per slot, summed over slots and
-    // divided by k: a constant (no gradient flows through the argmax).
-    let frac: Vec<f32> = counts.iter().map(|&c| c as f32 / (n * top_k) as f32).collect();
+    // Fraction of tokens sent to each expert, summed over the k slots: a
+    // constant (no gradient flows through the argmax).
+    let frac: Vec<f32> = counts.iter().map(|&c| c as f32 / n as f32).collect();
     let frac = Tensor::from_vec(frac, e, &Device::Cpu)?.to_device(router_logits.device())?;
     let mean_prob = probs.mean(0)?;
-    Ok(((frac * mean_prob)?.sum_all()? * (n_experts * top_k) as f64)?.affine(1.0 / top_k as f64, 0.0)?)
+    Ok(((frac * mean_prob)?.sum_all()? * n_experts as f64)?)
 }
 
 /// Fraction of routed (token, slot) pairs that went to each expert.

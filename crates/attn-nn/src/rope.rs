@@ -32,6 +32,23 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_scaled(base, 1.0, head_dim, max_positions, layout, dtype, device)
+    }
+
+    /// With linear position scaling: the angle at position `p` is
+    /// `p / scale * theta_i` (HF `rope_scaling = {type: linear}`).
+    pub fn new_scaled(
+        base: f64,
+        scale: f64,
+        head_dim: usize,
+        max_positions: usize,
+        layout: RopeLayout,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !(scale > 0.0) {
+            return Err(Error::config("rope_scale", format!("must be positive, got {scale}")));
+        }
         if head_dim % 2 != 0 || head_dim == 0 {
             return Err(Error::config("head_dim", format!("must be even and positive for RoPE, got {head_dim}")));
         }
@@ -45,7 +62,7 @@ impl RotaryEmbedding {
             for i in 0..half {
                 // Same rounding as the reference implementations: inverse
                 // frequencies in f32, product in f32.
-                let inv_freq = (1.0 / base.powf((2 * i) as f64 / head_dim as f64)) as f32;
+                let inv_freq = (1.0 / base.powf((2 * i) as f64 / head_dim as f64) / scale) as f32;
                 let angle = p as f32 * inv_freq;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
