@@ -27,7 +27,17 @@ fn help_lists_every_subcommand() {
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     for cmd in [
-        "generate", "chat", "embed", "tokenize", "perplexity", "bench", "serve", "train", "eval", "pull", "info",
+        "generate",
+        "chat",
+        "embed",
+        "tokenize",
+        "perplexity",
+        "bench",
+        "serve",
+        "train",
+        "eval",
+        "pull",
+        "info",
         "quantize",
     ] {
         assert!(out.lines().any(|l| l.trim_start().starts_with(cmd)), "`{cmd}` missing from --help:\n{out}");

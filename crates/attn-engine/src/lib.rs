@@ -1,1 +1,23 @@
+//! attn-engine: turning a model's logits into text.
+//!
+//! Decoding is a pipeline that does not know which model produced the logits:
+//! [`processors`] reshape one row of logits (penalties, temperature, top-k,
+//! top-p, min-p), the [`sampler`] picks a token, [`generate`] drives any
+//! [`attn_models::LanguageModel`] through prefill and cached decode steps and
+//! streams text through the UTF-8-safe [`detok`]enizer, and [`beam`] search
+//! runs several hypotheses as one batched forward call.
 
+pub mod beam;
+pub mod detok;
+pub mod generate;
+pub mod processors;
+pub mod sampler;
+
+#[cfg(test)]
+mod testutil;
+
+pub use beam::{beam_search, BeamParams, Hypothesis};
+pub use detok::Detokenizer;
+pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
+pub use processors::SamplingParams;
+pub use sampler::Sampler;

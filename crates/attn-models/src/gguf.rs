@@ -539,3 +539,97 @@ pub fn write_gguf(metadata: &BTreeMap<String, Value>, tensors: &[TensorToWrite<'
     }
     Ok(out)
 }
+
+impl GgufFile {
+    fn meta(&self, key: &str) -> Result<&Value> {
+        self.header
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::format(&self.path, format!("metadata key `{key}` is missing")))
+    }
+
+    /// A required unsigned integer from the metadata.
+    pub fn meta_u64(&self, key: &str) -> Result<u64> {
+        let v = self.meta(key)?;
+        v.as_u64()
+            .ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` = {} is not an integer", v.summary())))
+    }
+
+    /// A required number from the metadata.
+    pub fn meta_f64(&self, key: &str) -> Result<f64> {
+        let v = self.meta(key)?;
+        v.as_f64()
+            .ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` = {} is not a number", v.summary())))
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        let v = self.meta(key)?;
+        v.as_str()
+            .ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` = {} is not a string", v.summary())))
+    }
+
+    /// An optional metadata value.
+    pub fn meta_opt(&self, key: &str) -> Option<&Value> {
+        self.header.metadata.get(key)
+    }
+
+    fn checked_info(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
+        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        if info.shape() != shape {
+            return Err(Error::TensorShape { name: name.to_string(), expected: shape.to_vec(), got: info.shape() });
+        }
+        Ok(info)
+    }
+
+    /// A tensor of the expected row-major `shape`, kept in its stored type.
+    pub fn qtensor_checked(&self, name: &str, shape: &[usize], device: &Device) -> Result<Arc<QTensor>> {
+        self.checked_info(name, shape)?;
+        Ok(Arc::new(self.qtensor(name, device)?))
+    }
+
+    /// A tensor of the expected shape, dequantized to f32.
+    pub fn dense(&self, name: &str, shape: &[usize], device: &Device) -> Result<candle_core::Tensor> {
+        self.checked_info(name, shape)?;
+        Ok(self.qtensor(name, device)?.dequantize(device)?)
+    }
+
+    /// A bias-free linear layer `[out, in]` on the stored (quantized) weight.
+    ///
+    /// Q5_0 matrices are repacked to Q8_0 on load: losslessly (a Q5_0 block
+    /// is a shared f16 scale times 5-bit integers, which Q8_0 holds exactly)
+    /// and the product with Q8_0 activations is the same sum, but candle has
+    /// an AVX2 kernel for Q8_0 and only a scalar one for Q5_0.
+    pub fn linear(&self, name: &str, out_features: usize, in_features: usize, device: &Device) -> Result<attn_nn::Linear> {
+        let info = self.checked_info(name, &[out_features, in_features])?;
+        let q = if info.ty == TensorType(6) {
+            let data = repack_q5_0_as_q8_0(self.tensor_data(info));
+            qtensor_from_ggml(GgmlDType::Q8_0, &data, info.shape(), device)?
+        } else {
+            self.qtensor(name, device)?
+        };
+        attn_nn::Linear::from_qtensor(Arc::new(q), None)
+    }
+}
+
+/// Rewrites Q5_0 blocks (f16 scale, 4 bytes of high bits, 16 bytes of low
+/// nibbles; value = scale * (q - 16)) as Q8_0 blocks (f16 scale, 32 i8)
+/// holding exactly the same values.
+pub fn repack_q5_0_as_q8_0(q5: &[u8]) -> Vec<u8> {
+    const Q5: usize = 22;
+    const Q8: usize = 34;
+    let mut out = Vec::with_capacity(q5.len() / Q5 * Q8);
+    for b in q5.chunks_exact(Q5) {
+        out.extend_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut vals = [0i8; 32];
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0f) | ((((qh >> j) << 4) & 0x10) as u8);
+            let hi = (qs[j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
+            vals[j] = lo as i8 - 16;
+            vals[j + 16] = hi as i8 - 16;
+        }
+        out.extend(vals.iter().map(|&v| v as u8));
+    }
+    out
+}

@@ -1,10 +1,17 @@
 //! attn-models: model architectures built from the `attn-nn` blocks, and the
 //! readers of the weight formats they load from.
 
+pub mod bert;
+pub mod chat;
+pub mod gemma3;
 pub mod gguf;
+pub mod hf_tokenizer;
 pub mod inspect;
 pub mod lm;
+pub mod load;
+pub mod registry;
+pub mod spm;
 pub mod transformer;
 
-pub use transformer::{DecoderState, EncoderOutput, Transformer, TransformerConfig};
 pub use lm::{LanguageModel, Logits, SeqStep, SequenceCache, Tokenizer};
+pub use transformer::{DecoderState, EncoderOutput, Transformer, TransformerConfig};

@@ -227,3 +227,21 @@ proptest! {
         let _ = GgufHeader::parse(&bytes);
     }
 }
+
+#[test]
+fn q5_0_repacks_to_q8_0_exactly() {
+    use attn_models::gguf::repack_q5_0_as_q8_0;
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    let x = Tensor::randn(0f32, 1.0, (8, 256), &Device::Cpu).unwrap();
+    let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+    let bytes = q5.data().unwrap().to_vec();
+    let q8 = qtensor_from_ggml(GgmlDType::Q8_0, &repack_q5_0_as_q8_0(&bytes), vec![8, 256], &Device::Cpu).unwrap();
+    let a = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+    // And the values really are 5-bit: at most 32 distinct levels per block.
+    let mut levels: Vec<i32> = b[..32].iter().map(|v| (v * 1e4) as i32).collect();
+    levels.sort();
+    levels.dedup();
+    assert!(levels.len() <= 32 && levels.len() > 8);
+}

@@ -1,0 +1,253 @@
+//! BERT encoder (all-MiniLM-L6-v2 and friends) and sentence embeddings the
+//! way sentence-transformers computes them: mean pooling over the attention
+//! mask, then L2 normalisation.
+//!
+//! Parameter names are HF's (`embeddings.*`, `encoder.layer.{i}.*`), with or
+//! without a `bert.` prefix.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use attn_nn::{
+    lengths_to_valid, padding_mask, Activation, AttentionConfig, Dropout, Error, FeedForward, LayerNorm, Linear,
+    MultiHeadAttention, Norm, Residual, Result, SafetensorsSource, TokenEmbedding, WeightSource, Weights,
+};
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use crate::hf_tokenizer::HfTokenizer;
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_type_vocab() -> usize {
+    2
+}
+
+/// The fields of an HF BERT `config.json` that the model needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl BertConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(Error::config(f, "must be at least 1"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::config(
+                "hidden_size",
+                format!("({}) must be divisible by num_attention_heads ({})", self.hidden_size, self.num_attention_heads),
+            ));
+        }
+        Activation::from_name(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BertLayer {
+    attn: MultiHeadAttention,
+    ffn: FeedForward,
+    res_attn: Residual,
+    res_ffn: Residual,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bert {
+    cfg: BertConfig,
+    word: TokenEmbedding,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+impl Bert {
+    pub fn load(w: &Weights, cfg: &BertConfig) -> Result<Self> {
+        cfg.validate()?;
+        let w = if w.contains("bert.embeddings.word_embeddings.weight") { w.pp("bert") } else { w.clone() };
+        let d = cfg.hidden_size;
+        let e = w.pp("embeddings");
+        let act = Activation::from_name(&cfg.hidden_act)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = w.pp("encoder.layer").pp(i);
+            let a = l.pp("attention");
+            let lin = |w: &Weights, i: usize, o: usize| Linear::load(w, i, o, true);
+            let attn = MultiHeadAttention::new(
+                AttentionConfig::mha(d, cfg.num_attention_heads),
+                lin(&a.pp("self.query"), d, d)?,
+                lin(&a.pp("self.key"), d, d)?,
+                lin(&a.pp("self.value"), d, d)?,
+                lin(&a.pp("output.dense"), d, d)?,
+            )?;
+            let ffn = FeedForward::new(
+                None,
+                lin(&l.pp("intermediate.dense"), d, cfg.intermediate_size)?,
+                lin(&l.pp("output.dense"), cfg.intermediate_size, d)?,
+                act,
+                Dropout::new(0.0)?,
+            )?;
+            let ln = |w: &Weights| LayerNorm::load(w, d, cfg.layer_norm_eps, true);
+            layers.push(BertLayer {
+                attn,
+                ffn,
+                res_attn: Residual::Post(Norm::Layer(ln(&a.pp("output.LayerNorm"))?)),
+                res_ffn: Residual::Post(Norm::Layer(ln(&l.pp("output.LayerNorm"))?)),
+            });
+        }
+        Ok(Bert {
+            word: TokenEmbedding::load(&e.pp("word_embeddings"), cfg.vocab_size, d, false)?,
+            position: e.pp("position_embeddings").get(&[cfg.max_position_embeddings, d], "weight")?,
+            token_type: e.pp("token_type_embeddings").get(&[cfg.type_vocab_size, d], "weight")?,
+            embed_norm: LayerNorm::load(&e.pp("LayerNorm"), d, cfg.layer_norm_eps, true)?,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// Hidden states `[batch, seq, hidden]` of right-padded `ids`
+    /// `[batch, seq]` with `lengths` real tokens each.
+    pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if lengths.len() != b {
+            return Err(Error::input("bert", format!("{} lengths for a batch of {b}", lengths.len())));
+        }
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::input(
+                "bert",
+                format!("{t} tokens exceed the {} positions of the model", self.cfg.max_position_embeddings),
+            ));
+        }
+        let pos = self.position.narrow(0, 0, t)?;
+        let typ = self.token_type.get(0)?;
+        let x = self.word.forward(ids)?.broadcast_add(&pos)?.broadcast_add(&typ)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        let mask = padding_mask(&lengths_to_valid(lengths, t, ids.device())?)?;
+        for l in &self.layers {
+            x = l.res_attn.forward(&x, |h| l.attn.forward(h, Some(&mask), None, None, false))?;
+            x = l.res_ffn.forward(&x, |h| l.ffn.forward(h, false))?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean of `hidden` `[b, t, d]` over the first `lengths[i]` positions of
+/// each row, then L2-normalised: `[b, d]`.
+pub fn mean_pool_normalize(hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    let (_, t, _) = hidden.dims3()?;
+    let valid = lengths_to_valid(lengths, t, hidden.device())?.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&valid)?.sum(1)?;
+    let count = valid.sum(1)?.clamp(1e-9, f64::MAX)?;
+    let mean = sum.broadcast_div(&count)?;
+    let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(mean.broadcast_div(&norm)?)
+}
+
+/// A sentence-transformers model: BERT, tokenizer and the truncation length.
+pub struct SentenceEncoder {
+    pub model: Bert,
+    pub tokenizer: HfTokenizer,
+    pub max_seq_length: usize,
+    device: Device,
+}
+
+#[derive(Deserialize)]
+struct SbertConfig {
+    max_seq_length: usize,
+}
+
+impl SentenceEncoder {
+    /// Loads an HF-style folder: `config.json`, `*.safetensors`,
+    /// `tokenizer.json`, and `sentence_bert_config.json` for the truncation
+    /// length (falling back to the model's positions).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let read_json = |name: &str| -> Result<Option<String>> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(&p).map(Some).map_err(|e| Error::io(&p, e))
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg_text = read_json("config.json")?.ok_or_else(|| Error::format(&cfg_path, "missing: not an HF model folder"))?;
+        let cfg: BertConfig =
+            serde_json::from_str(&cfg_text).map_err(|e| Error::format(&cfg_path, format!("invalid BERT config: {e}")))?;
+        let max_seq_length = match read_json("sentence_bert_config.json")? {
+            Some(t) => {
+                let s: SbertConfig = serde_json::from_str(&t)
+                    .map_err(|e| Error::format(dir.join("sentence_bert_config.json"), e.to_string()))?;
+                s.max_seq_length.min(cfg.max_position_embeddings)
+            }
+            None => cfg.max_position_embeddings,
+        };
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::format(dir, "folder holds no *.safetensors file"));
+        }
+        let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(&files)?);
+        let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(Error::format(&tok_path, "missing: the folder needs a tokenizer.json"));
+        }
+        let tokenizer = HfTokenizer::from_file(&tok_path, Some(max_seq_length))?;
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone() })
+    }
+
+    /// Normalised sentence embeddings `[n, hidden]` of `texts`, run in
+    /// batches of `batch_size`.
+    pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Err(Error::input("embed", "no texts"));
+        }
+        let mut out = Vec::new();
+        for chunk in texts.chunks(batch_size.max(1)) {
+            let ids = self.tokenizer.encode_batch(chunk)?;
+            let lengths: Vec<usize> = ids.iter().map(|v| v.len()).collect();
+            let t = lengths.iter().copied().max().unwrap_or(1).max(1);
+            let mut flat = vec![0u32; chunk.len() * t];
+            for (i, row) in ids.iter().enumerate() {
+                flat[i * t..i * t + row.len()].copy_from_slice(row);
+            }
+            let ids = Tensor::from_vec(flat, (chunk.len(), t), &self.device)?;
+            let hidden = self.model.forward(&ids, &lengths)?;
+            out.push(mean_pool_normalize(&hidden, &lengths)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+}

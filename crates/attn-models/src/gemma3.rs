@@ -1,0 +1,337 @@
+//! Gemma 3 (decoder-only), from a GGUF file.
+//!
+//! Follows the Hugging Face transformers semantics of `Gemma3ForCausalLM`:
+//! embeddings scaled by sqrt(hidden), GQA attention with per-head RMSNorm of
+//! queries and keys, RoPE with a local base for sliding-window layers and a
+//! global base for full-attention layers (every sixth layer), sandwich norms
+//! around attention and the GeGLU FFN, final RMSNorm, output projection tied
+//! to the embedding, optional final logit soft-capping.
+//!
+//! llama.cpp's converter stores Gemma's RMSNorm scales with the `+1`
+//! already added, so norms from a GGUF use the plain `x * w` form.
+
+use std::sync::Arc;
+
+use attn_nn::{
+    causal_mask, Activation, AttentionConfig, ContiguousKvCache, Dropout, Error, FeedForward, KvCache, Linear,
+    MultiHeadAttention, Norm, Residual, Result, RmsNorm, RopeLayout, RotaryEmbedding,
+};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::gguf::GgufFile;
+use crate::lm::{LanguageModel, Logits, SeqStep, SequenceCache};
+
+/// Hyper-parameters of a Gemma 3 model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    /// RoPE base of the full-attention layers.
+    pub rope_global_base: f64,
+    /// RoPE base of the sliding-window layers.
+    pub rope_local_base: f64,
+    /// Linear RoPE scaling factor of the global layers (1 = none).
+    pub rope_global_scale: f64,
+    pub sliding_window: usize,
+    /// Every `sliding_window_pattern`-th layer is a full-attention layer.
+    pub sliding_window_pattern: usize,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: f64,
+    pub final_logit_softcap: Option<f64>,
+    pub attn_logit_softcap: Option<f64>,
+    pub context_length: usize,
+}
+
+impl Gemma3Config {
+    /// Reads the `gemma3.*` metadata of a GGUF file.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.meta_str("general.architecture")?;
+        if arch != "gemma3" {
+            return Err(Error::Unsupported(format!("architecture `{arch}` is not gemma3")));
+        }
+        let u = |k: &str| f.meta_u64(&format!("gemma3.{k}")).map(|v| v as usize);
+        let opt_f = |k: &str| f.meta_opt(&format!("gemma3.{k}")).and_then(|v| v.as_f64());
+        let n_heads = u("attention.head_count")?;
+        let head_dim = u("attention.key_length")?;
+        let vocab_size = match f.meta_opt("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(tokens) => tokens.len(),
+            None => f
+                .tensor_info("token_embd.weight")
+                .map(|t| t.shape()[0])
+                .ok_or_else(|| Error::MissingTensor { name: "token_embd.weight".into() })?,
+        };
+        let cfg = Gemma3Config {
+            vocab_size,
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            n_layers: u("block_count")?,
+            n_heads,
+            n_kv_heads: u("attention.head_count_kv")?,
+            head_dim,
+            rms_norm_eps: f.meta_f64("gemma3.attention.layer_norm_rms_epsilon")?,
+            rope_global_base: f.meta_f64("gemma3.rope.freq_base")?,
+            // Not stored in the GGUF; HF transformers' Gemma 3 default.
+            rope_local_base: 10_000.0,
+            rope_global_scale: opt_f("rope.scaling.factor").unwrap_or(1.0),
+            sliding_window: u("attention.sliding_window")?,
+            // llama.cpp and HF both use five local layers then one global.
+            sliding_window_pattern: 6,
+            query_pre_attn_scalar: head_dim as f64,
+            final_logit_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
+            attn_logit_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
+            context_length: u("context_length")?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        AttentionConfig { ..self.attention(false) }.validate()?;
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("n_layers", self.n_layers),
+            ("sliding_window", self.sliding_window),
+            ("sliding_window_pattern", self.sliding_window_pattern),
+            ("context_length", self.context_length),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, "must be at least 1"));
+            }
+        }
+        if !(self.rope_global_scale >= 1.0) {
+            return Err(Error::config("rope_global_scale", format!("must be >= 1, got {}", self.rope_global_scale)));
+        }
+        Ok(())
+    }
+
+    /// Whether layer `i` attends globally (otherwise within the sliding window).
+    pub fn is_global(&self, layer: usize) -> bool {
+        (layer + 1) % self.sliding_window_pattern == 0
+    }
+
+    fn attention(&self, _global: bool) -> AttentionConfig {
+        AttentionConfig {
+            d_model: self.hidden_size,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            qkv_bias: false,
+            out_bias: false,
+            scale: Some(self.query_pre_attn_scalar.powf(-0.5)),
+            softcap: self.attn_logit_softcap,
+            dropout: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn: MultiHeadAttention,
+    ffn: FeedForward,
+    res_attn: Residual,
+    res_ffn: Residual,
+    window: Option<usize>,
+}
+
+/// Gemma 3 with weights in their GGUF (quantized) types.
+#[derive(Debug, Clone)]
+pub struct Gemma3 {
+    cfg: Gemma3Config,
+    embed: Arc<QTensor>,
+    embed_scale: f64,
+    layers: Vec<Layer>,
+    final_norm: RmsNorm,
+    lm_head: Linear,
+    device: Device,
+}
+
+/// The per-sequence KV cache of every layer.
+#[derive(Debug, Clone)]
+pub struct Gemma3Cache {
+    layers: Vec<ContiguousKvCache>,
+}
+
+impl SequenceCache for Gemma3Cache {
+    fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.len())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        for c in &mut self.layers {
+            c.truncate(len)?;
+        }
+        Ok(())
+    }
+}
+
+impl Gemma3 {
+    /// Loads a Gemma 3 GGUF, keeping matrices in their quantized types.
+    pub fn from_gguf(f: &GgufFile, device: &Device) -> Result<Self> {
+        let cfg = Gemma3Config::from_gguf(f)?;
+        let (d, h) = (cfg.hidden_size, cfg.head_dim);
+        let rms = |name: &str, dim: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(f.dense(name, &[dim], device)?, cfg.rms_norm_eps, false))
+        };
+        // One table per base covers the whole context.
+        let max_pos = cfg.context_length;
+        let rope_local = RotaryEmbedding::new(cfg.rope_local_base, h, max_pos, RopeLayout::Halves, DType::F32, device)?;
+        let rope_global = RotaryEmbedding::new_scaled(
+            cfg.rope_global_base,
+            cfg.rope_global_scale,
+            h,
+            max_pos,
+            RopeLayout::Halves,
+            DType::F32,
+            device,
+        )?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let global = cfg.is_global(i);
+            let attn = MultiHeadAttention::new(
+                cfg.attention(global),
+                f.linear(&p("attn_q.weight"), cfg.n_heads * h, d, device)?,
+                f.linear(&p("attn_k.weight"), cfg.n_kv_heads * h, d, device)?,
+                f.linear(&p("attn_v.weight"), cfg.n_kv_heads * h, d, device)?,
+                f.linear(&p("attn_output.weight"), d, cfg.n_heads * h, device)?,
+            )?
+            .with_rope(if global { rope_global.clone() } else { rope_local.clone() })
+            .with_qk_norm(rms(&p("attn_q_norm.weight"), h)?, rms(&p("attn_k_norm.weight"), h)?);
+            let ffn = FeedForward::new(
+                Some(f.linear(&p("ffn_gate.weight"), cfg.intermediate_size, d, device)?),
+                f.linear(&p("ffn_up.weight"), cfg.intermediate_size, d, device)?,
+                f.linear(&p("ffn_down.weight"), d, cfg.intermediate_size, device)?,
+                Activation::GeluTanh,
+                Dropout::new(0.0)?,
+            )?;
+            layers.push(Layer {
+                attn,
+                ffn,
+                res_attn: Residual::Sandwich {
+                    pre: Norm::Rms(rms(&p("attn_norm.weight"), d)?),
+                    post: Norm::Rms(rms(&p("post_attention_norm.weight"), d)?),
+                },
+                res_ffn: Residual::Sandwich {
+                    pre: Norm::Rms(rms(&p("ffn_norm.weight"), d)?),
+                    post: Norm::Rms(rms(&p("post_ffw_norm.weight"), d)?),
+                },
+                window: (!global).then_some(cfg.sliding_window),
+            });
+        }
+        let embed = f.qtensor_checked("token_embd.weight", &[cfg.vocab_size, d], device)?;
+        // The output projection is tied to the embedding unless the file has its own.
+        let lm_head = if f.tensor_info("output.weight").is_some() {
+            f.linear("output.weight", cfg.vocab_size, d, device)?
+        } else {
+            Linear::from_qtensor(embed.clone(), None)?
+        };
+        Ok(Gemma3 {
+            embed_scale: (d as f32).sqrt() as f64,
+            final_norm: rms("output_norm.weight", d)?,
+            cfg,
+            embed,
+            layers,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Gemma3Config {
+        &self.cfg
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::input(
+                "gemma3",
+                format!("token id {bad} outside the vocabulary of {}", self.cfg.vocab_size),
+            ));
+        }
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok((self.embed.embedding(&ids)? * self.embed_scale)?)
+    }
+}
+
+impl LanguageModel for Gemma3 {
+    type Cache = Gemma3Cache;
+
+    fn new_cache(&self) -> Result<Gemma3Cache> {
+        Ok(Gemma3Cache { layers: vec![ContiguousKvCache::new(); self.layers.len()] })
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.cfg.context_length
+    }
+
+    fn forward(&self, batch: &mut [SeqStep<'_, Gemma3Cache>], logits: Logits) -> Result<Vec<Tensor>> {
+        // All new tokens of all sequences go through the norms, projections
+        // and FFNs as one matrix; attention runs per sequence on its cache.
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut ids = Vec::new();
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::input("gemma3", "a sequence in the batch has no new tokens"));
+            }
+            let past = s.cache.len();
+            if past + s.tokens.len() > self.cfg.context_length {
+                return Err(Error::input(
+                    "gemma3",
+                    format!("{} tokens exceed the context length {}", past + s.tokens.len(), self.cfg.context_length),
+                ));
+            }
+            spans.push((ids.len(), s.tokens.len(), past));
+            ids.extend_from_slice(s.tokens);
+        }
+        let mut x = self.embed_tokens(&ids)?.unsqueeze(0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            x = layer.res_attn.forward(&x, |h| {
+                let mut outs = Vec::with_capacity(batch.len());
+                for (s, &(start, len, past)) in batch.iter_mut().zip(&spans) {
+                    let hs = h.narrow(1, start, len)?;
+                    let pos = Tensor::arange(past as u32, (past + len) as u32, &self.device)?.unsqueeze(0)?;
+                    let kv = past + len;
+                    // A single new token sees every cached key unless the
+                    // window cuts some off: no mask needed then.
+                    let mask = if len == 1 && layer.window.is_none_or(|w| kv <= w) {
+                        None
+                    } else {
+                        Some(causal_mask(len, kv, layer.window, &self.device)?)
+                    };
+                    let cache: &mut dyn KvCache = &mut s.cache.layers[li];
+                    outs.push(layer.attn.forward(&hs, mask.as_ref(), Some(&pos), Some(cache), false)?);
+                }
+                Ok(Tensor::cat(&outs, 1)?)
+            })?;
+            x = layer.res_ffn.forward(&x, |h| layer.ffn.forward(h, false))?;
+        }
+        // Only the rows whose logits are wanted go through the norm and the
+        // (large) output projection.
+        let rows: Vec<u32> = match logits {
+            Logits::Last => spans.iter().map(|&(s, l, _)| (s + l - 1) as u32).collect(),
+            Logits::All => (0..ids.len() as u32).collect(),
+        };
+        let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
+        let h = self.final_norm.forward(&x.squeeze(0)?.index_select(&rows_t, 0)?)?;
+        let mut out = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            out = ((out / cap)?.tanh()? * cap)?;
+        }
+        match logits {
+            Logits::Last => (0..batch.len()).map(|i| Ok(out.get(i)?)).collect(),
+            Logits::All => spans.iter().map(|&(s, l, _)| Ok(out.narrow(0, s, l)?)).collect(),
+        }
+    }
+}

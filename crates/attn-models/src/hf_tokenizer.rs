@@ -1,0 +1,66 @@
+//! Tokenizers described by an HF `tokenizer.json` (WordPiece, BPE, ...),
+//! through the `tokenizers` crate.
+
+use std::path::Path;
+
+use attn_nn::{Error, Result};
+
+use crate::lm::Tokenizer;
+
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+}
+
+impl HfTokenizer {
+    /// Loads `tokenizer.json`, with its own padding switched off and
+    /// truncation at `max_len` tokens (special tokens included) when given.
+    pub fn from_file(path: &Path, max_len: Option<usize>) -> Result<Self> {
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+        inner.with_padding(None);
+        let trunc = max_len.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() });
+        inner.with_truncation(trunc).map_err(|e| Error::format(path, format!("truncation: {e}")))?;
+        let id = |t: &str| inner.token_to_id(t);
+        let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<bos>"));
+        let eos = ["[SEP]", "</s>", "<eos>"].iter().filter_map(|t| id(t)).collect();
+        Ok(HfTokenizer { inner, bos, eos })
+    }
+
+    /// Token ids of a batch, each truncated; no padding.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let enc = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::input("tokenizer", e.to_string()))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let e = self.inner.encode(text, add_special).map_err(|e| Error::input("tokenizer", e.to_string()))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| Error::input("tokenizer", e.to_string()))
+    }
+
+    fn piece(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    fn eos_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+}
