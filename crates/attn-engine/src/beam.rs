@@ -16,7 +16,7 @@ use attn_models::{LanguageModel, Logits, SeqStep};
 use attn_nn::{Error, Result};
 
 use crate::generate::{forward_last, logits_to_vec, FinishReason};
-use crate::processors::max_finite;
+use crate::kernels::{check, max_finite, sum_exp, top_n};
 
 /// Beam search settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,21 +185,12 @@ struct Beam<C> {
 }
 
 /// The `n` most likely next tokens with their log-probabilities (fewer if
-/// fewer have a finite logit).
+/// fewer have a finite logit; none is an error, as when sampling).
 fn top_logprobs(logits: &[f32], n: usize) -> Result<Vec<(u32, f64)>> {
-    if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-        return Err(Error::input("beam_search", "the model produced NaN or +inf logits"));
-    }
-    let Some(max) = max_finite(logits) else { return Ok(Vec::new()) };
-    let log_z = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
-    let mut cand: Vec<(f32, u32)> =
-        logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l, i as u32)).collect();
-    let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    if n < cand.len() {
-        cand.select_nth_unstable_by(n - 1, desc);
-        cand.truncate(n);
-    }
-    Ok(cand.into_iter().map(|(l, id)| (id, l as f64 - log_z)).collect())
+    check("beam_search", logits)?;
+    let max = max_finite(logits).ok_or_else(|| Error::input("beam_search", "no token has a finite logit"))?;
+    let log_z = max as f64 + sum_exp(logits, max).ln();
+    Ok(top_n(logits, n).into_iter().map(|(l, id)| (id, l as f64 - log_z)).collect())
 }
 
 /// The best `width` finished hypotheses so far, sorted best first.

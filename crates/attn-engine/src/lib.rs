@@ -2,7 +2,7 @@
 //!
 //! Decoding is a pipeline that does not know which model produced the logits:
 //! [`processors`] reshape one row of logits (penalties, temperature, top-k,
-//! top-p, min-p), the [`sampler`] picks a token, [`generate`] drives any
+//! top-p, min-p), the [`sampler`] picks a token, [`generate()`] drives any
 //! [`attn_models::LanguageModel`] through prefill and cached decode steps and
 //! streams text through the UTF-8-safe [`detok`]enizer, and [`beam`] search
 //! runs several hypotheses as one batched forward call.
@@ -10,6 +10,7 @@
 pub mod beam;
 pub mod detok;
 pub mod generate;
+mod kernels;
 pub mod processors;
 pub mod sampler;
 

@@ -10,13 +10,14 @@
 //! empty. The order [`process`] applies them in is the one HF transformers and
 //! vLLM use: penalties, temperature, top-k, top-p, min-p.
 //!
-//! Filters that need "the k largest" use a partial selection (O(n)) rather
-//! than a full sort; top-p sorts only a growing head of the distribution,
-//! which for a trained model is usually a few dozen tokens.
-
-use std::cmp::Ordering;
+//! Nothing sorts the whole vocabulary: top-k keeps a bounded heap in one
+//! pass, and top-p first tries the 64 most likely tokens (for a trained model
+//! the nucleus is usually that small), then falls back to a quickselect
+//! weighted by probability mass, O(n) even for a flat distribution.
 
 use attn_nn::{Error, Result};
+
+use crate::kernels::{desc, exp_neg, finite, max_finite, sum_exp, top_n};
 
 /// How to choose tokens, and when to stop. The defaults change nothing:
 /// plain sampling at temperature 1 from the full distribution.
@@ -143,11 +144,13 @@ pub fn process(logits: &mut [f32], params: &SamplingParams, prompt: &[u32], comp
 /// penalty > 1 always makes the token less likely). Ids outside the row are
 /// ignored.
 pub fn repetition_penalty(logits: &mut [f32], seen: impl IntoIterator<Item = u32>, penalty: f32) {
-    let mut ids: Vec<u32> = seen.into_iter().collect();
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        if let Some(l) = logits.get_mut(id as usize) {
+    // A mark per vocabulary entry: linear in prompt length, no sort.
+    let mut done = vec![false; logits.len()];
+    for id in seen {
+        let i = id as usize;
+        if i < logits.len() && !done[i] {
+            done[i] = true;
+            let l = &mut logits[i];
             *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
         }
     }
@@ -178,10 +181,10 @@ pub fn top_k(logits: &mut [f32], k: usize) {
     if k == 0 || k >= logits.len() {
         return;
     }
-    let mut values = logits.to_vec();
-    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let threshold = *kth;
-    mask_below(logits, threshold);
+    let top = top_n(logits, k);
+    if top.len() == k {
+        mask_below(logits, top[k - 1].0);
+    }
 }
 
 /// Nucleus filter: keeps the most likely tokens until their probabilities sum
@@ -192,49 +195,63 @@ pub fn top_p(logits: &mut [f32], p: f32) {
         return;
     }
     let Some(max) = max_finite(logits) else { return };
-    // Candidates as (logit, id); only finite ones can carry probability.
-    let mut cand: Vec<(f32, u32)> =
-        logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l, i as u32)).collect();
-    let total: f64 = cand.iter().map(|&(l, _)| ((l - max) as f64).exp()).sum();
-    let target = p as f64 * total;
-
-    // Grow a sorted head of the distribution until it holds `target` mass:
-    // cand[..sorted] is sorted descending and holds the `sorted` best tokens.
-    let mut sorted = 0;
-    let mut cum = 0.0f64;
-    let mut keep = cand.len();
-    let mut want = 64.min(cand.len());
-    'grow: loop {
-        let rest = &mut cand[sorted..];
-        let n_new = want - sorted;
-        if n_new < rest.len() {
-            rest.select_nth_unstable_by(n_new - 1, desc);
+    let target = p as f64 * sum_exp(logits, max);
+    // Usually a few dozen tokens hold the mass: try that head first.
+    let head = top_n(logits, 64);
+    let kept = match crossing(&head, 0.0, target, max) {
+        Some(n) => head[..n].to_vec(),
+        None => {
+            let mut cand = finite(logits);
+            let n = nucleus_len(&mut cand, target, max);
+            cand.truncate(n);
+            cand
         }
-        rest[..n_new].sort_unstable_by(desc);
-        for (i, &(l, _)) in cand[sorted..want].iter().enumerate() {
-            cum += ((l - max) as f64).exp();
-            if cum >= target {
-                keep = sorted + i + 1;
-                break 'grow;
-            }
-        }
-        sorted = want;
-        if sorted == cand.len() {
-            break; // rounding: the whole mass fell short of `target`; keep all
-        }
-        want = (want * 2).min(cand.len());
-    }
-    if keep == cand.len() {
-        return;
-    }
-    logits.iter_mut().for_each(|l| *l = f32::NEG_INFINITY);
-    for &(l, id) in &cand[..keep] {
+    };
+    logits.fill(f32::NEG_INFINITY);
+    for (l, id) in kept {
         logits[id as usize] = l;
     }
 }
 
+/// How many of the [`desc`]-sorted `cand` it takes for the mass, starting
+/// from `acc`, to reach `target`.
+fn crossing(cand: &[(f32, u32)], mut acc: f64, target: f64, max: f32) -> Option<usize> {
+    for (i, &(l, _)) in cand.iter().enumerate() {
+        acc += exp_neg(l - max) as f64;
+        if acc >= target {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// The nucleus size over all candidates without sorting them all: a
+/// quickselect that halves the range holding the crossing point, weighing the
+/// better half each time (O(n) expected).
+fn nucleus_len(cand: &mut [(f32, u32)], target: f64, max: f32) -> usize {
+    // The crossing lies in lo+1..=hi; cand[..lo] all rank above cand[lo..]
+    // and hold `acc` of the mass.
+    let (mut lo, mut hi, mut acc) = (0, cand.len(), 0.0);
+    while hi - lo > 64 {
+        let mid = lo + (hi - lo) / 2;
+        cand[lo..hi].select_nth_unstable_by(mid - lo, desc);
+        let upper: f64 = cand[lo..=mid].iter().map(|&(l, _)| exp_neg(l - max) as f64).sum();
+        if acc + upper >= target {
+            hi = mid + 1;
+        } else {
+            acc += upper;
+            lo = mid + 1;
+        }
+    }
+    cand[lo..hi].sort_unstable_by(desc);
+    // Falling short only by rounding: keep the whole range.
+    crossing(&cand[lo..hi], acc, target, max).map_or(hi, |n| lo + n)
+}
+
 /// Keeps tokens whose probability is at least `p` times the top token's, that
 /// is whose logit is at least `max + ln p`. `0` keeps all.
+///
+/// (All filters expect rows without NaN or `+inf`; [`crate::Sampler`] checks.)
 pub fn min_p(logits: &mut [f32], p: f32) {
     if p <= 0.0 {
         return;
@@ -243,22 +260,12 @@ pub fn min_p(logits: &mut [f32], p: f32) {
     mask_below(logits, max + p.ln());
 }
 
-/// Descending by logit, then ascending by id: a total order, so ties are cut
-/// reproducibly.
-fn desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
-}
-
 fn mask_below(logits: &mut [f32], threshold: f32) {
     for l in logits.iter_mut() {
         if *l < threshold {
             *l = f32::NEG_INFINITY;
         }
     }
-}
-
-pub(crate) fn max_finite(logits: &[f32]) -> Option<f32> {
-    logits.iter().copied().filter(|l| l.is_finite()).reduce(f32::max)
 }
 
 #[cfg(test)]
@@ -372,12 +379,12 @@ mod tests {
         let max = max_finite(logits).unwrap();
         let mut cand: Vec<(f32, u32)> =
             logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l, i as u32)).collect();
-        let total: f64 = cand.iter().map(|&(l, _)| ((l - max) as f64).exp()).sum();
+        let total = sum_exp(logits, max);
         cand.sort_by(desc);
         let mut cum = 0.0;
         let mut keep = cand.len();
         for (i, &(l, _)) in cand.iter().enumerate() {
-            cum += ((l - max) as f64).exp();
+            cum += exp_neg(l - max) as f64;
             if cum >= p as f64 * total {
                 keep = i + 1;
                 break;
@@ -392,14 +399,19 @@ mod tests {
     #[test]
     fn top_p_matches_a_full_sort_on_a_large_vocabulary() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let n = 262_144;
-        for (scale, p) in [(1.0f32, 0.9f32), (8.0, 0.95), (0.01, 0.5), (3.0, 0.999)] {
+        for (n, scale, p) in [
+            (262_144, 1.0f32, 0.9f32),
+            (20_000, 8.0, 0.95),
+            (20_000, 0.01, 0.5),
+            (20_000, 3.0, 0.999),
+            (262_144, 30.0, 0.9),
+        ] {
             let logits: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect();
             let mut fast = logits.clone();
             let mut slow = logits.clone();
             top_p(&mut fast, p);
             top_p_reference(&mut slow, p);
-            assert_eq!(kept(&fast), kept(&slow), "scale {scale}, p {p}");
+            assert_eq!(kept(&fast), kept(&slow), "n {n}, scale {scale}, p {p}");
             assert!(!kept(&fast).is_empty());
         }
     }

@@ -2,15 +2,16 @@
 //!
 //! Sampling uses ChaCha20 seeded from a `u64`: its output stream is fixed by
 //! the cipher's specification, and the uniform draw is built here from raw
-//! bits, so a seed gives the same tokens on every platform and across `rand`
-//! releases. Logits that are NaN or `+inf` mean the model is broken; they are
+//! bits, so given the same logits a seed gives the same tokens on every
+//! platform and across `rand` releases. Logits that are NaN or `+inf` mean the model is broken; they are
 //! an error here rather than a silently wrong token.
 
 use attn_nn::{Error, Result};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::processors::{max_finite, process, SamplingParams};
+use crate::kernels::{self, check, exp_into, max_finite, sum};
+use crate::processors::{process, SamplingParams};
 
 /// Processors plus chooser, with the RNG state of one generation.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ impl Sampler {
     /// the argmax at temperature 0, a draw from the softmax otherwise.
     /// `prompt` and `completion` feed the penalties.
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], completion: &[u32]) -> Result<u32> {
-        check_logits(logits)?;
+        check("sample", logits)?;
         process(logits, &self.params, prompt, completion);
         if self.params.is_greedy() {
             argmax(logits)
@@ -51,70 +52,46 @@ impl Sampler {
 
 /// The id of the largest logit; the lowest id wins a tie (as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> Result<u32> {
-    let (mut best, mut best_logit) = (0, f32::NEG_INFINITY);
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() {
-            return Err(nan_error());
-        }
-        if l > best_logit {
-            (best, best_logit) = (i, l);
-        }
-    }
-    if best_logit == f32::NEG_INFINITY {
-        return Err(Error::input("argmax", "no token has a finite logit"));
-    }
-    Ok(best as u32)
+    check("argmax", logits)?;
+    kernels::argmax(logits).map(|i| i as u32).ok_or_else(|| Error::input("argmax", "no token has a finite logit"))
 }
 
 /// Draws a token with probability `softmax(logits)`; `-inf` entries are
 /// never drawn.
 pub fn sample(logits: &[f32], rng: &mut impl RngCore) -> Result<u32> {
-    check_logits(logits)?;
+    check("sample", logits)?;
     sample_with(logits, rng, &mut Vec::new())
 }
 
+/// Weights are summed per block first, so only one block is scanned
+/// token by token.
+const BLOCK: usize = 1024;
+
 fn sample_with(logits: &[f32], rng: &mut impl RngCore, weights: &mut Vec<f32>) -> Result<u32> {
     let max = max_finite(logits).ok_or_else(|| Error::input("sample", "no token has a finite logit"))?;
-    weights.clear();
-    let mut total = 0.0f64;
-    weights.extend(logits.iter().map(|&l| {
-        let w = (l - max).exp(); // exp(-inf) = 0
-        total += w as f64;
-        w
-    }));
+    let total = exp_into(logits, max, weights);
     let target = uniform(rng) * total;
     let mut cum = 0.0f64;
-    let mut last = 0;
-    for (i, &w) in weights.iter().enumerate() {
-        if w > 0.0 {
-            cum += w as f64;
-            last = i;
-            if cum > target {
-                return Ok(i as u32);
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let mass = sum(block);
+        if cum + mass > target {
+            let mut c = cum;
+            for (j, &w) in block.iter().enumerate() {
+                c += w as f64;
+                if w > 0.0 && c > target {
+                    return Ok((b * BLOCK + j) as u32);
+                }
             }
         }
+        cum += mass;
     }
-    // Only reachable through rounding in the running sum.
-    Ok(last as u32)
+    // Only reachable through rounding: the last token that can be drawn.
+    Ok(weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32)
 }
 
 /// A uniform draw in [0, 1) from the top 53 bits of one `u64`.
 fn uniform(rng: &mut impl RngCore) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
-fn check_logits(logits: &[f32]) -> Result<()> {
-    if logits.is_empty() {
-        return Err(Error::input("sample", "empty logits"));
-    }
-    if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-        return Err(nan_error());
-    }
-    Ok(())
-}
-
-fn nan_error() -> Error {
-    Error::input("sample", "the model produced NaN or +inf logits")
 }
 
 #[cfg(test)]

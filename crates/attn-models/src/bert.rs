@@ -61,7 +61,10 @@ impl BertConfig {
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::config(
                 "hidden_size",
-                format!("({}) must be divisible by num_attention_heads ({})", self.hidden_size, self.num_attention_heads),
+                format!(
+                    "({}) must be divisible by num_attention_heads ({})",
+                    self.hidden_size, self.num_attention_heads
+                ),
             ));
         }
         Activation::from_name(&self.hidden_act)?;
@@ -199,9 +202,10 @@ impl SentenceEncoder {
             std::fs::read_to_string(&p).map(Some).map_err(|e| Error::io(&p, e))
         };
         let cfg_path = dir.join("config.json");
-        let cfg_text = read_json("config.json")?.ok_or_else(|| Error::format(&cfg_path, "missing: not an HF model folder"))?;
-        let cfg: BertConfig =
-            serde_json::from_str(&cfg_text).map_err(|e| Error::format(&cfg_path, format!("invalid BERT config: {e}")))?;
+        let cfg_text =
+            read_json("config.json")?.ok_or_else(|| Error::format(&cfg_path, "missing: not an HF model folder"))?;
+        let cfg: BertConfig = serde_json::from_str(&cfg_text)
+            .map_err(|e| Error::format(&cfg_path, format!("invalid BERT config: {e}")))?;
         let max_seq_length = match read_json("sentence_bert_config.json")? {
             Some(t) => {
                 let s: SbertConfig = serde_json::from_str(&t)

@@ -599,7 +599,13 @@ impl GgufFile {
     /// is a shared f16 scale times 5-bit integers, which Q8_0 holds exactly)
     /// and the product with Q8_0 activations is the same sum, but candle has
     /// an AVX2 kernel for Q8_0 and only a scalar one for Q5_0.
-    pub fn linear(&self, name: &str, out_features: usize, in_features: usize, device: &Device) -> Result<attn_nn::Linear> {
+    pub fn linear(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        device: &Device,
+    ) -> Result<attn_nn::Linear> {
         let info = self.checked_info(name, &[out_features, in_features])?;
         let q = if info.ty == TensorType(6) {
             let data = repack_q5_0_as_q8_0(self.tensor_data(info));

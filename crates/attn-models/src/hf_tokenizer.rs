@@ -30,10 +30,8 @@ impl HfTokenizer {
 
     /// Token ids of a batch, each truncated; no padding.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let enc = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::input("tokenizer", e.to_string()))?;
+        let enc =
+            self.inner.encode_batch(texts.to_vec(), true).map_err(|e| Error::input("tokenizer", e.to_string()))?;
         Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 }

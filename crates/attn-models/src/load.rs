@@ -70,10 +70,9 @@ pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
             let name = f.meta_opt("general.name").and_then(|v| v.as_str()).unwrap_or("gemma3").to_string();
             Ok(AnyModel::Generator(Box::new(Generator { model, tokenizer, chat_template, name })))
         }
-        Some(other) => Err(Error::Unsupported(format!(
-            "{}: GGUF architecture `{other}` (supported: gemma3)",
-            path.display()
-        ))),
+        Some(other) => {
+            Err(Error::Unsupported(format!("{}: GGUF architecture `{other}` (supported: gemma3)", path.display())))
+        }
         None => Err(Error::format(path, "GGUF has no general.architecture")),
     }
 }

