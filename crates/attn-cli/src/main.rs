@@ -1,6 +1,12 @@
 //! `attn`: build, train, run and serve Transformer models.
 
+mod bench;
+mod common;
+mod embed;
+mod generate;
 mod info;
+mod perplexity;
+mod pull;
 
 use std::process::ExitCode;
 
@@ -23,26 +29,26 @@ struct Planned {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt (not built yet)
-    Generate(Planned),
-    /// Interactive chat with a model's chat template (not built yet)
-    Chat(Planned),
-    /// Sentence embeddings from an encoder model (not built yet)
-    Embed(Planned),
-    /// Show the token ids and pieces of a text (not built yet)
-    Tokenize(Planned),
-    /// Perplexity of a model on a text file (not built yet)
-    Perplexity(Planned),
-    /// Measure prefill and decode speed (not built yet)
-    Bench(Planned),
+    /// Generate text from a prompt, streaming it (default model: gemma3-270m)
+    Generate(generate::GenerateArgs),
+    /// Interactive multi-turn chat with the model's chat template
+    Chat(generate::ChatArgs),
+    /// Sentence embeddings from an encoder model (default: all-minilm-l6-v2)
+    Embed(embed::EmbedArgs),
+    /// Show the token ids and pieces of a text
+    Tokenize(embed::TokenizeArgs),
+    /// Perplexity of a model on a text file (llama.cpp's method)
+    Perplexity(perplexity::PerplexityArgs),
+    /// Measure prefill and decode speed, time to first token, peak memory
+    Bench(bench::BenchArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (not built yet)
     Serve(Planned),
     /// Train a model from a TOML config (not built yet)
     Train(Planned),
     /// Evaluate a model on a task (not built yet)
     Eval(Planned),
-    /// Fetch a known model into the model cache (not built yet)
-    Pull(Planned),
+    /// Fetch a known model into the model cache ($ATTN_HOME, default ~/.cache/attn)
+    Pull(pull::PullArgs),
     /// Show what a model file holds: architecture, parameters, tensor types, memory
     Info(info::InfoArgs),
     /// Convert a model to a quantized GGUF (not built yet)
@@ -56,16 +62,16 @@ fn not_built(name: &str) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(args) => info::run(&args),
-        Command::Generate(_) => not_built("generate"),
-        Command::Chat(_) => not_built("chat"),
-        Command::Embed(_) => not_built("embed"),
-        Command::Tokenize(_) => not_built("tokenize"),
-        Command::Perplexity(_) => not_built("perplexity"),
-        Command::Bench(_) => not_built("bench"),
+        Command::Generate(a) => generate::run(&a),
+        Command::Chat(a) => generate::chat(&a),
+        Command::Embed(a) => embed::embed(&a),
+        Command::Tokenize(a) => embed::tokenize(&a),
+        Command::Perplexity(a) => perplexity::run(&a),
+        Command::Bench(a) => bench::run(&a),
         Command::Serve(_) => not_built("serve"),
         Command::Train(_) => not_built("train"),
         Command::Eval(_) => not_built("eval"),
-        Command::Pull(_) => not_built("pull"),
+        Command::Pull(a) => pull::run(&a),
         Command::Quantize(_) => not_built("quantize"),
     }
 }

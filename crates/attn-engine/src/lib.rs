@@ -10,6 +10,7 @@
 pub mod beam;
 pub mod detok;
 pub mod generate;
+pub mod perplexity;
 mod kernels;
 pub mod processors;
 pub mod sampler;
@@ -22,3 +23,4 @@ pub use detok::Detokenizer;
 pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
 pub use processors::SamplingParams;
 pub use sampler::Sampler;
+pub use perplexity::{perplexity, Perplexity};

@@ -1,0 +1,111 @@
+//! `attn bench`: prefill and decode speed, time to first token, peak memory.
+
+use std::time::Instant;
+
+use attn_engine::sampler::argmax;
+use attn_models::{LanguageModel, Logits, SeqStep};
+use serde_json::json;
+
+use crate::common::{open_generator, set_threads, threads_in_use, DEFAULT_GENERATOR};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A known model name or a .gguf file
+    #[arg(short, long, default_value = DEFAULT_GENERATOR)]
+    model: String,
+    /// Prompt length for the prefill test
+    #[arg(short = 'p', long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens generated one by one for the decode test
+    #[arg(short = 'g', long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Worker threads for the tensor kernels
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Runs of each test; the mean is reported
+    #[arg(short, long, default_value_t = 3)]
+    repetitions: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident memory of this process in MiB (Linux).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repetitions == 0 {
+        anyhow::bail!("--prompt-tokens, --gen-tokens and --repetitions must be at least 1");
+    }
+    let g = open_generator(&args.model)?;
+    let m = &g.model;
+    if args.prompt_tokens + args.gen_tokens > m.context_length() {
+        anyhow::bail!("{} + {} tokens exceed the context length {}", args.prompt_tokens, args.gen_tokens, m.context_length());
+    }
+    // A fixed pseudo-random prompt (as llama-bench uses), BOS first.
+    let vocab = m.vocab_size() as u64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (1000 + state % (vocab - 2000)) as u32
+        })
+        .collect();
+    prompt[0] = 2;
+    let (mut prefill_s, mut decode_s, mut ttft_s) = (0.0, 0.0, 0.0);
+    // One untimed warm-up pass (thread pools, page faults of the weights).
+    {
+        let mut cache = m.new_cache()?;
+        m.forward(&mut [SeqStep { tokens: &prompt[..prompt.len().min(16)], cache: &mut cache }], Logits::Last)?;
+    }
+    for _ in 0..args.repetitions {
+        let mut cache = m.new_cache()?;
+        let t0 = Instant::now();
+        let logits = m.forward(&mut [SeqStep { tokens: &prompt, cache: &mut cache }], Logits::Last)?;
+        prefill_s += t0.elapsed().as_secs_f64();
+        let mut next = argmax(&logits[0].to_vec1::<f32>()?)?;
+        ttft_s += t0.elapsed().as_secs_f64();
+
+        let mut cache = m.new_cache()?;
+        m.forward(&mut [SeqStep { tokens: &prompt[..1], cache: &mut cache }], Logits::Last)?;
+        let t1 = Instant::now();
+        for _ in 0..args.gen_tokens {
+            let logits = m.forward(&mut [SeqStep { tokens: &[next], cache: &mut cache }], Logits::Last)?;
+            next = argmax(&logits[0].to_vec1::<f32>()?)?;
+        }
+        decode_s += t1.elapsed().as_secs_f64();
+    }
+    let r = args.repetitions as f64;
+    let prefill = args.prompt_tokens as f64 * r / prefill_s;
+    let decode = args.gen_tokens as f64 * r / decode_s;
+    let ttft_ms = ttft_s / r * 1e3;
+    let peak = peak_rss_mb();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": g.name, "threads": threads_in_use(), "prompt_tokens": args.prompt_tokens,
+                "gen_tokens": args.gen_tokens, "repetitions": args.repetitions,
+                "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                "ttft_ms": ttft_ms, "peak_rss_mb": peak,
+            }))?
+        );
+    } else {
+        println!("model        {} ({} threads)", g.name, threads_in_use());
+        println!("prefill      {prefill:8.1} tok/s  ({} tokens)", args.prompt_tokens);
+        println!("decode       {decode:8.1} tok/s  ({} tokens)", args.gen_tokens);
+        println!("first token  {ttft_ms:8.1} ms");
+        if let Some(p) = peak {
+            println!("peak memory  {p:8.1} MiB");
+        }
+    }
+    Ok(())
+}

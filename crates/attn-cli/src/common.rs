@@ -1,0 +1,103 @@
+//! What several commands share: finding and loading `-m/--model`, thread
+//! settings, sampling flags.
+
+use attn_engine::SamplingParams;
+use attn_models::load::{load_model, AnyModel, Generator};
+use attn_models::registry::resolve_model;
+use candle_core::Device;
+
+pub const DEFAULT_GENERATOR: &str = "gemma3-270m";
+pub const DEFAULT_ENCODER: &str = "all-minilm-l6-v2";
+
+/// Sets the worker-thread count of the tensor kernels before any pool
+/// starts: `--threads`, else the CPUs this process may run on.
+///
+/// Both pools are set explicitly: candle's own guess for its quantized-matmul
+/// pool can exceed the CPUs actually available (measured on a 2-vCPU
+/// machine: 0.9 decode tok/s by default, 25 tok/s with 2 threads), and its
+/// workers spin at barriers, so oversubscription is ruinous.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let t = match threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    // Read by rayon (float matmul) and candle's barrier pool when they start.
+    std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
+    Ok(())
+}
+
+pub fn threads_in_use() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Resolves (pulling known names on first use) and loads a model.
+pub fn open_model(arg: &str) -> anyhow::Result<AnyModel> {
+    let path = resolve_model(arg, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+    Ok(load_model(&path, &Device::Cpu)?)
+}
+
+pub fn open_generator(arg: &str) -> anyhow::Result<Box<Generator>> {
+    match open_model(arg)? {
+        AnyModel::Generator(g) => Ok(g),
+        other => anyhow::bail!("`{arg}` is a {} model; this command needs a text-generation model", other.kind()),
+    }
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(clap::Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 means greedy decoding
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: off)
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1: off)
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: off)
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens already in the prompt or output (1: off)
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// OpenAI-style presence penalty in [-2, 2]
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI-style frequency penalty in [-2, 2]
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Seed for reproducible sampling (random when absent)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the output contains this text (repeatable)
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> anyhow::Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}

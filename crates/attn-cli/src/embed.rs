@@ -1,0 +1,92 @@
+//! `attn embed` and `attn tokenize`.
+
+use std::path::PathBuf;
+
+use attn_models::load::AnyModel;
+use serde_json::json;
+
+use crate::common::{open_model, set_threads, DEFAULT_ENCODER};
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    /// Texts to embed
+    texts: Vec<String>,
+    /// A file with one text per line (instead of or in addition to TEXTS)
+    #[arg(short, long)]
+    file: Option<PathBuf>,
+    /// A known model name or an HF-style folder (config.json, *.safetensors, tokenizer.json)
+    #[arg(short, long, default_value = DEFAULT_ENCODER)]
+    model: String,
+    /// Sentences per forward pass
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Worker threads for the tensor kernels
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Print JSON (model, dimension, one embedding per text)
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let mut texts = args.texts.clone();
+    if let Some(f) = &args.file {
+        let content = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        texts.extend(content.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    }
+    if texts.is_empty() {
+        anyhow::bail!("nothing to embed: give texts as arguments or --file");
+    }
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let enc = match open_model(&args.model)? {
+        AnyModel::Encoder(e) => e,
+        other => anyhow::bail!("`{}` is a {} model; `attn embed` needs a sentence-embedding model", args.model, other.kind()),
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let emb = enc.embed(&refs, args.batch_size)?.to_vec2::<f32>()?;
+    if args.json {
+        let dim = emb.first().map_or(0, Vec::len);
+        let items: Vec<_> = texts.iter().zip(&emb).map(|(t, e)| json!({"text": t, "embedding": e})).collect();
+        println!("{}", serde_json::to_string(&json!({"model": args.model, "dim": dim, "data": items}))?);
+    } else {
+        for (t, e) in texts.iter().zip(&emb) {
+            let v: Vec<String> = e.iter().map(|x| format!("{x:.6}")).collect();
+            println!("{t}\t[{}]", v.join(", "));
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    /// The text to tokenize
+    text: String,
+    /// A known model name, a .gguf file or a model folder
+    #[arg(short, long, default_value = crate::common::DEFAULT_GENERATOR)]
+    model: String,
+    /// Do not add BOS/EOS or other special tokens
+    #[arg(long)]
+    no_special: bool,
+    /// Print JSON (ids and pieces)
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
+    let model = open_model(&args.model)?;
+    let tok = model.tokenizer();
+    let ids = tok.encode(&args.text, !args.no_special)?;
+    let pieces: Vec<String> = ids.iter().map(|&i| tok.piece(i).unwrap_or_default()).collect();
+    if args.json {
+        println!("{}", serde_json::to_string(&json!({"ids": ids, "pieces": pieces, "count": ids.len()}))?);
+    } else {
+        for (i, p) in ids.iter().zip(&pieces) {
+            println!("{i:>7}  {p:?}");
+        }
+        eprintln!("{} tokens", ids.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `attn generate` and `attn chat`.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+
+use attn_engine::{beam_search, generate_from_ids, BeamParams, Generation};
+use attn_models::chat::Message;
+use attn_models::Tokenizer;
+use serde_json::json;
+
+use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_GENERATOR};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// The prompt (read from standard input when absent)
+    prompt: Option<String>,
+    /// A known model name, a .gguf file or a model folder
+    #[arg(short, long, default_value = DEFAULT_GENERATOR)]
+    model: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Beam search with this many beams instead of sampling (deterministic)
+    #[arg(long)]
+    beam_width: Option<usize>,
+    /// Beam search length penalty alpha (score = logprob / length^alpha)
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
+    /// Beam search: stop as soon as enough hypotheses have finished
+    #[arg(long)]
+    early_stopping: bool,
+    /// Beam search: how many of the best hypotheses to print
+    #[arg(long, default_value_t = 1)]
+    n_best: usize,
+    /// Worker threads for the tensor kernels
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Print one JSON object (text, token ids, finish reason, speeds) instead of streaming
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_prompt(arg: &Option<String>) -> anyhow::Result<String> {
+    match arg {
+        Some(p) => Ok(p.clone()),
+        None => {
+            if std::io::stdin().is_terminal() {
+                anyhow::bail!("no prompt: give one as an argument or on standard input");
+            }
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            Ok(s)
+        }
+    }
+}
+
+fn generation_json(g: &Generation) -> serde_json::Value {
+    let t = &g.timings;
+    json!({
+        "text": g.text,
+        "prompt_ids": g.prompt_ids,
+        "completion_ids": g.completion_ids,
+        "finish_reason": g.finish_reason.as_str(),
+        "seed": g.seed,
+        "prompt_tokens": g.prompt_ids.len(),
+        "completion_tokens": g.completion_ids.len(),
+        "prefill_tokens_per_s": t.prefill_tokens_per_s(),
+        "decode_tokens_per_s": t.decode_tokens_per_s(),
+        "prefill_ms": t.prefill.as_secs_f64() * 1e3,
+        "decode_ms": t.decode.as_secs_f64() * 1e3,
+    })
+}
+
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let params = args.sampling.params()?;
+    let prompt = read_prompt(&args.prompt)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt is empty");
+    }
+    if let Some(width) = args.beam_width {
+        let bp = BeamParams {
+            width,
+            length_penalty: args.length_penalty,
+            early_stopping: args.early_stopping,
+            max_tokens: args.sampling.max_tokens,
+            n_best: args.n_best,
+        };
+        bp.validate()?;
+        let g = open_generator(&args.model)?;
+        let ids = g.tokenizer.encode(&prompt, true)?;
+        let hyps = beam_search(&g.model, &ids, &g.tokenizer.eos_ids(), &bp)?;
+        let mut out = Vec::new();
+        for h in &hyps {
+            let text = g.tokenizer.decode(&h.tokens, true)?;
+            out.push(json!({"text": text, "completion_ids": h.tokens, "logprob": h.logprob, "score": h.score,
+                "finish_reason": h.finish_reason.as_str()}));
+            if !args.json {
+                if hyps.len() > 1 {
+                    println!("--- score {:.4} (logprob {:.4})", h.score, h.logprob);
+                }
+                println!("{text}");
+            }
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&json!({"prompt_ids": ids, "beams": out}))?);
+        }
+        return Ok(());
+    }
+    let g = open_generator(&args.model)?;
+    let ids = g.tokenizer.encode(&prompt, true)?;
+    let stream = !args.json;
+    let mut stdout = std::io::stdout().lock();
+    let result = generate_from_ids(&g.model, &g.tokenizer, ids, &params, |piece| {
+        if stream {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&generation_json(&result))?);
+    } else {
+        writeln!(stdout)?;
+        stdout.flush()?;
+        let t = &result.timings;
+        eprintln!(
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}, seed {}]",
+            result.prompt_ids.len(),
+            t.prefill_tokens_per_s(),
+            result.completion_ids.len(),
+            t.decode_tokens_per_s(),
+            result.finish_reason,
+            result.seed
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// A known model name, a .gguf file or a model folder
+    #[arg(short, long, default_value = DEFAULT_GENERATOR)]
+    model: String,
+    /// A system prompt
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Worker threads for the tensor kernels
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Print each reply as a JSON line instead of streaming text
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads user turns from standard input (one line each; `/reset` starts
+/// over, `/exit` or end of input quits) and streams the model's replies.
+pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let params = args.sampling.params()?;
+    let g = open_generator(&args.model)?;
+    let interactive = std::io::stdin().is_terminal();
+    let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
+    let base = messages.clone();
+    if interactive {
+        eprintln!("Chatting with {} (/reset to start over, /exit or Ctrl-D to quit)", g.name);
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = base.clone();
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", text));
+        let prompt = g.chat_template.render(&messages, true)?;
+        // The template writes the BOS itself.
+        let ids = g.tokenizer.encode(&prompt, false)?;
+        let stream = !args.json;
+        let mut stdout = std::io::stdout().lock();
+        let reply = generate_from_ids(&g.model, &g.tokenizer, ids, &params, |piece| {
+            if stream {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&generation_json(&reply))?);
+        } else {
+            println!();
+        }
+        messages.push(Message::new("assistant", reply.text.trim()));
+    }
+    Ok(())
+}
