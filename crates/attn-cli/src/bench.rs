@@ -46,7 +46,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let g = open_generator(&args.model)?;
     let m = &g.model;
     if args.prompt_tokens + args.gen_tokens > m.context_length() {
-        anyhow::bail!("{} + {} tokens exceed the context length {}", args.prompt_tokens, args.gen_tokens, m.context_length());
+        anyhow::bail!(
+            "{} + {} tokens exceed the context length {}",
+            args.prompt_tokens,
+            args.gen_tokens,
+            m.context_length()
+        );
     }
     // A fixed pseudo-random prompt (as llama-bench uses), BOS first.
     let vocab = m.vocab_size() as u64;

@@ -43,7 +43,9 @@ pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
     }
     let enc = match open_model(&args.model)? {
         AnyModel::Encoder(e) => e,
-        other => anyhow::bail!("`{}` is a {} model; `attn embed` needs a sentence-embedding model", args.model, other.kind()),
+        other => {
+            anyhow::bail!("`{}` is a {} model; `attn embed` needs a sentence-embedding model", args.model, other.kind())
+        }
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let emb = enc.embed(&refs, args.batch_size)?.to_vec2::<f32>()?;

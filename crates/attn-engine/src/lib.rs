@@ -10,8 +10,8 @@
 pub mod beam;
 pub mod detok;
 pub mod generate;
-pub mod perplexity;
 mod kernels;
+pub mod perplexity;
 pub mod processors;
 pub mod sampler;
 
@@ -21,6 +21,6 @@ mod testutil;
 pub use beam::{beam_search, BeamParams, Hypothesis};
 pub use detok::Detokenizer;
 pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
+pub use perplexity::{perplexity, Perplexity};
 pub use processors::SamplingParams;
 pub use sampler::Sampler;
-pub use perplexity::{perplexity, Perplexity};

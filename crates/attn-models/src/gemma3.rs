@@ -231,6 +231,8 @@ impl Gemma3 {
         // The output projection is tied to the embedding unless the file has its own.
         let lm_head = if f.tensor_info("output.weight").is_some() {
             f.linear("output.weight", cfg.vocab_size, d, device)?
+        } else if f.dequantize {
+            Linear::new(embed.dequantize(device)?, None)?
         } else {
             Linear::from_qtensor(embed.clone(), None)?
         };

@@ -392,6 +392,9 @@ pub struct GgufFile {
     path: PathBuf,
     mmap: Arc<memmap2::Mmap>,
     pub header: GgufHeader,
+    /// Load matrices as dense f32 instead of their quantized types
+    /// (reference numerics for tests; four to eight times the memory).
+    pub dequantize: bool,
 }
 
 impl GgufFile {
@@ -402,7 +405,7 @@ impl GgufFile {
         // are loaded.
         let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(&path, e))?;
         let header = GgufHeader::parse(&mmap).map_err(|e| Error::format(&path, e))?;
-        Ok(GgufFile { path, mmap: Arc::new(mmap), header })
+        Ok(GgufFile { path, mmap: Arc::new(mmap), header, dequantize: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -607,6 +610,9 @@ impl GgufFile {
         device: &Device,
     ) -> Result<attn_nn::Linear> {
         let info = self.checked_info(name, &[out_features, in_features])?;
+        if self.dequantize {
+            return attn_nn::Linear::new(self.qtensor(name, device)?.dequantize(device)?, None);
+        }
         let q = if info.ty == TensorType(6) {
             let data = repack_q5_0_as_q8_0(self.tensor_data(info));
             qtensor_from_ggml(GgmlDType::Q8_0, &data, info.shape(), device)?

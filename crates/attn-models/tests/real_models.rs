@@ -98,9 +98,20 @@ fn gemma3_top1_agreement_with_hf_transformers() {
 }
 
 /// Prefill in pieces through the KV cache gives the logits of one pass.
+///
+/// Run with dequantized (f32) weights: candle's quantized matmul takes a
+/// different kernel for one row than for many (measured: mean abs logit
+/// difference 0.2 between the two), which would hide a cache bug.
 #[test]
 fn gemma3_incremental_decoding_matches_full_pass() {
-    let g = gemma();
+    set_threads();
+    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
+    let mut f = GgufFile::open(&path).unwrap();
+    f.dequantize = true;
+    let g = &GemmaFixture {
+        tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
+        model: Gemma3::from_gguf(&f, &Device::Cpu).unwrap(),
+    };
     let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
     let mut cache = g.model.new_cache().unwrap();
     let full = g.model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }], Logits::All).unwrap();
@@ -115,14 +126,11 @@ fn gemma3_incremental_decoding_matches_full_pass() {
         steps.push(out[0].clone());
     }
     let inc = Tensor::cat(&steps, 0).unwrap();
-    // Prefill multiplies quantized weights by a matrix, decode by a vector
-    // (activations quantized per row either way, in different kernels):
-    // logits agree closely, not bit for bit.
     let diff = (&inc - &full[0]).unwrap().abs().unwrap();
     let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
     let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     eprintln!("incremental vs full logits: mean abs diff {mean}, max {max}");
-    assert!(mean < 0.05, "incremental vs full logits: mean abs diff {mean}");
+    assert!(mean < 1e-4 && max < 2e-3, "incremental vs full logits: mean abs diff {mean}, max {max}");
     assert_eq!(inc.argmax(1).unwrap().to_vec1::<u32>().unwrap(), full[0].argmax(1).unwrap().to_vec1::<u32>().unwrap());
 
     // Two sequences in one batch give what each gives alone.
@@ -138,8 +146,11 @@ fn gemma3_incremental_decoding_matches_full_pass() {
     let mut c3 = g.model.new_cache().unwrap();
     let alone = g.model.forward(&mut [SeqStep { tokens: &other, cache: &mut c3 }], Logits::Last).unwrap();
     let d = (&both[1] - &alone[0]).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(d < 0.05, "batched vs alone: mean abs diff {d}");
-    assert_eq!(both[1].argmax(0).unwrap().to_scalar::<u32>().unwrap(), alone[0].argmax(0).unwrap().to_scalar::<u32>().unwrap());
+    assert!(d < 1e-4, "batched vs alone: mean abs diff {d}");
+    assert_eq!(
+        both[1].argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+        alone[0].argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    );
 }
 
 #[test]
