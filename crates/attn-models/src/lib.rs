@@ -14,4 +14,4 @@ pub mod spm;
 pub mod transformer;
 
 pub use lm::{LanguageModel, Logits, SeqStep, SequenceCache, Tokenizer};
-pub use transformer::{DecoderState, EncoderOutput, Transformer, TransformerConfig};
+pub use transformer::{ConditionedDecoder, DecoderState, EncoderOutput, Transformer, TransformerConfig};

@@ -255,7 +255,9 @@ pub fn pull(model: &KnownModel, progress: bool) -> Result<PathBuf> {
     let home = attn_home()?;
     let tmp_root = home.join("tmp");
     std::fs::create_dir_all(&tmp_root).map_err(|e| Error::io(&tmp_root, e))?;
-    let staging = tmp_root.join(format!("{}.{}", model.name, std::process::id()));
+    // Unique per process and call, so concurrent pulls never share a folder.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let staging = tmp_root.join(format!("{}.{}.{nanos}", model.name, std::process::id()));
     let result = pull_into(model, &staging, progress);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
@@ -265,17 +267,17 @@ pub fn pull(model: &KnownModel, progress: bool) -> Result<PathBuf> {
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
+    // A forced re-pull moves the old copy aside first; a concurrent pull
+    // that finished first wins and our copy is dropped.
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let old = tmp_root.join(format!("{}.old.{nanos}", model.name));
+        std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
     }
-    std::fs::rename(&staging, &dir).map_err(|e| Error::io(&dir, e))?;
-    // Leftovers of interrupted pulls of this model.
-    if let Ok(entries) = std::fs::read_dir(&tmp_root) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("{}.", model.name)) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+    if std::fs::rename(&staging, &dir).is_err() && dir.exists() {
+        let _ = std::fs::remove_dir_all(&staging);
+    } else if !dir.exists() {
+        return Err(Error::io(&dir, std::io::Error::other("could not move the download into the cache")));
     }
     Ok(if model.entry.is_empty() { dir } else { dir.join(model.entry) })
 }

@@ -492,3 +492,69 @@ impl Transformer {
         Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, candle_core::D::Minus1)?)
     }
 }
+
+impl crate::lm::SequenceCache for DecoderState {
+    fn len(&self) -> usize {
+        DecoderState::len(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        DecoderState::truncate(self, len)
+    }
+}
+
+/// The decoder of a [`Transformer`] conditioned on one encoded source: a
+/// causal language model over target tokens, so the engine's greedy,
+/// sampling and beam search drive the 2017 model like any other.
+pub struct ConditionedDecoder<'a> {
+    model: &'a Transformer,
+    enc: EncoderOutput,
+}
+
+impl<'a> ConditionedDecoder<'a> {
+    /// `enc` must hold a single source (batch 1); each hypothesis gets its
+    /// own cache from [`crate::LanguageModel::new_cache`].
+    pub fn new(model: &'a Transformer, enc: EncoderOutput) -> Result<Self> {
+        let b = enc.memory.dim(0)?;
+        if b != 1 {
+            return Err(Error::input("conditioned decoder", format!("expects one encoded source, got {b}")));
+        }
+        Ok(ConditionedDecoder { model, enc })
+    }
+}
+
+impl crate::lm::LanguageModel for ConditionedDecoder<'_> {
+    type Cache = DecoderState;
+
+    fn new_cache(&self) -> Result<DecoderState> {
+        self.model.start_decoding(&self.enc)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.tgt_vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.model.cfg.max_len
+    }
+
+    fn forward(
+        &self,
+        batch: &mut [crate::lm::SeqStep<'_, DecoderState>],
+        logits: crate::lm::Logits,
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            if s.tokens.is_empty() {
+                return Err(Error::input("conditioned decoder", "a sequence in the batch has no new tokens"));
+            }
+            let ids = Tensor::new(s.tokens, self.enc.memory.device())?.unsqueeze(0)?;
+            let l = self.model.decode_step(&ids, s.cache)?.squeeze(0)?.to_dtype(DType::F32)?;
+            out.push(match logits {
+                crate::lm::Logits::Last => l.get(s.tokens.len() - 1)?,
+                crate::lm::Logits::All => l,
+            });
+        }
+        Ok(out)
+    }
+}
