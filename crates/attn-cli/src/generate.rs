@@ -2,8 +2,9 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 
-use attn_engine::{beam_search, generate_from_ids, BeamParams, Generation};
+use attn_engine::{beam_search, generate_from_ids, BeamParams, Generation, SamplingParams};
 use attn_models::chat::Message;
+use attn_models::load::Generator;
 use attn_models::Tokenizer;
 use serde_json::json;
 
@@ -69,6 +70,24 @@ fn generation_json(g: &Generation) -> serde_json::Value {
     })
 }
 
+/// Generates from `ids`, writing each text piece to stdout as it comes when `stream`.
+fn generate_streaming(
+    g: &Generator,
+    ids: Vec<u32>,
+    params: &SamplingParams,
+    stream: bool,
+) -> anyhow::Result<Generation> {
+    let mut stdout = std::io::stdout().lock();
+    let result = generate_from_ids(&g.model, &g.tokenizer, ids, params, |piece| {
+        if stream {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    stdout.flush()?;
+    Ok(result)
+}
+
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let params = args.sampling.params()?;
@@ -107,19 +126,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let g = open_generator(&args.model)?;
     let ids = g.tokenizer.encode(&prompt, true)?;
-    let stream = !args.json;
-    let mut stdout = std::io::stdout().lock();
-    let result = generate_from_ids(&g.model, &g.tokenizer, ids, &params, |piece| {
-        if stream {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })?;
+    let result = generate_streaming(&g, ids, &params, !args.json)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&generation_json(&result))?);
     } else {
-        writeln!(stdout)?;
-        stdout.flush()?;
+        println!();
         let t = &result.timings;
         eprintln!(
             "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}, seed {}]",
@@ -187,14 +198,7 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
         let prompt = g.chat_template.render(&messages, true)?;
         // The template writes the BOS itself.
         let ids = g.tokenizer.encode(&prompt, false)?;
-        let stream = !args.json;
-        let mut stdout = std::io::stdout().lock();
-        let reply = generate_from_ids(&g.model, &g.tokenizer, ids, &params, |piece| {
-            if stream {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            }
-        })?;
+        let reply = generate_streaming(&g, ids, &params, !args.json)?;
         if args.json {
             println!("{}", serde_json::to_string(&generation_json(&reply))?);
         } else {

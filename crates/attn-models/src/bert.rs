@@ -214,15 +214,7 @@ impl SentenceEncoder {
             }
             None => cfg.max_position_embeddings,
         };
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(Error::format(dir, "folder holds no *.safetensors file"));
-        }
+        let files = crate::inspect::safetensors_files(dir)?;
         let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(&files)?);
         let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
         let tok_path = dir.join("tokenizer.json");

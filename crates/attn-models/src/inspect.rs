@@ -159,7 +159,8 @@ fn config_architecture(dir: &Path) -> Result<Option<String>> {
     Ok(arch.map(str::to_string))
 }
 
-fn inspect_folder(dir: &Path) -> Result<ModelSummary> {
+/// The `*.safetensors` files of an HF-style folder, sorted; none is an error.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -169,6 +170,11 @@ fn inspect_folder(dir: &Path) -> Result<ModelSummary> {
     if files.is_empty() {
         return Err(Error::format(dir, "folder holds no *.safetensors file"));
     }
+    Ok(files)
+}
+
+fn inspect_folder(dir: &Path) -> Result<ModelSummary> {
+    let files = safetensors_files(dir)?;
     let mut s = inspect_safetensors(&files)?;
     s.path = dir.to_path_buf();
     if let Some(arch) = config_architecture(dir)? {
