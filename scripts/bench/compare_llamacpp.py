@@ -301,17 +301,20 @@ def summarize(rows, engine):
             "other_cores": max(r["other_cores"] for r in rs)}
 
 
-def table(headers, body, markdown):
+def table(headers, body, markdown, left=1):
+    """The first `left` columns are text (left-aligned), the others numbers (right-aligned)."""
     if markdown:
         lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+                 "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
-    out += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in body]
-    return "\n".join(out)
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers)] + [line(row) for row in body])
 
 
 def report(a, info, rows, attn_pending):
@@ -338,7 +341,7 @@ def report(a, info, rows, attn_pending):
                      fmt(r["ttft_ms"]), fmt(r["peak_rss_mib"], 0), fmt(r["wall_s"]),
                      fmt(r["other_cores"], 2)])
     print(table(["round", "engine", f"prefill tok/s (pp{p})", f"decode tok/s (tg{g})",
-                 "ttft ms", "peak RSS MiB", "wall s", "others' load (cores)"], body, md))
+                 "ttft ms", "peak RSS MiB", "wall s", "others' load (cores)"], body, md, left=2))
     print()
 
     # summary
@@ -388,13 +391,24 @@ def main():
                     help="flag the result when others used more cores than this during a run")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--json-out", help="also write all runs and metadata to this file")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="print the report of a run saved with --json-out (runs nothing)")
     a = ap.parse_args()
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        for k in ("model", "prompt_tokens", "gen_tokens", "threads", "rounds", "repetitions"):
+            setattr(a, k, saved["args"][k])
+        rows = saved["runs"]
+        report(a, saved["info"], rows, not any(r["engine"] == "attn" for r in rows))
+        return
     a.llama_args = a.llama_args.split()
     a.attn_args = a.attn_args.split()
 
     if not os.path.isfile(a.model):
         sys.exit(f"error: model not found: {a.model} (run `attn pull gemma3-270m` or pass -m)")
     ensure_llama_bench(a)
+    a.attn_given = a.attn is not None
     attn_pending = a.llama_only
     if not a.llama_only:
         ensure_attn(a)
@@ -409,6 +423,8 @@ def main():
         "model_mib": os.path.getsize(a.model) / 2**20,
         "attn_version": attn_version(), "llama_version": "?",
     }
+    if a.no_build or a.attn_given:
+        info["attn_version"] += f" (source tree; binary {a.attn} not rebuilt by this run)"
     info["logical"], info["physical"] = core_counts()
 
     engines = [("llama.cpp", run_llamacpp)] + ([] if attn_pending else [("attn", run_attn)])
