@@ -361,6 +361,19 @@ def report(a, info, rows, attn_pending):
                      f"{s_a['peak_rss_mib'] / s_l['peak_rss_mib']:.2f}x"])
     print(table(["engine", "prefill tok/s, median (min-max)", "decode tok/s, median (min-max)",
                  "ttft ms", "peak RSS MiB"], body, md))
+    # Paired ratios: each round runs both engines back to back, so slow drifts of the machine
+    # (which move both) cancel better within a round than across the whole run.
+    paired = {"prefill": [], "decode": []}
+    for rnd in sorted({r["round"] for r in rows}):
+        by = {r["engine"]: r for r in rows if r["round"] == rnd}
+        if "attn" in by and "llama.cpp" in by:
+            for k in paired:
+                paired[k].append(by["attn"][k] / by["llama.cpp"][k])
+    if paired["prefill"]:
+        print()
+        print("attn / llama.cpp within each round: prefill "
+              + " ".join(f"{x:.2f}" for x in paired["prefill"]) + ", decode "
+              + " ".join(f"{x:.2f}" for x in paired["decode"]))
     busiest = max((r["other_cores"] for r in rows), default=0.0)
     if busiest > a.noisy:
         print()
