@@ -13,7 +13,7 @@ use attn_nn::{
     MultiHeadAttention, Norm, Residual, Result, SafetensorsSource, TokenEmbedding, WeightSource, Weights,
 };
 use candle_core::{DType, Device, Tensor, D};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hf_tokenizer::HfTokenizer;
 
@@ -28,7 +28,7 @@ fn default_type_vocab() -> usize {
 }
 
 /// The fields of an HF BERT `config.json` that the model needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -88,6 +88,8 @@ pub struct Bert {
     token_type: Tensor,
     embed_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    /// Hidden dropout (after the embeddings and every sublayer), training only.
+    dropout: Dropout,
 }
 
 impl Bert {
@@ -131,7 +133,14 @@ impl Bert {
             embed_norm: LayerNorm::load(&e.pp("LayerNorm"), d, cfg.layer_norm_eps, true)?,
             layers,
             cfg: cfg.clone(),
+            dropout: Dropout::new(0.0)?,
         })
+    }
+
+    /// Sets the hidden dropout used by [`Bert::forward_t`] in training.
+    pub fn with_dropout(mut self, p: f32) -> Result<Self> {
+        self.dropout = Dropout::new(p)?;
+        Ok(self)
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -141,6 +150,11 @@ impl Bert {
     /// Hidden states `[batch, seq, hidden]` of right-padded `ids`
     /// `[batch, seq]` with `lengths` real tokens each.
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        self.forward_t(ids, lengths, false)
+    }
+
+    /// [`Bert::forward`] with hidden dropout when `train`.
+    pub fn forward_t(&self, ids: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if lengths.len() != b {
             return Err(Error::input("bert", format!("{} lengths for a batch of {b}", lengths.len())));
@@ -154,13 +168,57 @@ impl Bert {
         let pos = self.position.narrow(0, 0, t)?;
         let typ = self.token_type.get(0)?;
         let x = self.word.forward(ids)?.broadcast_add(&pos)?.broadcast_add(&typ)?;
-        let mut x = self.embed_norm.forward(&x)?;
+        let mut x = self.dropout.forward(&self.embed_norm.forward(&x)?, train)?;
         let mask = padding_mask(&lengths_to_valid(lengths, t, ids.device())?)?;
+        let drop = |y: Tensor| self.dropout.forward(&y, train);
         for l in &self.layers {
-            x = l.res_attn.forward(&x, |h| l.attn.forward(h, Some(&mask), None, None, false))?;
-            x = l.res_ffn.forward(&x, |h| l.ffn.forward(h, false))?;
+            x = l.res_attn.forward(&x, |h| drop(l.attn.forward(h, Some(&mask), None, None, train)?))?;
+            x = l.res_ffn.forward(&x, |h| drop(l.ffn.forward(h, train)?))?;
         }
         Ok(x)
+    }
+}
+
+/// Mean of `hidden` `[b, t, d]` over the first `lengths[i]` positions of
+/// each row (no normalisation): `[b, d]`.
+pub fn mean_pool(hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    let (_, t, _) = hidden.dims3()?;
+    let valid = lengths_to_valid(lengths, t, hidden.device())?.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&valid)?.sum(1)?;
+    let count = valid.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// A BERT encoder with a classification head on the mean-pooled hidden
+/// states (the pooling its sentence-transformers checkpoint was trained
+/// with): `classifier(dropout(mean_pool(bert(x))))`. The head is
+/// `classifier.weight` `[num_labels, hidden]` and `classifier.bias`.
+#[derive(Debug, Clone)]
+pub struct BertClassifier {
+    pub bert: Bert,
+    head: Linear,
+    dropout: Dropout,
+}
+
+impl BertClassifier {
+    pub fn load(w: &Weights, cfg: &BertConfig, num_labels: usize, dropout: f32) -> Result<Self> {
+        if num_labels < 2 {
+            return Err(Error::config("num_labels", format!("must be at least 2, got {num_labels}")));
+        }
+        let bert = Bert::load(w, cfg)?.with_dropout(dropout)?;
+        let head = Linear::load(&w.pp("classifier"), cfg.hidden_size, num_labels, true)?;
+        Ok(BertClassifier { bert, head, dropout: Dropout::new(dropout)? })
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.head.out_features()
+    }
+
+    /// Class logits `[batch, num_labels]`.
+    pub fn forward(&self, ids: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
+        let h = self.bert.forward_t(ids, lengths, train)?;
+        let pooled = self.dropout.forward(&mean_pool(&h, lengths)?, train)?;
+        self.head.forward(&pooled)
     }
 }
 

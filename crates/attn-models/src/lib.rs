@@ -5,6 +5,7 @@ pub mod bert;
 pub mod chat;
 pub mod gemma3;
 pub mod gguf;
+pub mod gpt;
 pub mod hf_tokenizer;
 pub mod inspect;
 pub mod lm;

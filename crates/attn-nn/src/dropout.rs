@@ -27,6 +27,10 @@ impl Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        Ok(candle_nn::ops::dropout(x, self.p)?)
+        // The mask comes from attn's seeded stream so training runs are
+        // reproducible (see `crate::rng`).
+        let u = Tensor::from_vec(crate::rng::uniform(x.elem_count()), x.shape(), x.device())?;
+        let keep = u.ge(self.p as f64)?.to_dtype(x.dtype())?;
+        Ok((x * (keep * (1.0 / (1.0 - self.p as f64)))?)?)
     }
 }

@@ -15,6 +15,7 @@ pub mod head;
 pub mod linear;
 pub mod moe;
 pub mod norm;
+pub mod rng;
 pub mod rope;
 pub mod weights;
 

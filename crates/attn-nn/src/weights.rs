@@ -40,8 +40,16 @@ impl Init {
         let t = match *self {
             Init::Zeros => Tensor::zeros(shape, dtype, device)?,
             Init::Ones => Tensor::ones(shape, dtype, device)?,
-            Init::Normal { std } => Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?,
-            Init::Uniform { bound } => Tensor::rand(-bound as f32, bound as f32, shape, device)?.to_dtype(dtype)?,
+            // Drawn from attn's seeded stream (candle's CPU RNG cannot be seeded).
+            Init::Normal { std } => {
+                let n = shape.iter().product();
+                Tensor::from_vec(crate::rng::normal(n, 0.0, std as f32), shape, device)?.to_dtype(dtype)?
+            }
+            Init::Uniform { bound } => {
+                let n = shape.iter().product();
+                let v = crate::rng::uniform_range(n, -bound as f32, bound as f32);
+                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            }
         };
         Ok(t)
     }
@@ -227,19 +235,32 @@ impl Default for ParamStore {
 }
 
 impl WeightSource for ParamStore {
+    /// Parameters are kept in float32 (the master copy the optimiser
+    /// updates); a request for another dtype (mixed precision) gets a
+    /// differentiable cast of the float32 variable, so gradients still
+    /// reach it.
     fn load(&self, name: &str, shape: &[usize], init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
         let mut vars = self.lock();
-        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
-            check_shape(name, v.as_tensor(), shape)?;
-            return Ok(v.as_tensor().clone());
-        }
-        let t = match &self.base {
-            Some(base) if base.contains(name) => base.load(name, shape, init, dtype, device)?,
-            _ => init.create(shape, dtype, device)?,
+        let var = match vars.iter().find(|(n, _)| n == name) {
+            Some((_, v)) => {
+                check_shape(name, v.as_tensor(), shape)?;
+                v.clone()
+            }
+            None => {
+                let t = match &self.base {
+                    Some(base) if base.contains(name) => base.load(name, shape, init, DType::F32, device)?,
+                    _ => init.create(shape, DType::F32, device)?,
+                };
+                let var = Var::from_tensor(&t)?;
+                vars.push((name.to_string(), var.clone()));
+                var
+            }
         };
-        let var = Var::from_tensor(&t)?;
-        vars.push((name.to_string(), var.clone()));
-        Ok(var.as_tensor().clone())
+        if dtype == DType::F32 {
+            Ok(var.as_tensor().clone())
+        } else {
+            Ok(var.as_tensor().to_dtype(dtype)?)
+        }
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -1,0 +1,542 @@
+//! The training loop: micro-batches with gradient accumulation, mixed
+//! precision, AdamW, evaluation, early stopping, checkpoints and export.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use attn_nn::{Error, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Metric, Precision, TokenizerKind, TrainConfig};
+use crate::data::batch::{plan_epoch, padding_fraction, Batch, Loader};
+use crate::data::tokenize::TextTokenizer;
+use crate::metrics::MetricsLog;
+use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::task::{self, batch_loss, evaluate_loss, EvalResult, Model, ModelKind, Net, Prepared, RawSplits};
+
+pub struct TrainOptions {
+    /// The config (a new run), or `None` with `resume` (read from the run dir).
+    pub config: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    /// Show a progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub stopped: String,
+    pub elapsed_s: f64,
+    pub tokens_per_s: f64,
+    pub valid: Option<EvalResult>,
+}
+
+/// Where the run's config came from (relative paths resolve against it).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunInfo {
+    config_dir: PathBuf,
+}
+
+fn say(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
+    let info_path = run_dir.join("run.json");
+    let text = fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
+    let info: RunInfo = serde_json::from_str(&text).map_err(|e| Error::format(&info_path, e.to_string()))?;
+    let cp = run_dir.join("config.toml");
+    let text = fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
+    TrainConfig::parse(&text, &info.config_dir).map_err(|e| match e {
+        Error::Config { field, reason } => Error::format(&cp, format!("{field}: {reason}")),
+        o => o,
+    })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Writes the loadable model folder (`config.json`, `model.safetensors`,
+/// `tokenizer.json`, `training.toml`, `run.json`) atomically.
+fn export(run_dir: &Path, model: &Model, tok: &TextTokenizer, cfg: &TrainConfig, extra: serde_json::Value) -> Result<PathBuf> {
+    let dest = run_dir.join("model");
+    let tmp = run_dir.join(format!(".tmp-model-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut cj = model.kind.to_json();
+    cj["training"] = extra;
+    cj["tokenizer_kind"] = json!(cfg.tokenizer.kind);
+    fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&cj).unwrap_or_default())
+        .map_err(|e| Error::io(tmp.join("config.json"), e))?;
+    checkpoint::save_tensors(&checkpoint::params_to_tensors(&model.store.vars()), &tmp.join("model.safetensors"))?;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    fs::write(tmp.join("training.toml"), &cfg.source).map_err(|e| Error::io(tmp.join("training.toml"), e))?;
+    let info = RunInfo { config_dir: fs::canonicalize(&cfg.base_dir).unwrap_or(cfg.base_dir.clone()) };
+    fs::write(tmp.join("run.json"), serde_json::to_string(&info).unwrap_or_default())
+        .map_err(|e| Error::io(tmp.join("run.json"), e))?;
+    let old = run_dir.join(format!(".old-model-{}", std::process::id()));
+    if dest.exists() {
+        fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
+    }
+    fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(dest)
+}
+
+/// The number of targets (predicted tokens or labels) a batch holds.
+fn count_targets(b: &Batch) -> usize {
+    match &b.b {
+        Some(t) => t.lengths.iter().map(|l| l.saturating_sub(1)).sum(),
+        None if !b.labels.is_empty() => b.labels.len(),
+        None => b.a.rows * (b.a.cols - 1),
+    }
+}
+
+/// One optimiser step's worth of gradients: runs every micro-batch and
+/// returns the float32 gradients of all parameters (summed, each
+/// micro-batch weighted by its share of the step's targets, so k
+/// micro-batches equal one k-times larger batch), with the loss statistics.
+pub struct StepResult {
+    pub grads: Vec<Vec<f32>>,
+    pub nll_sum: f64,
+    pub targets: usize,
+    pub tokens: usize,
+    pub aux: Option<f64>,
+    pub expert_util: Vec<Vec<f32>>,
+}
+
+pub fn accumulate_gradients(
+    model: &Model,
+    batches: &[Batch],
+    cfg: &TrainConfig,
+    step: usize,
+    loss_scale: f64,
+    units: &[u32],
+) -> Result<StepResult> {
+    let params = model.store.vars();
+    let total: usize = batches.iter().map(count_targets).sum();
+    if total == 0 {
+        return Err(Error::input("train", "a step without targets"));
+    }
+    let net = model.net()?;
+    let aux_coef = match &model.kind {
+        ModelKind::Gpt(c) => c.moe.as_ref().map_or(0.0, |m| m.aux_loss_coef),
+        _ => 0.0,
+    };
+    let mut grads: Vec<Vec<f32>> = params.iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect();
+    let (mut nll_sum, mut targets, mut tokens, mut aux_sum, mut util) = (0.0, 0, 0, None::<f64>, Vec::new());
+    for (i, b) in batches.iter().enumerate() {
+        attn_nn::rng::seed(attn_nn::rng::derive(&[cfg.seed, step as u64, i as u64]));
+        let l = batch_loss(&net, b, &model.device, true, cfg.train.label_smoothing, units)?;
+        let share = l.targets as f64 / total as f64;
+        let mut loss = (l.loss_sum / total as f64)?;
+        if let Some(a) = &l.aux {
+            let av = a.to_scalar::<f32>()? as f64;
+            *aux_sum.get_or_insert(0.0) += av * share;
+            loss = (loss + (a * (aux_coef * share))?)?;
+        }
+        if loss_scale != 1.0 {
+            loss = (loss * loss_scale)?;
+        }
+        nll_sum += l.nll_sum;
+        targets += l.targets;
+        tokens += b.real_tokens;
+        util = l.expert_util;
+        if !l.nll_sum.is_finite() {
+            // Let the caller report it (and skip the step under f16).
+            return Ok(StepResult { grads, nll_sum: f64::NAN, targets, tokens, aux: aux_sum, expert_util: util });
+        }
+        let g = loss.backward()?;
+        for ((_, var), acc) in params.iter().zip(grads.iter_mut()) {
+            if let Some(gt) = g.get(var.as_tensor()) {
+                let gv = gt.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for (a, x) in acc.iter_mut().zip(gv) {
+                    *a += x;
+                }
+            }
+        }
+    }
+    if loss_scale != 1.0 {
+        let inv = (1.0 / loss_scale) as f32;
+        for g in grads.iter_mut() {
+            for x in g.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+    Ok(StepResult { grads, nll_sum, targets, tokens, aux: aux_sum, expert_util: util })
+}
+
+/// Validation (or test) evaluation with the task's metrics.
+pub fn evaluate(
+    net: &Net,
+    prepared: &Prepared,
+    cfg: &TrainConfig,
+    test: bool,
+    limit: Option<usize>,
+    decode: usize,
+    beam: usize,
+    device: &Device,
+) -> Result<EvalResult> {
+    let ex = if test { &prepared.test } else { &prepared.valid };
+    let mut r = evaluate_loss(net, ex, cfg.data.batch_tokens, limit, device, &prepared.tokenizer)?;
+    if let (Net::Transformer(m), RawSplits::Pairs { valid, test: test_pairs, .. }) = (net, &prepared.raw) {
+        let pairs = if test { test_pairs } else { valid };
+        let n = decode.min(pairs.len());
+        if n > 0 {
+            let (g, _) = task::bleu_of(m, &pairs[..n], &prepared.tokenizer, cfg.data.max_len, 1, device)?;
+            r.bleu_greedy = Some(g);
+            r.bleu = Some(g);
+            if beam > 1 {
+                let (b, _) = task::bleu_of(m, &pairs[..n], &prepared.tokenizer, cfg.data.max_len, beam, device)?;
+                r.bleu = Some(b);
+            }
+        }
+    }
+    Ok(r)
+}
+
+fn metric_value(metric: Metric, r: &EvalResult) -> Option<f64> {
+    match metric {
+        Metric::Loss => Some(r.loss),
+        Metric::Bleu => r.bleu,
+        Metric::Accuracy => r.accuracy,
+    }
+}
+
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let run_dir = opts.run_dir.clone();
+    let ckpt_dir = run_dir.join("checkpoints");
+    let cfg = if opts.resume {
+        if !run_dir.join("run.json").exists() {
+            return Err(Error::format(&run_dir, "not a run directory (no run.json): nothing to resume"));
+        }
+        let cfg = load_run_config(&run_dir)?;
+        if let Some(p) = &opts.config {
+            let given = TrainConfig::load(p)?;
+            if given.source != cfg.source {
+                return Err(Error::format(
+                    p,
+                    format!("differs from the config the run was started with ({}); resume uses the run's own", run_dir.join("config.toml").display()),
+                ));
+            }
+        }
+        cfg
+    } else {
+        let p = opts.config.as_ref().ok_or_else(|| Error::config("config", "a config file is required"))?;
+        let cfg = TrainConfig::load(p)?;
+        if !checkpoint::list(&ckpt_dir)?.is_empty() {
+            return Err(Error::format(
+                &run_dir,
+                "already holds checkpoints; continue it with `attn train --resume` or choose another --out",
+            ));
+        }
+        fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+        write_atomic(&run_dir.join("config.toml"), cfg.source.as_bytes())?;
+        let info = RunInfo { config_dir: fs::canonicalize(&cfg.base_dir).unwrap_or(cfg.base_dir.clone()) };
+        write_atomic(&run_dir.join("run.json"), serde_json::to_string(&info).unwrap_or_default().as_bytes())?;
+        cfg
+    };
+    let device = Device::Cpu;
+    let tok_path = run_dir.join("tokenizer.json");
+    let started = Instant::now();
+    let prepared = task::prepare(&cfg, if opts.resume && tok_path.exists() { Some(&tok_path) } else { None })?;
+    if !tok_path.exists() {
+        prepared.tokenizer.save(&tok_path)?;
+    }
+    let plan = plan_epoch(&prepared.train, cfg.seed, 0, cfg.data.batch_tokens, cfg.data.max_rows, true);
+    let mut report = prepared.report.clone();
+    report["batches_per_epoch"] = json!(plan.len());
+    report["padding_fraction"] = json!(padding_fraction(&prepared.train, &plan));
+    report["prepare_s"] = json!(started.elapsed().as_secs_f64());
+    write_atomic(&run_dir.join("data.json"), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+
+    let kind = ModelKind::from_config(&cfg, prepared.tokenizer.vocab_size())?;
+    let model_json = kind.to_json();
+    let model = Model::new(kind, &cfg, cfg.train.precision, &device)?;
+    let params = model.store.vars();
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(params.clone(), &cfg.train);
+    checkpoint::clean_temporaries(&ckpt_dir)?;
+    let mut state = TrainState::new(cfg.seed);
+    let mut last_ckpt: Option<PathBuf> = None;
+    if opts.resume {
+        let all = checkpoint::list(&ckpt_dir)?;
+        let (_, path) = all.last().ok_or_else(|| Error::format(&ckpt_dir, "no checkpoint to resume from"))?;
+        let loaded = checkpoint::load(path, &model_json, &params)?;
+        opt.load_state(&loaded.optimizer, loaded.state.adam_t)?;
+        state = loaded.state;
+        last_ckpt = Some(loaded.path);
+    }
+    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), opts.resume.then_some(state.step))?;
+    let t = &cfg.train;
+    let pb = if opts.progress {
+        ProgressBar::new(t.max_steps as u64)
+    } else {
+        ProgressBar::with_draw_target(Some(t.max_steps as u64), ProgressDrawTarget::hidden())
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(state.step as u64);
+    say(
+        &pb,
+        format!(
+            "{}: {} parameters, {} training examples in {} batches/epoch (padding {:.1}%), {:?}{}",
+            cfg.data.task.name(),
+            n_params,
+            prepared.train.len(),
+            plan.len(),
+            100.0 * report["padding_fraction"].as_f64().unwrap_or(0.0),
+            t.precision,
+            if opts.resume { format!(", resuming at step {}", state.step) } else { String::new() }
+        ),
+    );
+    let mut loader = Loader::start(
+        prepared.train.clone(),
+        cfg.seed,
+        cfg.data.batch_tokens,
+        cfg.data.max_rows,
+        state.cursor,
+        cfg.data.prefetch,
+    )?;
+    let metric = cfg.metric();
+    let units = prepared.tokenizer.unit_lengths().to_vec();
+    let mut stopped = "max_steps".to_string();
+    let mut window = (0usize, 0.0f64); // tokens and seconds since the last log line
+    let mut last_valid: Option<EvalResult> = None;
+    let mut evaluated_at = None;
+    let use_scale = t.precision == Precision::F16;
+
+    while state.step < t.max_steps {
+        if let Some(m) = t.max_minutes {
+            if state.elapsed_s >= m * 60.0 {
+                stopped = format!("time budget of {m} minutes");
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        let batches: Vec<Batch> = (0..t.accumulate).map(|_| loader.next_batch()).collect::<Result<_>>()?;
+        let scale = if use_scale { state.loss_scale } else { 1.0 };
+        let r = accumulate_gradients(&model, &batches, &cfg, state.step, scale, &units)?;
+        let mut grads = r.grads;
+        let finite = r.nll_sum.is_finite() && grads.iter().all(|g| g.iter().all(|x| x.is_finite()));
+        if !finite {
+            if use_scale && state.loss_scale > 1.0 {
+                // f16 overflow: skip this update and halve the scale.
+                state.loss_scale /= 2.0;
+                state.good_steps = 0;
+                state.cursor = batches.last().map(|b| b.next).unwrap_or(state.cursor);
+                say(&pb, format!("step {}: gradients overflowed in f16, loss scale now {}", state.step + 1, state.loss_scale));
+                continue;
+            }
+            let what = if r.nll_sum.is_finite() { "the gradients are not finite" } else { "the loss is not finite" };
+            return Err(Error::input(
+                "train",
+                format!(
+                    "training diverged at step {}: {what}; the last good checkpoint is {} and nothing after it was written",
+                    state.step + 1,
+                    last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint yet)".into())
+                ),
+            ));
+        }
+        let norm = clip_grad_norm(&mut grads, t.clip_grad_norm);
+        let lr = learning_rate(t, state.step);
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.adam_t = opt.t;
+        state.cursor = batches.last().map(|b| b.next).unwrap_or(state.cursor);
+        state.tokens_seen += r.tokens as u64;
+        if use_scale {
+            state.good_steps += 1;
+            if state.good_steps >= 1000 {
+                state.loss_scale *= 2.0;
+                state.good_steps = 0;
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        state.elapsed_s += dt;
+        window.0 += r.tokens;
+        window.1 += dt;
+        let loss = r.nll_sum / r.targets.max(1) as f64;
+        if state.step % t.log_every == 0 || state.step == 1 {
+            let tps = window.0 as f64 / window.1.max(1e-9);
+            let mut line = json!({"kind": "train", "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                "tokens_per_s": tps, "elapsed_s": state.elapsed_s, "tokens_seen": state.tokens_seen,
+                "epoch": state.cursor.epoch, "data_wait_s": loader.waited.as_secs_f64()});
+            if let Some(a) = r.aux {
+                line["aux_loss"] = json!(a);
+                line["expert_util"] = json!(r.expert_util);
+            }
+            if use_scale {
+                line["loss_scale"] = json!(state.loss_scale);
+            }
+            log.write(&line)?;
+            pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s | lr {lr:.2e}"));
+            window = (0, 0.0);
+        }
+        pb.set_position(state.step as u64);
+
+        if state.step % t.eval_every == 0 || state.step == t.max_steps {
+            let net = model.eval_net()?;
+            let ev = evaluate(&net, &prepared, &cfg, false, t.eval_batches, t.eval_decode, 1, &device)?;
+            log.write(&ev.to_json(state.step, "valid"))?;
+            evaluated_at = Some(state.step);
+            let value = metric_value(metric, &ev);
+            say(&pb, format!("step {}: {}", state.step, describe(&ev)));
+            if let Some(v) = value {
+                let better = match state.best_metric {
+                    None => true,
+                    Some(b) => if metric.higher_is_better() { v > b } else { v < b },
+                };
+                if better {
+                    state.best_metric = Some(v);
+                    state.best_step = Some(state.step);
+                    state.evals_without_improvement = 0;
+                    export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}))?;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+            }
+            last_valid = Some(ev);
+        }
+        if state.step % t.checkpoint_every == 0 || state.step == t.max_steps {
+            last_ckpt = Some(checkpoint::save(&ckpt_dir, &state, &model_json, &params, &opt.state_tensors()?, t.keep_checkpoints)?);
+        }
+        if let Some(p) = t.early_stopping_patience {
+            if state.evals_without_improvement >= p {
+                stopped = format!("early stopping ({p} evaluations without improvement)");
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    drop(loader);
+    if evaluated_at != Some(state.step) {
+        let net = model.eval_net()?;
+        let ev = evaluate(&net, &prepared, &cfg, false, t.eval_batches, t.eval_decode, 1, &device)?;
+        log.write(&ev.to_json(state.step, "valid"))?;
+        say(&pb, format!("step {}: {}", state.step, describe(&ev)));
+        if let Some(v) = metric_value(metric, &ev) {
+            let better = match state.best_metric {
+                None => true,
+                Some(b) => if metric.higher_is_better() { v > b } else { v < b },
+            };
+            if better {
+                state.best_metric = Some(v);
+                state.best_step = Some(state.step);
+                export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}))?;
+            }
+        }
+        last_valid = Some(ev);
+    }
+    if last_ckpt.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string())
+        != Some(format!("step-{:08}", state.step))
+    {
+        checkpoint::save(&ckpt_dir, &state, &model_json, &params, &opt.state_tensors()?, t.keep_checkpoints)?;
+    }
+    if !run_dir.join("model").exists() {
+        export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step}))?;
+    }
+    let title = run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    if let Err(e) = crate::plot::plot_metrics(log.path(), &run_dir.join("curves.png"), &title) {
+        eprintln!("warning: could not plot the curves: {e}");
+    }
+    let summary = TrainSummary {
+        run_dir: run_dir.clone(),
+        steps: state.step,
+        stopped,
+        elapsed_s: state.elapsed_s,
+        tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+        valid: last_valid,
+    };
+    let sj = json!({"steps": summary.steps, "stopped": summary.stopped, "elapsed_s": summary.elapsed_s,
+        "tokens_per_s": summary.tokens_per_s, "best_metric": state.best_metric, "best_step": state.best_step,
+        "metric": metric, "parameters": n_params,
+        "valid": summary.valid.as_ref().map(|v| v.to_json(state.step, "valid"))});
+    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&sj).unwrap_or_default().as_bytes())?;
+    Ok(summary)
+}
+
+pub fn describe(ev: &EvalResult) -> String {
+    let mut s = format!("valid loss {:.4} (ppl {:.2})", ev.loss, ev.loss.exp());
+    if let Some((k, v)) = &ev.per_unit {
+        s += &format!(", {k} {v:.4}");
+    }
+    if let Some(a) = ev.accuracy {
+        s += &format!(", accuracy {:.2}%", 100.0 * a);
+    }
+    if let Some(b) = ev.bleu {
+        s += &format!(", BLEU {b:.2}");
+    }
+    s
+}
+
+/// Evaluates an exported model folder on its held-out test (or validation)
+/// split, rebuilt from the training config it carries.
+pub fn evaluate_model(model_dir: &Path, test: bool, beam: usize, decode_limit: Option<usize>) -> Result<(EvalResult, serde_json::Value)> {
+    let cfg = load_run_config_from_model(model_dir)?;
+    let tok_path = model_dir.join("tokenizer.json");
+    let prepared = task::prepare(&cfg, Some(&tok_path))?;
+    let cj_path = model_dir.join("config.json");
+    let text = fs::read_to_string(&cj_path).map_err(|e| Error::io(&cj_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cj_path, e.to_string()))?;
+    let kind = ModelKind::from_json(&v, &cj_path)?;
+    let device = Device::Cpu;
+    let net = load_net(model_dir, &kind, &device)?;
+    let split = if test { &prepared.test } else { &prepared.valid };
+    if split.is_empty() {
+        return Err(Error::input("eval", "the split is empty"));
+    }
+    let n = match &prepared.raw {
+        RawSplits::Pairs { valid, test: t, .. } => decode_limit.unwrap_or(usize::MAX).min(if test { t.len() } else { valid.len() }),
+        _ => 0,
+    };
+    let r = evaluate(&net, &prepared, &cfg, test, None, n, beam, &device)?;
+    Ok((r, prepared.report))
+}
+
+fn load_run_config_from_model(model_dir: &Path) -> Result<TrainConfig> {
+    let info_path = model_dir.join("run.json");
+    let text = fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
+    let info: RunInfo = serde_json::from_str(&text).map_err(|e| Error::format(&info_path, e.to_string()))?;
+    let cp = model_dir.join("training.toml");
+    let text = fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
+    TrainConfig::parse(&text, &info.config_dir)
+}
+
+/// Builds an exported model from its folder.
+pub fn load_net(model_dir: &Path, kind: &ModelKind, device: &Device) -> Result<Net> {
+    let files = [model_dir.join("model.safetensors")];
+    let w = attn_nn::Weights::from_safetensors(&files, candle_core::DType::F32, device)?;
+    Net::build(kind, &w)
+}
+
+/// For tests: parameter tensors by name.
+pub fn param_tensors(model: &Model) -> HashMap<String, Tensor> {
+    checkpoint::params_to_tensors(&model.store.vars())
+}
+
+#[allow(dead_code)]
+fn _kind_is_used(k: TokenizerKind) -> TokenizerKind {
+    k
+}
