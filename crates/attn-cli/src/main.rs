@@ -7,6 +7,7 @@ mod generate;
 mod info;
 mod perplexity;
 mod pull;
+mod train;
 
 use std::process::ExitCode;
 
@@ -43,10 +44,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (not built yet)
     Serve(Planned),
-    /// Train a model from a TOML config (not built yet)
-    Train(Planned),
-    /// Evaluate a model on a task (not built yet)
-    Eval(Planned),
+    /// Train a model from a TOML config (language model, translation, classification)
+    Train(train::TrainArgs),
+    /// Score a trained model on its held-out test split (loss, BLEU, accuracy)
+    Eval(train::EvalArgs),
+    /// Draw the loss and validation curves of a training run as PNG
+    Plot(train::PlotArgs),
     /// Fetch a known model into the model cache ($ATTN_HOME, default ~/.cache/attn)
     Pull(pull::PullArgs),
     /// Show what a model file holds: architecture, parameters, tensor types, memory
@@ -69,14 +72,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Serve(_) => not_built("serve"),
-        Command::Train(_) => not_built("train"),
-        Command::Eval(_) => not_built("eval"),
+        Command::Train(a) => train::run(&a),
+        Command::Eval(a) => train::eval(&a),
+        Command::Plot(a) => train::plot(&a),
         Command::Pull(a) => pull::run(&a),
         Command::Quantize(_) => not_built("quantize"),
     }
 }
 
+/// glibc returns large freed blocks to the kernel at once and maps fresh
+/// ones with mmap, so every big temporary tensor costs page faults and
+/// zeroing. Raising the thresholds keeps that memory in the heap for reuse:
+/// measured +33% training throughput (1375 -> 1830 tokens/s, Shakespeare
+/// char GPT, 2 threads).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; it is called once,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
