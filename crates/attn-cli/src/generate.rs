@@ -4,8 +4,7 @@ use std::io::{BufRead, IsTerminal, Read, Write};
 
 use attn_engine::{beam_search, generate_from_ids, BeamParams, Generation, SamplingParams};
 use attn_models::chat::Message;
-use attn_models::load::Generator;
-use attn_models::Tokenizer;
+use attn_models::{LanguageModel, Tokenizer};
 use serde_json::json;
 
 use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_GENERATOR};
@@ -14,7 +13,7 @@ use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_GENERATOR
 pub struct GenerateArgs {
     /// The prompt (read from standard input when absent)
     prompt: Option<String>,
-    /// A known model name, a .gguf file or a model folder
+    /// A known model name, a .gguf file, a model folder, or a model trained by `attn train`
     #[arg(short, long, default_value = DEFAULT_GENERATOR)]
     model: String,
     #[command(flatten)]
@@ -71,14 +70,15 @@ fn generation_json(g: &Generation) -> serde_json::Value {
 }
 
 /// Generates from `ids`, writing each text piece to stdout as it comes when `stream`.
-fn generate_streaming(
-    g: &Generator,
+fn generate_streaming<M: LanguageModel, T: Tokenizer + ?Sized>(
+    model: &M,
+    tokenizer: &T,
     ids: Vec<u32>,
     params: &SamplingParams,
     stream: bool,
 ) -> anyhow::Result<Generation> {
     let mut stdout = std::io::stdout().lock();
-    let result = generate_from_ids(&g.model, &g.tokenizer, ids, params, |piece| {
+    let result = generate_from_ids(model, tokenizer, ids, params, |piece| {
         if stream {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
@@ -95,6 +95,64 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
+    if let Some(dir) = trained_model_dir(&args.model) {
+        return run_trained(args, &dir, &prompt, &params);
+    }
+    let g = open_generator(&args.model)?;
+    let ids = g.tokenizer.encode(&prompt, true)?;
+    decode_and_print(args, &g.model, &g.tokenizer, ids, &params)
+}
+
+/// A model folder written by `attn train` (its config.json names an
+/// `attn-*` model type).
+fn trained_model_dir(arg: &str) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(arg);
+    let dir = if p.join("model").join("config.json").exists() { p.join("model") } else { p.to_path_buf() };
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str()?.starts_with("attn-").then_some(dir)
+}
+
+/// Generation with a model trained by `attn train`: a GPT continues the
+/// prompt; an encoder-decoder translates it.
+fn run_trained(args: &GenerateArgs, dir: &std::path::Path, prompt: &str, params: &SamplingParams) -> anyhow::Result<()> {
+    use attn_train::task::{ModelKind, Net};
+    let cfg_path = dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    let kind = ModelKind::from_json(&v, &cfg_path)?;
+    let device = candle_core::Device::Cpu;
+    let net = attn_train::trainer::load_net(dir, &kind, &device)?;
+    let tok = attn_models::hf_tokenizer::HfTokenizer::from_file(&dir.join("tokenizer.json"), None)?;
+    match &net {
+        Net::Gpt(m) => {
+            let ids = tok.encode(prompt, false)?;
+            decode_and_print(args, m, &tok, ids, params)
+        }
+        Net::Transformer(m) => {
+            let mut src = tok.encode(prompt, false)?;
+            let max = m.config().max_len - 1;
+            if src.len() > max {
+                anyhow::bail!("the source has {} tokens; the model takes at most {max}", src.len());
+            }
+            src.push(attn_train::config::EOS_ID);
+            let ids = candle_core::Tensor::new(src.as_slice(), &device)?.unsqueeze(0)?;
+            let dec = attn_models::ConditionedDecoder::new(m, m.encode(&ids, None, false)?)?;
+            decode_and_print(args, &dec, &tok, vec![attn_train::config::BOS_ID], params)
+        }
+        Net::Classifier(_) => {
+            anyhow::bail!("{} is a classifier; score it with `attn eval -m {}`", dir.display(), dir.display())
+        }
+    }
+}
+
+/// Beam search or sampling from `ids`, printed as text or JSON.
+fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
+    args: &GenerateArgs,
+    model: &M,
+    tokenizer: &T,
+    ids: Vec<u32>,
+    params: &SamplingParams,
+) -> anyhow::Result<()> {
     if let Some(width) = args.beam_width {
         let bp = BeamParams {
             width,
@@ -104,12 +162,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             n_best: args.n_best,
         };
         bp.validate()?;
-        let g = open_generator(&args.model)?;
-        let ids = g.tokenizer.encode(&prompt, true)?;
-        let hyps = beam_search(&g.model, &ids, &g.tokenizer.eos_ids(), &bp)?;
+        let hyps = beam_search(model, &ids, &tokenizer.eos_ids(), &bp)?;
         let mut out = Vec::new();
         for h in &hyps {
-            let text = g.tokenizer.decode(&h.tokens, true)?;
+            let text = tokenizer.decode(&h.tokens, true)?;
             out.push(json!({"text": text, "completion_ids": h.tokens, "logprob": h.logprob, "score": h.score,
                 "finish_reason": h.finish_reason.as_str()}));
             if !args.json {
@@ -124,9 +180,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let g = open_generator(&args.model)?;
-    let ids = g.tokenizer.encode(&prompt, true)?;
-    let result = generate_streaming(&g, ids, &params, !args.json)?;
+    let result = generate_streaming(model, tokenizer, ids, params, !args.json)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&generation_json(&result))?);
     } else {
@@ -198,7 +252,7 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
         let prompt = g.chat_template.render(&messages, true)?;
         // The template writes the BOS itself.
         let ids = g.tokenizer.encode(&prompt, false)?;
-        let reply = generate_streaming(&g, ids, &params, !args.json)?;
+        let reply = generate_streaming(&g.model, &g.tokenizer, ids, &params, !args.json)?;
         if args.json {
             println!("{}", serde_json::to_string(&generation_json(&reply))?);
         } else {

@@ -129,6 +129,12 @@ impl TextTokenizer {
                 unit_lengths[id as usize] = tok.chars().count() as u32;
             }
         }
+        if kind == TokenizerKind::Char {
+            // An unknown character still stands for one character.
+            if let Some(unk) = inner.token_to_id("<unk>") {
+                unit_lengths[unk as usize] = 1;
+            }
+        }
         TextTokenizer { inner, chars: None, unit_lengths, kind }
     }
 
