@@ -276,6 +276,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(params.clone(), &cfg.train);
     checkpoint::clean_temporaries(&ckpt_dir)?;
+    // Half-written model exports of a killed run.
+    if let Ok(rd) = fs::read_dir(&run_dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(".tmp-model-") || n.starts_with(".old-model-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let mut state = TrainState::new(cfg.seed);
     let mut last_ckpt: Option<PathBuf> = None;
     if opts.resume {
