@@ -28,6 +28,56 @@ pub struct BenchArgs {
     /// Print one JSON object
     #[arg(long)]
     json: bool,
+    /// Measure training steps of the model a training config describes
+    /// (synthetic full batches) instead of generation
+    #[arg(long, value_name = "CONFIG")]
+    train: Option<std::path::PathBuf>,
+    /// Training bench: sequences per batch
+    #[arg(long, default_value_t = 32)]
+    rows: usize,
+    /// Training bench: tokens per sequence (translation: per side)
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Training bench: timed steps (after 2 untimed ones)
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Training bench: override the config's precision (f32, bf16, f16)
+    #[arg(long)]
+    precision: Option<String>,
+}
+
+fn run_train_bench(args: &BenchArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut cfg = attn_train::TrainConfig::load(path)?;
+    if let Some(p) = &args.precision {
+        cfg.train.precision = match p.as_str() {
+            "f32" => attn_train::config::Precision::F32,
+            "bf16" => attn_train::config::Precision::Bf16,
+            "f16" => attn_train::config::Precision::F16,
+            other => anyhow::bail!("--precision must be f32, bf16 or f16, got `{other}`"),
+        };
+    }
+    let r = attn_train::trainer::bench_training(&cfg, args.rows, args.seq, args.steps, 2)?;
+    let rss = peak_rss_mb();
+    if args.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["peak_rss_mb"] = json!(rss);
+        v["threads"] = json!(threads_in_use());
+        v["rows"] = json!(args.rows);
+        v["seq"] = json!(args.seq);
+        println!("{v}");
+    } else {
+        println!(
+            "{} parameters, {:?}: {:.1} ms/step, {:.0} tokens/s ({} tokens/step, {} threads), peak RSS {:.0} MiB",
+            r.parameters,
+            r.precision,
+            r.step_ms,
+            r.tokens_per_s,
+            r.tokens_per_step,
+            threads_in_use(),
+            rss.unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process in MiB (Linux).
@@ -40,6 +90,9 @@ fn peak_rss_mb() -> Option<f64> {
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    if let Some(cfg) = &args.train {
+        return run_train_bench(args, cfg);
+    }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repetitions == 0 {
         anyhow::bail!("--prompt-tokens, --gen-tokens and --repetitions must be at least 1");
     }

@@ -545,7 +545,82 @@ pub fn param_tensors(model: &Model) -> HashMap<String, Tensor> {
     checkpoint::params_to_tensors(&model.store.vars())
 }
 
-#[allow(dead_code)]
-fn _kind_is_used(k: TokenizerKind) -> TokenizerKind {
-    k
+
+/// Training-step throughput on synthetic full batches (no padding):
+/// `rows` sequences of `seq` tokens (translation: `seq` source and `seq`
+/// target tokens per row). The first `warmup` steps are not timed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainBench {
+    pub parameters: usize,
+    pub tokens_per_step: usize,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub precision: Precision,
+}
+
+pub fn bench_training(cfg: &TrainConfig, rows: usize, seq: usize, steps: usize, warmup: usize) -> Result<TrainBench> {
+    use crate::data::batch::{make_batch, Cursor, Examples};
+    if rows == 0 || seq == 0 || steps == 0 {
+        return Err(Error::input("bench", "rows, seq and steps must be at least 1"));
+    }
+    let vocab = match cfg.tokenizer.kind {
+        TokenizerKind::Bpe => cfg.tokenizer.vocab_size.unwrap_or(8000),
+        TokenizerKind::Char => 96,
+        TokenizerKind::Pretrained => 30522,
+    };
+    let kind = ModelKind::from_config(cfg, vocab)?;
+    let model = Model::new(kind, cfg, cfg.train.precision, &Device::Cpu)?;
+    let params = model.store.vars();
+    let n_params = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(params, &cfg.train);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next_id = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        4 + (state % (vocab as u64 - 4)) as u32
+    };
+    let ex = match &model.kind {
+        ModelKind::Gpt(_) => Examples::Lm((0..rows).map(|_| (0..seq + 1).map(|_| next_id()).collect()).collect()),
+        ModelKind::Transformer(_) => Examples::Pairs(
+            (0..rows)
+                .map(|_| {
+                    let src: Vec<u32> = (0..seq).map(|_| next_id()).collect();
+                    let mut tgt = vec![crate::config::BOS_ID];
+                    tgt.extend((0..seq).map(|_| next_id()));
+                    (src, tgt)
+                })
+                .collect(),
+        ),
+        ModelKind::Classifier { .. } => {
+            Examples::Labeled((0..rows).map(|i| ((0..seq).map(|_| next_id()).collect(), (i % 2) as u32)).collect())
+        }
+    };
+    let idx: Vec<usize> = (0..rows).collect();
+    let batch = make_batch(&ex, &idx, Cursor::default(), Cursor::default());
+    let tokens_per_step = match &model.kind {
+        ModelKind::Gpt(_) => rows * seq,
+        ModelKind::Transformer(_) => 2 * rows * seq,
+        ModelKind::Classifier { .. } => rows * seq,
+    };
+    let units = vec![1u32; vocab];
+    let mut timed = 0.0;
+    for s in 0..warmup + steps {
+        let t0 = Instant::now();
+        let scale = if cfg.train.precision == Precision::F16 { 1024.0 } else { 1.0 };
+        let mut r = accumulate_gradients(&model, std::slice::from_ref(&batch), cfg, s, scale, &units)?;
+        clip_grad_norm(&mut r.grads, cfg.train.clip_grad_norm);
+        opt.step(&r.grads, 1e-4)?;
+        if s >= warmup {
+            timed += t0.elapsed().as_secs_f64();
+        }
+    }
+    let step_ms = 1e3 * timed / steps as f64;
+    Ok(TrainBench {
+        parameters: n_params,
+        tokens_per_step,
+        step_ms,
+        tokens_per_s: tokens_per_step as f64 / (timed / steps as f64),
+        precision: cfg.train.precision,
+    })
 }
