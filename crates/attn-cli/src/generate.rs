@@ -115,7 +115,12 @@ fn trained_model_dir(arg: &str) -> Option<std::path::PathBuf> {
 
 /// Generation with a model trained by `attn train`: a GPT continues the
 /// prompt; an encoder-decoder translates it.
-fn run_trained(args: &GenerateArgs, dir: &std::path::Path, prompt: &str, params: &SamplingParams) -> anyhow::Result<()> {
+fn run_trained(
+    args: &GenerateArgs,
+    dir: &std::path::Path,
+    prompt: &str,
+    params: &SamplingParams,
+) -> anyhow::Result<()> {
     use attn_train::task::{ModelKind, Net};
     let cfg_path = dir.join("config.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;

@@ -39,12 +39,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         }
         (None, None, None) => anyhow::bail!("give a config file, or --resume RUN_DIR"),
     };
-    let s = train(&TrainOptions {
-        config: a.config.clone(),
-        run_dir,
-        resume,
-        progress: std::io::stderr().is_terminal(),
-    })?;
+    let s =
+        train(&TrainOptions { config: a.config.clone(), run_dir, resume, progress: std::io::stderr().is_terminal() })?;
     if a.json {
         let v = serde_json::json!({
             "run_dir": s.run_dir, "steps": s.steps, "stopped": s.stopped, "elapsed_s": s.elapsed_s,

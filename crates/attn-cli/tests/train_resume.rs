@@ -64,7 +64,9 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     // Kill once a checkpoint past step 40 exists and before the run ends.
     loop {
         let n = std::fs::read_dir(killed.join("checkpoints"))
-            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count()
+            })
             .unwrap_or(0);
         if n >= 2 {
             break;

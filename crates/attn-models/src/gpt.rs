@@ -12,8 +12,8 @@
 
 use attn_nn::{
     causal_mask, positions, Activation, AttentionConfig, ContiguousKvCache, Dropout, Error, FeedForward, FfnKind,
-    FfnNames, Init, KvCache, Linear, MoeFeedForward, MultiHeadAttention, Result, RmsNorm, RopeLayout,
-    RotaryEmbedding, TokenEmbedding, Weights,
+    FfnNames, Init, KvCache, Linear, MoeFeedForward, MultiHeadAttention, Result, RmsNorm, RopeLayout, RotaryEmbedding,
+    TokenEmbedding, Weights,
 };
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -129,10 +129,7 @@ impl GptConfig {
                 return Err(Error::config("moe.n_experts", format!("must be at least 2, got {}", m.n_experts)));
             }
             if m.top_k == 0 || m.top_k > m.n_experts {
-                return Err(Error::config(
-                    "moe.top_k",
-                    format!("must be in 1..={}, got {}", m.n_experts, m.top_k),
-                ));
+                return Err(Error::config("moe.top_k", format!("must be in 1..={}, got {}", m.n_experts, m.top_k)));
             }
             pos("moe.every", m.every)?;
             if !(m.aux_loss_coef >= 0.0) {

@@ -199,7 +199,8 @@ pub struct Loaded {
 pub fn load(path: &Path, model: &serde_json::Value, params: &[(String, Var)]) -> Result<Loaded> {
     let mp = path.join("checkpoint.json");
     let text = fs::read_to_string(&mp).map_err(|e| Error::io(&mp, e))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::format(&mp, format!("corrupt checkpoint: {e}")))?;
+    let m: Manifest =
+        serde_json::from_str(&text).map_err(|e| Error::format(&mp, format!("corrupt checkpoint: {e}")))?;
     if m.format != FORMAT {
         return Err(Error::format(&mp, format!("checkpoint format {} (this attn reads {FORMAT})", m.format)));
     }

@@ -340,7 +340,9 @@ impl TrainConfig {
             "gpt" => ModelSpec::Gpt(table),
             "transformer" => ModelSpec::Transformer(table),
             "bert_classifier" => ModelSpec::BertClassifier(
-                toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::config("model", e.to_string()))?,
+                toml::Value::Table(table)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| Error::config("model", e.to_string()))?,
             ),
             other => {
                 return Err(Error::config(
@@ -445,7 +447,10 @@ impl TrainConfig {
                 | (Task::Classification, CorpusFormat::SentimentTsv)
         );
         if !fmt_ok {
-            return Err(Error::config("data.format", format!("{:?} data does not fit the {:?} task", d.format, d.task)));
+            return Err(Error::config(
+                "data.format",
+                format!("{:?} data does not fit the {:?} task", d.format, d.task),
+            ));
         }
         let arch_ok = matches!(
             (d.task, &self.model),
@@ -480,7 +485,10 @@ impl TrainConfig {
             },
             TokenizerKind::Char => {
                 if self.tokenizer.vocab_size.is_some() {
-                    return Err(Error::config("tokenizer.vocab_size", "a char tokenizer takes its vocabulary from the data"));
+                    return Err(Error::config(
+                        "tokenizer.vocab_size",
+                        "a char tokenizer takes its vocabulary from the data",
+                    ));
                 }
             }
             TokenizerKind::Pretrained => {

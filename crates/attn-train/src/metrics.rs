@@ -64,7 +64,9 @@ pub fn train_losses(path: &Path) -> Result<Vec<(usize, f64)>> {
         let v: serde_json::Value =
             serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
         if v.get("kind").and_then(|k| k.as_str()) == Some("train") {
-            if let (Some(s), Some(loss)) = (v.get("step").and_then(|s| s.as_u64()), v.get("loss").and_then(|x| x.as_f64())) {
+            if let (Some(s), Some(loss)) =
+                (v.get("step").and_then(|s| s.as_u64()), v.get("loss").and_then(|x| x.as_f64()))
+            {
                 out.push((s as usize, loss));
             }
         }

@@ -90,7 +90,10 @@ impl AdamW {
     /// One update with host gradients (same order as the parameters).
     pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(Error::input("adamw", format!("{} gradients for {} parameters", grads.len(), self.params.len())));
+            return Err(Error::input(
+                "adamw",
+                format!("{} gradients for {} parameters", grads.len(), self.params.len()),
+            ));
         }
         self.t += 1;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
@@ -104,7 +107,10 @@ impl AdamW {
             let shape = var.shape().clone();
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             if g.len() != p.len() {
-                return Err(Error::input("adamw", format!("gradient of `{name}` has {} values, not {}", g.len(), p.len())));
+                return Err(Error::input(
+                    "adamw",
+                    format!("gradient of `{name}` has {} values, not {}", g.len(), p.len()),
+                ));
             }
             let decay = if self.decay[i] { (lr * self.weight_decay) as f32 } else { 0.0 };
             let (m, v) = (&mut self.m[i], &mut self.v[i]);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use attn_models::bert::{BertClassifier, BertConfig};
 use attn_models::gpt::{Gpt, GptConfig};
 use attn_models::{ConditionedDecoder, Transformer, TransformerConfig};
-use attn_nn::{lengths_to_valid, load_balancing_loss, Error, ParamStore, Result, SafetensorsSource, WeightSource, Weights};
+use attn_nn::{
+    lengths_to_valid, load_balancing_loss, Error, ParamStore, Result, SafetensorsSource, WeightSource, Weights,
+};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::json;
 
@@ -110,7 +112,12 @@ pub fn prepare(cfg: &TrainConfig, saved_tokenizer: Option<&Path>) -> Result<Prep
             if train.is_empty() || valid.is_empty() {
                 return Err(Error::input(
                     "data",
-                    format!("the corpus is too small for windows of {} tokens (train {}, valid {} tokens)", d.seq_len, tr.len(), va.len()),
+                    format!(
+                        "the corpus is too small for windows of {} tokens (train {}, valid {} tokens)",
+                        d.seq_len,
+                        tr.len(),
+                        va.len()
+                    ),
                 ));
             }
             Ok(Prepared {
@@ -403,7 +410,14 @@ fn token_losses(
 }
 
 /// Loss of one batch (training when `train`: dropout on).
-pub fn batch_loss(net: &Net, b: &Batch, device: &Device, train: bool, smoothing: f64, units: &[u32]) -> Result<BatchLoss> {
+pub fn batch_loss(
+    net: &Net,
+    b: &Batch,
+    device: &Device,
+    train: bool,
+    smoothing: f64,
+    units: &[u32],
+) -> Result<BatchLoss> {
     let a = &b.a;
     let ids = Tensor::from_slice(&a.ids, (a.rows, a.cols), device)?;
     match net {
@@ -438,7 +452,8 @@ pub fn batch_loss(net: &Net, b: &Batch, device: &Device, train: bool, smoothing:
             let tgt_in = tgt.narrow(1, 0, t)?;
             let in_lens: Vec<usize> = tb.lengths.iter().map(|&l| l.saturating_sub(1)).collect();
             let tgt_valid = lengths_to_valid(&in_lens, t, device)?;
-            let targets: Vec<u32> = (0..tb.rows).flat_map(|r| tb.ids[r * tb.cols + 1..(r + 1) * tb.cols].to_vec()).collect();
+            let targets: Vec<u32> =
+                (0..tb.rows).flat_map(|r| tb.ids[r * tb.cols + 1..(r + 1) * tb.cols].to_vec()).collect();
             let logits = m.forward(&ids, &tgt_in, Some(&src_valid), Some(&tgt_valid), train)?;
             let v = logits.dim(2)?;
             let logits = logits.reshape((tb.rows * t, v))?;

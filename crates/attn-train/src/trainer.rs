@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Metric, Precision, TokenizerKind, TrainConfig};
-use crate::data::batch::{plan_epoch, padding_fraction, Batch, Loader};
+use crate::data::batch::{padding_fraction, plan_epoch, Batch, Loader};
 use crate::data::tokenize::TextTokenizer;
 use crate::metrics::MetricsLog;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
@@ -72,7 +72,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes the loadable model folder (`config.json`, `model.safetensors`,
 /// `tokenizer.json`, `training.toml`, `run.json`) atomically.
-fn export(run_dir: &Path, model: &Model, tok: &TextTokenizer, cfg: &TrainConfig, extra: serde_json::Value) -> Result<PathBuf> {
+fn export(
+    run_dir: &Path,
+    model: &Model,
+    tok: &TextTokenizer,
+    cfg: &TrainConfig,
+    extra: serde_json::Value,
+) -> Result<PathBuf> {
     let dest = run_dir.join("model");
     let tmp = run_dir.join(format!(".tmp-model-{}", std::process::id()));
     if tmp.exists() {
@@ -235,7 +241,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if given.source != cfg.source {
                 return Err(Error::format(
                     p,
-                    format!("differs from the config the run was started with ({}); resume uses the run's own", run_dir.join("config.toml").display()),
+                    format!(
+                        "differs from the config the run was started with ({}); resume uses the run's own",
+                        run_dir.join("config.toml").display()
+                    ),
                 ));
             }
         }
@@ -355,7 +364,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 state.loss_scale /= 2.0;
                 state.good_steps = 0;
                 state.cursor = batches.last().map(|b| b.next).unwrap_or(state.cursor);
-                say(&pb, format!("step {}: gradients overflowed in f16, loss scale now {}", state.step + 1, state.loss_scale));
+                say(
+                    &pb,
+                    format!(
+                        "step {}: gradients overflowed in f16, loss scale now {}",
+                        state.step + 1,
+                        state.loss_scale
+                    ),
+                );
                 continue;
             }
             let what = if r.nll_sum.is_finite() { "the gradients are not finite" } else { "the loss is not finite" };
@@ -415,13 +431,25 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if let Some(v) = value {
                 let better = match state.best_metric {
                     None => true,
-                    Some(b) => if metric.higher_is_better() { v > b } else { v < b },
+                    Some(b) => {
+                        if metric.higher_is_better() {
+                            v > b
+                        } else {
+                            v < b
+                        }
+                    }
                 };
                 if better {
                     state.best_metric = Some(v);
                     state.best_step = Some(state.step);
                     state.evals_without_improvement = 0;
-                    export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}))?;
+                    export(
+                        &run_dir,
+                        &model,
+                        &prepared.tokenizer,
+                        &cfg,
+                        json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}),
+                    )?;
                 } else {
                     state.evals_without_improvement += 1;
                 }
@@ -429,7 +457,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             last_valid = Some(ev);
         }
         if state.step % t.checkpoint_every == 0 || state.step == t.max_steps {
-            last_ckpt = Some(checkpoint::save(&ckpt_dir, &state, &model_json, &params, &opt.state_tensors()?, t.keep_checkpoints)?);
+            last_ckpt = Some(checkpoint::save(
+                &ckpt_dir,
+                &state,
+                &model_json,
+                &params,
+                &opt.state_tensors()?,
+                t.keep_checkpoints,
+            )?);
         }
         if let Some(p) = t.early_stopping_patience {
             if state.evals_without_improvement >= p {
@@ -448,12 +483,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if let Some(v) = metric_value(metric, &ev) {
             let better = match state.best_metric {
                 None => true,
-                Some(b) => if metric.higher_is_better() { v > b } else { v < b },
+                Some(b) => {
+                    if metric.higher_is_better() {
+                        v > b
+                    } else {
+                        v < b
+                    }
+                }
             };
             if better {
                 state.best_metric = Some(v);
                 state.best_step = Some(state.step);
-                export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}))?;
+                export(
+                    &run_dir,
+                    &model,
+                    &prepared.tokenizer,
+                    &cfg,
+                    json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}),
+                )?;
             }
         }
         last_valid = Some(ev);
@@ -502,7 +549,12 @@ pub fn describe(ev: &EvalResult) -> String {
 
 /// Evaluates an exported model folder on its held-out test (or validation)
 /// split, rebuilt from the training config it carries.
-pub fn evaluate_model(model_dir: &Path, test: bool, beam: usize, decode_limit: Option<usize>) -> Result<(EvalResult, serde_json::Value)> {
+pub fn evaluate_model(
+    model_dir: &Path,
+    test: bool,
+    beam: usize,
+    decode_limit: Option<usize>,
+) -> Result<(EvalResult, serde_json::Value)> {
     let cfg = load_run_config_from_model(model_dir)?;
     let tok_path = model_dir.join("tokenizer.json");
     let prepared = task::prepare(&cfg, Some(&tok_path))?;
@@ -517,7 +569,9 @@ pub fn evaluate_model(model_dir: &Path, test: bool, beam: usize, decode_limit: O
         return Err(Error::input("eval", "the split is empty"));
     }
     let n = match &prepared.raw {
-        RawSplits::Pairs { valid, test: t, .. } => decode_limit.unwrap_or(usize::MAX).min(if test { t.len() } else { valid.len() }),
+        RawSplits::Pairs { valid, test: t, .. } => {
+            decode_limit.unwrap_or(usize::MAX).min(if test { t.len() } else { valid.len() })
+        }
         _ => 0,
     };
     let r = evaluate(&net, &prepared, &cfg, test, None, n, beam, &device)?;
@@ -544,7 +598,6 @@ pub fn load_net(model_dir: &Path, kind: &ModelKind, device: &Device) -> Result<N
 pub fn param_tensors(model: &Model) -> HashMap<String, Tensor> {
     checkpoint::params_to_tensors(&model.store.vars())
 }
-
 
 /// Training-step throughput on synthetic full batches (no padding):
 /// `rows` sequences of `seq` tokens (translation: `seq` source and `seq`

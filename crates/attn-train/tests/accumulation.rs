@@ -35,7 +35,10 @@ fn k_micro_batches_equal_one_big_batch() {
     let c = Cursor::default();
     let micro_batches: Vec<_> = micro.iter().map(|idx| make_batch(ex, idx, c, c)).collect();
     let big = vec![make_batch(ex, &union, c, c)];
-    assert!(big[0].padded_tokens > micro_batches.iter().map(|b| b.padded_tokens).sum::<usize>(), "the big batch pads more");
+    assert!(
+        big[0].padded_tokens > micro_batches.iter().map(|b| b.padded_tokens).sum::<usize>(),
+        "the big batch pads more"
+    );
 
     let vocab = prepared.tokenizer.vocab_size();
     let units = prepared.tokenizer.unit_lengths().to_vec();

@@ -46,7 +46,12 @@ fn configs_are_validated_with_named_fields() {
 }
 
 fn start(cfg: &Path, run_dir: &Path) -> attn_nn::Result<attn_train::TrainSummary> {
-    train(&TrainOptions { config: Some(cfg.to_path_buf()), run_dir: run_dir.to_path_buf(), resume: false, progress: false })
+    train(&TrainOptions {
+        config: Some(cfg.to_path_buf()),
+        run_dir: run_dir.to_path_buf(),
+        resume: false,
+        progress: false,
+    })
 }
 
 fn resume(run_dir: &Path) -> attn_nn::Result<attn_train::TrainSummary> {
@@ -76,7 +81,8 @@ fn missing_and_empty_corpora_are_errors() {
 #[test]
 fn checkpoints_are_verified_and_never_overwritten() {
     let dir = tempdir("ckpt");
-    let cfg = ci_config("shakespeare-tiny", &dir, &[("max_steps", "12"), ("eval_every", "6"), ("checkpoint_every", "6")]);
+    let cfg =
+        ci_config("shakespeare-tiny", &dir, &[("max_steps", "12"), ("eval_every", "6"), ("checkpoint_every", "6")]);
     let run = dir.join("run");
     start(&cfg, &run).unwrap();
     // A second fresh run into the same directory is refused.
@@ -116,7 +122,13 @@ fn a_diverging_run_stops_at_the_step_and_keeps_the_good_checkpoint() {
     let cfg = ci_config(
         "shakespeare-tiny",
         &dir,
-        &[("lr", "1e30"), ("clip_grad_norm", "1e30"), ("schedule", "\"constant\""), ("warmup_steps", "0"), ("checkpoint_every", "1")],
+        &[
+            ("lr", "1e30"),
+            ("clip_grad_norm", "1e30"),
+            ("schedule", "\"constant\""),
+            ("warmup_steps", "0"),
+            ("checkpoint_every", "1"),
+        ],
     );
     let run = dir.join("run");
     let e = start(&cfg, &run).unwrap_err().to_string();

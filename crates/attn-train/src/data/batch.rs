@@ -108,7 +108,14 @@ pub struct Batch {
 /// Indices of each batch of an epoch. With `shuffle` (training) the plan
 /// depends on (seed, epoch); without it (evaluation) examples are taken in
 /// length order.
-pub fn plan_epoch(ex: &Examples, seed: u64, epoch: usize, budget: usize, max_rows: usize, shuffle: bool) -> Vec<Vec<usize>> {
+pub fn plan_epoch(
+    ex: &Examples,
+    seed: u64,
+    epoch: usize,
+    budget: usize,
+    max_rows: usize,
+    shuffle: bool,
+) -> Vec<Vec<usize>> {
     let n = ex.len();
     let mut order: Vec<usize> = (0..n).collect();
     const POOL: usize = 4096;
@@ -189,7 +196,14 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn start(ex: Arc<Examples>, seed: u64, budget: usize, max_rows: usize, from: Cursor, capacity: usize) -> Result<Self> {
+    pub fn start(
+        ex: Arc<Examples>,
+        seed: u64,
+        budget: usize,
+        max_rows: usize,
+        from: Cursor,
+        capacity: usize,
+    ) -> Result<Self> {
         if ex.is_empty() {
             return Err(Error::input("loader", "the training split is empty"));
         }

@@ -1,6 +1,6 @@
 //! Corpora, splits, tokenizers and batches.
 
-pub mod corpus;
 pub mod batch;
+pub mod corpus;
 pub mod split;
 pub mod tokenize;

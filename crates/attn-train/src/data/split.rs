@@ -48,7 +48,9 @@ pub fn split<T>(units: Vec<T>, key: impl Fn(&T) -> String, seed: u64, sizes: Spl
     if n_test + n_valid >= n {
         return Err(Error::input(
             "split",
-            format!("{n} unique units cannot give {n_test} test and {n_valid} validation units and leave any to train on"),
+            format!(
+                "{n} unique units cannot give {n_test} test and {n_valid} validation units and leave any to train on"
+            ),
         ));
     }
     let mut order: Vec<usize> = (0..n).collect();

@@ -214,7 +214,8 @@ mod tests {
 
     #[test]
     fn bpe_round_trips_and_counts_bytes() {
-        let texts: Vec<String> = (0..200).map(|i| format!("the quick brown fox {i} jumps über the lazy dog\n")).collect();
+        let texts: Vec<String> =
+            (0..200).map(|i| format!("the quick brown fox {i} jumps über the lazy dog\n")).collect();
         let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
         let t = TextTokenizer::train_bpe(&refs, 400, 2).unwrap();
         assert!(t.vocab_size() > 300 && t.vocab_size() <= 400, "{}", t.vocab_size());
