@@ -77,6 +77,12 @@ fn lm_windows(ids: &[u32], seq_len: usize) -> Vec<Vec<u32>> {
 /// the tokenizer and tokenizes every split.
 pub fn prepare(cfg: &TrainConfig, saved_tokenizer: Option<&Path>) -> Result<Prepared> {
     let path = cfg.resolve(&cfg.data.path);
+    if !path.exists() {
+        return Err(Error::format(
+            &path,
+            "corpus not found (the real corpora are fetched with `scripts/data/fetch.sh shakespeare|de-en|sentiment|all`)",
+        ));
+    }
     let seed = cfg.seed;
     let d = &cfg.data;
     let pretrained = tokenizer_source(cfg)?;
