@@ -207,20 +207,20 @@ pub(crate) fn logits_to_vec(t: &Tensor) -> Result<Vec<f32>> {
 
 /// Accumulates the completion text and streams the part of it that can no
 /// longer become (the start of) a stop string.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    text: String,
+pub(crate) struct StopFilter {
+    stops: Vec<String>,
+    pub(crate) text: String,
     streamed: usize,
 }
 
-impl<'a> StopFilter<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        StopFilter { stops, text: String::new(), streamed: 0 }
+impl StopFilter {
+    pub(crate) fn new(stops: &[String]) -> Self {
+        StopFilter { stops: stops.to_vec(), text: String::new(), streamed: 0 }
     }
 
     /// Appends `piece`; returns true if the text now contains a stop string,
     /// in which case the text is cut before it and the rest streamed.
-    fn push(&mut self, piece: &str, on_text: &mut impl FnMut(&str)) -> bool {
+    pub(crate) fn push(&mut self, piece: &str, on_text: &mut impl FnMut(&str)) -> bool {
         if piece.is_empty() {
             return false;
         }
@@ -237,7 +237,7 @@ impl<'a> StopFilter<'a> {
     }
 
     /// Streams whatever was held back.
-    fn finish(&mut self, on_text: &mut impl FnMut(&str)) {
+    pub(crate) fn finish(&mut self, on_text: &mut impl FnMut(&str)) {
         self.emit(self.text.len(), on_text);
     }
 

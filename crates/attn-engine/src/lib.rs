@@ -8,18 +8,24 @@
 //! runs several hypotheses as one batched forward call.
 
 pub mod beam;
+pub mod block_manager;
 pub mod detok;
 pub mod generate;
 mod kernels;
+pub mod llm_engine;
 pub mod perplexity;
 pub mod processors;
 pub mod sampler;
+pub mod scheduler;
 
 #[cfg(test)]
 mod testutil;
 
 pub use beam::{beam_search, BeamParams, Hypothesis};
 pub use detok::Detokenizer;
+pub use block_manager::{BlockManager, BlockStats};
+pub use llm_engine::{EngineConfig, EngineRequest, EngineStats, LlmEngine, SeqOutput, TokenLogprob};
+pub use scheduler::SchedulerConfig;
 pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
 pub use perplexity::{perplexity, Perplexity};
 pub use processors::SamplingParams;

@@ -13,14 +13,14 @@
 use std::sync::Arc;
 
 use attn_nn::{
-    causal_mask, Activation, AttentionConfig, ContiguousKvCache, Dropout, Error, FeedForward, KvCache, Linear,
-    MultiHeadAttention, Norm, Residual, Result, RmsNorm, RopeLayout, RotaryEmbedding,
+    Activation, AttentionConfig, Dropout, Error, FeedForward, KvShape, Linear, MultiHeadAttention, Norm, PagedCache,
+    Residual, Result, RmsNorm, RopeLayout, RotaryEmbedding,
 };
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::gguf::GgufFile;
-use crate::lm::{LanguageModel, Logits, SeqStep, SequenceCache};
+use crate::lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache};
 
 /// Hyper-parameters of a Gemma 3 model.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,23 +155,7 @@ pub struct Gemma3 {
 }
 
 /// The per-sequence KV cache of every layer.
-#[derive(Debug, Clone)]
-pub struct Gemma3Cache {
-    layers: Vec<ContiguousKvCache>,
-}
-
-impl SequenceCache for Gemma3Cache {
-    fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.len())
-    }
-
-    fn truncate(&mut self, len: usize) -> Result<()> {
-        for c in &mut self.layers {
-            c.truncate(len)?;
-        }
-        Ok(())
-    }
-}
+pub type Gemma3Cache = LayerCaches;
 
 impl Gemma3 {
     /// Loads a Gemma 3 GGUF, keeping matrices in their quantized types.
@@ -267,7 +251,7 @@ impl LanguageModel for Gemma3 {
     type Cache = Gemma3Cache;
 
     fn new_cache(&self) -> Result<Gemma3Cache> {
-        Ok(Gemma3Cache { layers: vec![ContiguousKvCache::new(); self.layers.len()] })
+        Ok(LayerCaches::new(self.layers.len()))
     }
 
     fn vocab_size(&self) -> usize {
@@ -279,6 +263,23 @@ impl LanguageModel for Gemma3 {
     }
 
     fn forward(&self, batch: &mut [SeqStep<'_, Gemma3Cache>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}
+
+impl PagedLanguageModel for Gemma3 {
+    fn kv_shape(&self) -> KvShape {
+        KvShape { n_layers: self.cfg.n_layers, n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim }
+    }
+
+    fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}
+
+impl Gemma3 {
+    /// The forward pass over any KV store (contiguous or paged).
+    fn forward_kv<C: SequenceCache + KvStore>(&self, batch: &mut [SeqStep<'_, C>], logits: Logits) -> Result<Vec<Tensor>> {
         // All new tokens of all sequences go through the norms, projections
         // and FFNs as one matrix; attention runs per sequence on its cache.
         let mut spans = Vec::with_capacity(batch.len());
@@ -304,20 +305,17 @@ impl LanguageModel for Gemma3 {
                 for (s, &(start, len, past)) in batch.iter_mut().zip(&spans) {
                     let hs = h.narrow(1, start, len)?;
                     let pos = Tensor::arange(past as u32, (past + len) as u32, &self.device)?.unsqueeze(0)?;
-                    let kv = past + len;
-                    // A single new token sees every cached key unless the
-                    // window cuts some off: no mask needed then.
-                    let mask = if len == 1 && layer.window.is_none_or(|w| kv <= w) {
-                        None
-                    } else {
-                        Some(causal_mask(len, kv, layer.window, &self.device)?)
-                    };
-                    let cache: &mut dyn KvCache = &mut s.cache.layers[li];
-                    outs.push(layer.attn.forward(&hs, mask.as_ref(), Some(&pos), Some(cache), false)?);
+                    let cache = &mut *s.cache;
+                    outs.push(layer.attn.forward_with(&hs, &pos, layer.window, |q, k, v, spec| {
+                        cache.attend(li, q, k, v, spec)
+                    })?);
                 }
                 Ok(Tensor::cat(&outs, 1)?)
             })?;
             x = layer.res_ffn.forward(&x, |h| layer.ffn.forward(h, false))?;
+        }
+        for (s, &(_, len, _)) in batch.iter_mut().zip(&spans) {
+            s.cache.commit(len)?;
         }
         // Only the rows whose logits are wanted go through the norm and the
         // (large) output projection.

@@ -11,14 +11,14 @@
 //! `norm.weight`, and `lm_head.weight` when the head is untied.
 
 use attn_nn::{
-    causal_mask, positions, Activation, AttentionConfig, ContiguousKvCache, Dropout, Error, FeedForward, FfnKind,
-    FfnNames, Init, KvCache, Linear, MoeFeedForward, MultiHeadAttention, Result, RmsNorm, RopeLayout, RotaryEmbedding,
+    causal_mask, positions, Activation, AttentionConfig, Dropout, Error, FeedForward, FfnKind, FfnNames, Init,
+    KvShape, Linear, PagedCache, MoeFeedForward, MultiHeadAttention, Result, RmsNorm, RopeLayout, RotaryEmbedding,
     TokenEmbedding, Weights,
 };
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::lm::{LanguageModel, Logits, SeqStep, SequenceCache};
+use crate::lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache};
 
 fn default_rope_base() -> f64 {
     10_000.0
@@ -192,24 +192,8 @@ pub struct Gpt {
     dropout: Dropout,
 }
 
-/// Per-sequence KV caches of a [`Gpt`].
-#[derive(Debug, Clone)]
-pub struct GptCache {
-    layers: Vec<ContiguousKvCache>,
-}
-
-impl SequenceCache for GptCache {
-    fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.len())
-    }
-
-    fn truncate(&mut self, len: usize) -> Result<()> {
-        for c in &mut self.layers {
-            c.truncate(len)?;
-        }
-        Ok(())
-    }
-}
+/// The per-sequence KV cache of every layer.
+pub type GptCache = LayerCaches;
 
 impl Gpt {
     /// Builds the model from `w`: a file's weights, or a trainable store
@@ -283,17 +267,19 @@ impl Gpt {
         &self,
         mut x: Tensor,
         offset: usize,
-        mut caches: Option<&mut GptCache>,
+        mut cache: Option<&mut dyn KvStore>,
         train: bool,
         router_logits: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let mask = causal_mask(t, offset + t, None, x.device())?;
+        let mask = if cache.is_none() { Some(causal_mask(t, offset + t, None, x.device())?) } else { None };
         let pos = positions(b, t, offset, x.device())?;
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
-            let cache = caches.as_deref_mut().map(|c| &mut c.layers[i] as &mut dyn KvCache);
-            let a = l.attn.forward(&h, Some(&mask), Some(&pos), cache, train)?;
+            let a = match cache.as_deref_mut() {
+                Some(c) => l.attn.forward_with(&h, &pos, None, |q, k, v, spec| c.attend(i, q, k, v, spec))?,
+                None => l.attn.forward(&h, mask.as_ref(), Some(&pos), None, train)?,
+            };
             x = (x + self.dropout.forward(&a, train)?)?;
             let h = l.ffn_norm.forward(&x)?;
             let f = match &l.ffn {
@@ -326,7 +312,7 @@ impl LanguageModel for Gpt {
     type Cache = GptCache;
 
     fn new_cache(&self) -> Result<GptCache> {
-        Ok(GptCache { layers: vec![ContiguousKvCache::new(); self.layers.len()] })
+        Ok(LayerCaches::new(self.layers.len()))
     }
 
     fn vocab_size(&self) -> usize {
@@ -338,6 +324,23 @@ impl LanguageModel for Gpt {
     }
 
     fn forward(&self, batch: &mut [SeqStep<'_, GptCache>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}
+
+impl PagedLanguageModel for Gpt {
+    fn kv_shape(&self) -> KvShape {
+        KvShape { n_layers: self.cfg.n_layers, n_kv_heads: self.cfg.kv_heads(), head_dim: self.cfg.head_dim() }
+    }
+
+    fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}
+
+impl Gpt {
+    /// Cached forward over any KV store, one sequence at a time.
+    fn forward_kv<C: SequenceCache + KvStore>(&self, batch: &mut [SeqStep<'_, C>], logits: Logits) -> Result<Vec<Tensor>> {
         let device = self.embed.table().device().clone();
         let mut out = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {
@@ -354,7 +357,8 @@ impl LanguageModel for Gpt {
             let ids = Tensor::new(s.tokens, &device)?.unsqueeze(0)?;
             let x = self.embed.forward(&ids)?;
             let mut router = Vec::new();
-            let h = self.blocks(x, offset, Some(s.cache), false, &mut router)?.squeeze(0)?;
+            let h = self.blocks(x, offset, Some(&mut *s.cache as &mut dyn KvStore), false, &mut router)?.squeeze(0)?;
+            s.cache.commit(s.tokens.len())?;
             let h = match logits {
                 Logits::Last => h.get(s.tokens.len() - 1)?.unsqueeze(0)?,
                 Logits::All => h,

@@ -14,5 +14,5 @@ pub mod registry;
 pub mod spm;
 pub mod transformer;
 
-pub use lm::{LanguageModel, Logits, SeqStep, SequenceCache, Tokenizer};
+pub use lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache, Tokenizer};
 pub use transformer::{ConditionedDecoder, DecoderState, EncoderOutput, Transformer, TransformerConfig};

@@ -6,7 +6,7 @@
 //! the same call. A seq2seq model becomes a causal LM conditioned on its
 //! encoded source (see [`crate::transformer`]).
 
-use attn_nn::Result;
+use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvShape, PagedCache, Result};
 use candle_core::Tensor;
 
 /// Per-sequence decoding state (the KV cache and its position).
@@ -18,6 +18,84 @@ pub trait SequenceCache: Clone {
     }
     /// Forgets positions from `len` on (speculative decoding rollback).
     fn truncate(&mut self, len: usize) -> Result<()>;
+}
+
+/// Where a causal model's attention layers keep one sequence's keys and
+/// values: a contiguous tensor per layer ([`LayerCaches`]) or blocks of a
+/// shared pool read through a block table ([`PagedCache`]). The model hands
+/// each layer's projected heads over and gets the attended heads back.
+pub trait KvStore {
+    /// Stores `k`, `v` (`[1, n_kv_heads, t, head_dim]`) of the next `t`
+    /// positions of `layer` and attends `q` (`[1, n_heads, t, head_dim]`) to
+    /// every stored position, causally and within `spec.window`.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttendSpec) -> Result<Tensor>;
+    /// Called once every layer has stored the `n` new positions.
+    fn commit(&mut self, n: usize) -> Result<()>;
+}
+
+/// One contiguous KV cache per layer: the simple, fast cache of one stream.
+#[derive(Debug, Clone)]
+pub struct LayerCaches {
+    layers: Vec<ContiguousKvCache>,
+}
+
+impl LayerCaches {
+    pub fn new(n_layers: usize) -> Self {
+        LayerCaches { layers: vec![ContiguousKvCache::new(); n_layers] }
+    }
+
+    pub fn layer_mut(&mut self, i: usize) -> &mut ContiguousKvCache {
+        &mut self.layers[i]
+    }
+}
+
+impl SequenceCache for LayerCaches {
+    fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.len())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        for c in &mut self.layers {
+            c.truncate(len)?;
+        }
+        Ok(())
+    }
+}
+
+impl KvStore for LayerCaches {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttendSpec) -> Result<Tensor> {
+        match self.layers.get_mut(layer) {
+            Some(c) => c.attend(q, k, v, spec),
+            None => Err(attn_nn::Error::input("kv cache", format!("layer {layer} out of range"))),
+        }
+    }
+
+    fn commit(&mut self, _n: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl SequenceCache for PagedCache {
+    fn len(&self) -> usize {
+        PagedCache::len(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if len < PagedCache::len(self) {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
+}
+
+impl KvStore for PagedCache {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttendSpec) -> Result<Tensor> {
+        PagedCache::attend(self, layer, q, k, v, spec)
+    }
+
+    fn commit(&mut self, n: usize) -> Result<()> {
+        PagedCache::commit(self, n)
+    }
 }
 
 /// One sequence's part of a batched forward call.
@@ -50,6 +128,17 @@ pub trait LanguageModel {
     /// Runs every sequence's new tokens and appends them to its cache.
     /// Returns f32 logits per sequence, shaped as `logits` asks.
     fn forward(&self, batch: &mut [SeqStep<'_, Self::Cache>], logits: Logits) -> Result<Vec<Tensor>>;
+}
+
+/// A causal LM that can also keep its keys and values in a paged pool
+/// (serving: continuous batching over a block manager).
+pub trait PagedLanguageModel: LanguageModel {
+    /// What one position stores, to size the pool.
+    fn kv_shape(&self) -> KvShape;
+
+    /// [`LanguageModel::forward`] with paged caches. Each cache's block
+    /// table must already have room for its new tokens.
+    fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>>;
 }
 
 /// Text <-> token ids.

@@ -220,6 +220,24 @@ impl KvCache for ContiguousKvCache {
     }
 }
 
+impl ContiguousKvCache {
+    /// Appends the new keys/values and attends `q` (the queries of the new
+    /// positions) to everything cached, causally and within `spec.window`.
+    pub fn attend(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &crate::paged::AttendSpec) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let (k, v) = self.append(k, v)?;
+        let kv = k.dim(2)?;
+        // A single new token sees every cached key unless the window cuts
+        // some off: no mask needed then.
+        let mask = if t == 1 && spec.window.is_none_or(|w| kv <= w) {
+            None
+        } else {
+            Some(causal_mask(t, kv, spec.window, q.device())?)
+        };
+        scaled_dot_product_attention(q, &k, &v, mask.as_ref(), spec.sdpa, None)
+    }
+}
+
 /// Shape of a multi-head attention layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionConfig {
@@ -405,11 +423,7 @@ impl MultiHeadAttention {
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let opts = SdpaOptions {
-            scale: self.cfg.scale.unwrap_or(1.0 / (self.cfg.head_dim as f64).sqrt()),
-            softcap: self.cfg.softcap,
-        };
-        let out = scaled_dot_product_attention(q, k, v, mask, opts, Some((&self.dropout, train)))?;
+        let out = scaled_dot_product_attention(q, k, v, mask, self.sdpa_options(), Some((&self.dropout, train)))?;
         self.o_proj.forward(&self.merge_heads(&out)?)
     }
 
@@ -438,6 +452,29 @@ impl MultiHeadAttention {
             None => (k, v),
         };
         self.attend(&q, &k, &v, mask, train)
+    }
+
+    /// Self-attention over `x` `[1, t, d_model]` whose keys and values are
+    /// kept by the caller: `attend(q, k, v, spec)` receives the projected
+    /// (normed, rotated) heads of the new positions and returns the attended
+    /// heads `[1, n_heads, t, head_dim]`, for example from a paged cache.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        window: Option<usize>,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor, &crate::paged::AttendSpec) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        self.check_input(x, "self-attention")?;
+        let q = self.project_q(x, Some(positions))?;
+        let (k, v) = self.project_kv(x, Some(positions))?;
+        let spec = crate::paged::AttendSpec { sdpa: self.sdpa_options(), window };
+        let out = attend(&q, &k, &v, &spec)?;
+        self.o_proj.forward(&self.merge_heads(&out)?)
+    }
+
+    fn sdpa_options(&self) -> SdpaOptions {
+        SdpaOptions { scale: self.cfg.scale.unwrap_or(1.0 / (self.cfg.head_dim as f64).sqrt()), softcap: self.cfg.softcap }
     }
 
     /// Projects a cross-attention source (the encoder output) once.

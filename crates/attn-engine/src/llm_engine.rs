@@ -1,0 +1,680 @@
+//! The serving engine: many requests, one batched forward call per step.
+//!
+//! Requests are added at any time; [`LlmEngine::step`] asks the
+//! [`Scheduler`] which sequences run, performs the block copies it asks
+//! for, runs the model once over every scheduled sequence (their new tokens
+//! go through the projections and FFNs as one matrix; attention reads each
+//! sequence's own blocks), samples a token for every sequence whose
+//! prompt is complete, and reports what each request gained. Finished
+//! sequences leave the batch at once and their blocks go back to the pool
+//! (full prompt blocks stay findable by the prefix cache).
+//!
+//! A request with `n > 1` prefills once, then forks: the copies share the
+//! prompt's blocks, and the first token each writes into the shared partial
+//! block copies that block (copy-on-write).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use attn_models::{Logits, PagedLanguageModel, SeqStep, Tokenizer};
+use attn_nn::{Error, KvPool, PagedCache, Result};
+use candle_core::{DType, Tensor};
+
+use crate::block_manager::{BlockManager, BlockStats};
+use crate::detok::Detokenizer;
+use crate::generate::{FinishReason, StopFilter};
+use crate::processors::SamplingParams;
+use crate::sampler::Sampler;
+use crate::scheduler::{Schedulable, Scheduler, SchedulerConfig, SeqId};
+
+/// Sizes of the engine's KV pool and batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Positions per KV block.
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub scheduler: SchedulerConfig,
+}
+
+/// One request: a prompt and how to continue it.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Completions to generate from the prompt (choices).
+    pub n: usize,
+    /// Report the chosen token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Also report the log-probability of every prompt token after the first.
+    pub prompt_logprobs: bool,
+}
+
+impl EngineRequest {
+    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
+        EngineRequest { prompt, params, n: 1, logprobs: None, prompt_logprobs: false }
+    }
+}
+
+/// A token's log-probability under the model (before any sampling
+/// processor), and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one sequence gained in one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqOutput {
+    pub request: u64,
+    /// The choice index within the request (0..n).
+    pub index: usize,
+    /// The token sampled this step (`None` for the EOS token, which is not
+    /// part of the output, and for steps that only report prompt logprobs).
+    pub token: Option<u32>,
+    /// Text that became final this step (may be empty).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    /// Log-probabilities of prompt tokens `1..` (with `prompt_logprobs`),
+    /// in the step the prompt's last chunk ran.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Counters and gauges for the metrics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub blocks: BlockStats,
+    pub block_size: usize,
+    /// Of the slots in blocks held by running sequences, the share holding
+    /// no token (internal fragmentation: the unfilled ends of last blocks).
+    pub fragmentation: f64,
+    pub preemptions: u64,
+    pub aborted: u64,
+    pub generated_tokens: u64,
+    pub prompt_tokens: u64,
+    pub steps: u64,
+}
+
+struct Sequence {
+    request: u64,
+    index: usize,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cache: PagedCache,
+    params: SamplingParams,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopFilter,
+    logprobs: Option<usize>,
+    /// Prompt logprobs still to report (positions `1..prompt_len`).
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// Choices still to fork off after the prefill.
+    forks: usize,
+    max_tokens: usize,
+}
+
+impl Schedulable for Sequence {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn cache(&self) -> &PagedCache {
+        &self.cache
+    }
+    fn cache_mut(&mut self) -> &mut PagedCache {
+        &mut self.cache
+    }
+    fn wants_all_logits(&self) -> bool {
+        self.prompt_logprobs.is_some()
+    }
+    fn fork_count(&self) -> usize {
+        self.forks
+    }
+}
+
+impl Sequence {
+    fn completion(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+}
+
+pub struct LlmEngine<M, T> {
+    model: M,
+    tokenizer: Arc<T>,
+    pool: Arc<KvPool>,
+    bm: BlockManager,
+    scheduler: Scheduler,
+    seqs: HashMap<SeqId, Sequence>,
+    next_seq: SeqId,
+    next_request: u64,
+    eos: Vec<u32>,
+    stats: EngineStats,
+}
+
+impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
+    pub fn new(model: M, tokenizer: Arc<T>, cfg: EngineConfig) -> Result<Self> {
+        let pool = Arc::new(KvPool::new(model.kv_shape(), cfg.block_size, cfg.num_blocks)?);
+        let eos = tokenizer.eos_ids();
+        Ok(LlmEngine {
+            model,
+            tokenizer,
+            pool,
+            bm: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            scheduler: Scheduler::new(cfg.scheduler)?,
+            seqs: HashMap::new(),
+            next_seq: 0,
+            next_request: 0,
+            eos,
+            stats: EngineStats { block_size: cfg.block_size, ..Default::default() },
+        })
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Arc<T> {
+        &self.tokenizer
+    }
+
+    /// Checks a request without adding it: the error names what is wrong.
+    pub fn validate(&self, req: &EngineRequest) -> Result<()> {
+        req.params.validate()?;
+        let ctx = self.model.context_length();
+        if req.prompt.is_empty() {
+            return Err(Error::input("request", "the prompt has no tokens"));
+        }
+        if req.prompt.len() >= ctx {
+            return Err(Error::input(
+                "request",
+                format!("the prompt has {} tokens; the model's context holds {ctx}, with room for at least one generated token", req.prompt.len()),
+            ));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.model.vocab_size()) {
+            return Err(Error::input("request", format!("token id {bad} is outside the vocabulary of {}", self.model.vocab_size())));
+        }
+        if req.n == 0 || req.n > self.scheduler.config().max_num_seqs {
+            return Err(Error::config("n", format!("must be in 1..={}", self.scheduler.config().max_num_seqs)));
+        }
+        let longest = (req.prompt.len() + req.params.max_tokens).min(ctx);
+        let need = self.bm.blocks_for(longest) * req.n;
+        if need > self.bm.num_blocks() {
+            return Err(Error::input(
+                "request",
+                format!(
+                    "{} tokens x {} choices need {need} KV blocks but the pool holds {} (raise --kv-cache-memory or lower max_tokens)",
+                    longest,
+                    req.n,
+                    self.bm.num_blocks()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues a request; returns its id.
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<u64> {
+        self.validate(&req)?;
+        let request = self.next_request;
+        self.next_request += 1;
+        let max_tokens = req.params.max_tokens.min(self.model.context_length() - req.prompt.len());
+        let seq = Sequence {
+            request,
+            index: 0,
+            prompt_len: req.prompt.len(),
+            cache: PagedCache::new(self.pool.clone()),
+            sampler: Sampler::new(&req.params)?,
+            detok: Detokenizer::new(&req.prompt),
+            stop: StopFilter::new(&req.params.stop),
+            params: req.params,
+            logprobs: req.logprobs,
+            prompt_logprobs: req.prompt_logprobs.then(Vec::new),
+            forks: req.n - 1,
+            max_tokens,
+            tokens: req.prompt,
+        };
+        self.stats.prompt_tokens += seq.prompt_len as u64;
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.seqs.insert(id, seq);
+        self.scheduler.add(id);
+        Ok(request)
+    }
+
+    /// Drops a request (a client went away): its sequences stop and their
+    /// blocks are freed. Returns whether anything was running or queued.
+    pub fn abort(&mut self, request: u64) -> bool {
+        let ids: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.request == request).map(|(&id, _)| id).collect();
+        for &id in &ids {
+            self.finish(id);
+        }
+        if !ids.is_empty() {
+            self.stats.aborted += 1;
+        }
+        !ids.is_empty()
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.remove(&id) {
+            self.bm.free(s.cache.block_table());
+        }
+        self.scheduler.remove(id);
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.scheduler.is_idle()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let (mut held, mut used) = (0usize, 0usize);
+        for s in self.seqs.values() {
+            held += s.cache.capacity();
+            used += s.cache.len();
+        }
+        EngineStats {
+            waiting: self.scheduler.num_waiting(),
+            running: self.scheduler.num_running(),
+            blocks: self.bm.stats(),
+            fragmentation: if held == 0 { 0.0 } else { 1.0 - used as f64 / held as f64 },
+            preemptions: self.scheduler.preemptions(),
+            ..self.stats
+        }
+    }
+
+    /// Runs one step. On a model error every sequence of the step is
+    /// finished and the error returned with the requests it hit.
+    pub fn step(&mut self) -> std::result::Result<Vec<SeqOutput>, (Error, Vec<u64>)> {
+        let plan = self.scheduler.schedule(&mut self.seqs, &mut self.bm);
+        if plan.batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stats.steps += 1;
+        let hit: Vec<u64> = plan.batch.iter().filter_map(|(id, _)| self.seqs.get(id).map(|s| s.request)).collect();
+        match self.run(&plan.batch, &plan.copies) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                for &(id, _) in &plan.batch {
+                    self.finish(id);
+                }
+                Err((e, hit))
+            }
+        }
+    }
+
+    fn run(&mut self, batch: &[(SeqId, usize)], copies: &[(u32, u32)]) -> Result<Vec<SeqOutput>> {
+        for &(src, dst) in copies {
+            self.pool.copy_block(src, dst)?;
+        }
+        // Sequences that need every position's logits run in their own call.
+        let (all, last): (Vec<(SeqId, usize)>, Vec<(SeqId, usize)>) =
+            batch.iter().partition(|(id, _)| self.seqs[id].wants_all_logits());
+        let mut logits: HashMap<SeqId, Tensor> = HashMap::new();
+        for (group, mode) in [(last, Logits::Last), (all, Logits::All)] {
+            if group.is_empty() {
+                continue;
+            }
+            let out = self.forward(&group, mode)?;
+            for (&(id, _), t) in group.iter().zip(out) {
+                logits.insert(id, t);
+            }
+        }
+        let mut outputs = Vec::new();
+        for &(id, n) in batch {
+            let Some(t) = logits.remove(&id) else { continue };
+            let s = self.seqs.get_mut(&id).expect("scheduled sequences exist");
+            let len = s.cache.len();
+            self.bm.register_full_blocks(s.cache.block_table(), &s.tokens, len);
+            let mut prompt_lp = None;
+            let last_row = if s.prompt_logprobs.is_some() {
+                // Row i holds the distribution of position (len - n + i + 1).
+                let rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let top = s.logprobs.unwrap_or(0);
+                let start = len - n;
+                let lps = s.prompt_logprobs.as_mut().expect("checked");
+                for (i, row) in rows.iter().enumerate() {
+                    let next = start + i + 1;
+                    // (A recomputed chunk after preemption is reported once.)
+                    if next < s.prompt_len && lps.len() == next - 1 {
+                        lps.push(token_logprob(row, s.tokens[next], top));
+                    }
+                }
+                if len >= s.prompt_len {
+                    prompt_lp = s.prompt_logprobs.take();
+                }
+                rows.into_iter().last().unwrap_or_default()
+            } else {
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+            };
+            if len < s.tokens.len() {
+                // Mid-prefill: nothing to sample yet.
+                continue;
+            }
+            let forks = std::mem::take(&mut s.forks);
+            let mut group = vec![id];
+            for i in 1..=forks {
+                group.push(self.fork(id, i)?);
+            }
+            for (k, sid) in group.into_iter().enumerate() {
+                let mut o = self.sample(sid, &last_row)?;
+                if k == 0 {
+                    o.prompt_logprobs = prompt_lp.clone();
+                }
+                outputs.push(o);
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn forward(&mut self, group: &[(SeqId, usize)], mode: Logits) -> Result<Vec<Tensor>> {
+        // Take the sequences out of the map to borrow their caches mutably together.
+        let mut taken: Vec<(SeqId, Sequence, usize)> =
+            group.iter().map(|&(id, n)| (id, self.seqs.remove(&id).expect("scheduled"), n)).collect();
+        let result = {
+            let mut steps: Vec<SeqStep<'_, PagedCache>> = taken
+                .iter_mut()
+                .map(|(_, s, n)| {
+                    let len = s.cache.len();
+                    SeqStep { tokens: &s.tokens[len..len + *n], cache: &mut s.cache }
+                })
+                .collect();
+            self.model.forward_paged(&mut steps, mode)
+        };
+        for (id, s, _) in taken {
+            self.seqs.insert(id, s);
+        }
+        result
+    }
+
+    fn fork(&mut self, id: SeqId, index: usize) -> Result<SeqId> {
+        let parent = &self.seqs[&id];
+        let mut params = parent.params.clone();
+        // Each choice gets its own stream: seed + index.
+        params.seed = Some(parent.sampler.seed().wrapping_add(index as u64));
+        let child = Sequence {
+            request: parent.request,
+            index,
+            tokens: parent.tokens.clone(),
+            prompt_len: parent.prompt_len,
+            cache: parent.cache.clone(),
+            sampler: Sampler::new(&params)?,
+            detok: Detokenizer::new(&parent.tokens),
+            stop: StopFilter::new(&params.stop),
+            params,
+            logprobs: parent.logprobs,
+            prompt_logprobs: None,
+            forks: 0,
+            max_tokens: parent.max_tokens,
+        };
+        self.bm.fork(child.cache.block_table());
+        let cid = self.next_seq;
+        self.next_seq += 1;
+        self.seqs.insert(cid, child);
+        self.scheduler.add_running(cid);
+        Ok(cid)
+    }
+
+    /// Samples the next token of a sequence whose cache holds all its tokens.
+    fn sample(&mut self, id: SeqId, logits: &[f32]) -> Result<SeqOutput> {
+        let s = self.seqs.get_mut(&id).expect("sampled sequences exist");
+        let lp_top = s.logprobs;
+        let mut row = logits.to_vec();
+        let prompt = &s.tokens[..s.prompt_len];
+        let tok = s.sampler.sample(&mut row, prompt, &s.tokens[s.prompt_len..])?;
+        let logprob = lp_top.map(|k| token_logprob(logits, tok, k));
+        let mut text = String::new();
+        let mut finish = None;
+        let mut token = None;
+        if self.eos.contains(&tok) {
+            finish = Some(FinishReason::Eos);
+        } else {
+            token = Some(tok);
+            s.tokens.push(tok);
+            self.stats.generated_tokens += 1;
+            let piece = s.detok.push(&*self.tokenizer, tok)?;
+            if s.stop.push(&piece, &mut |p: &str| text.push_str(p)) {
+                finish = Some(FinishReason::Stop);
+            } else if s.completion().len() >= s.max_tokens {
+                finish = Some(FinishReason::Length);
+            }
+        }
+        if matches!(finish, Some(FinishReason::Eos | FinishReason::Length)) {
+            let tail = s.detok.flush(&*self.tokenizer)?;
+            if s.stop.push(&tail, &mut |p: &str| text.push_str(p)) {
+                finish = Some(FinishReason::Stop);
+            } else {
+                s.stop.finish(&mut |p: &str| text.push_str(p));
+            }
+        }
+        let out = SeqOutput {
+            request: s.request,
+            index: s.index,
+            token,
+            text,
+            logprob,
+            prompt_logprobs: None,
+            finish,
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.completion().len(),
+        };
+        if finish.is_some() {
+            self.finish(id);
+        }
+        Ok(out)
+    }
+}
+
+/// The log-probability of `token` under `softmax(logits)` and the `top`
+/// most likely tokens.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let lp = |i: usize| logits[i] - lse;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, y)| y >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |_| lp(token as usize)),
+        top: best.into_iter().map(|(i, _)| (i, lp(i as usize))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::generate_from_ids;
+    use crate::testutil::{ByteTokenizer, EOS};
+    use attn_models::gpt::{Gpt, GptConfig};
+    use attn_models::LanguageModel;
+    use attn_nn::{ParamStore, Weights};
+    use candle_core::Device;
+
+    /// A small random GPT over the byte tokenizer's vocabulary.
+    fn model(seed: u64) -> Gpt {
+        let cfg: GptConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 258, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+            "d_ff": 64, "max_len": 96, "eos_id": EOS
+        }))
+        .unwrap();
+        attn_nn::rng::seed(seed);
+        let w = Weights::new(std::sync::Arc::new(ParamStore::new()), DType::F32, &Device::Cpu);
+        Gpt::load(&w, &cfg).unwrap()
+    }
+
+    fn engine(num_blocks: usize, max_batched_tokens: usize) -> LlmEngine<Gpt, ByteTokenizer> {
+        let cfg = EngineConfig {
+            block_size: 4,
+            num_blocks,
+            scheduler: SchedulerConfig { max_num_seqs: 16, max_batched_tokens, max_logits_chunk: 5 },
+        };
+        LlmEngine::new(model(7), Arc::new(ByteTokenizer::new()), cfg).unwrap()
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        (0..16).map(|i| (0..3 + (i * 7) % 23).map(|j| ((i * 31 + j * 17) % 250) as u32).collect()).collect()
+    }
+
+    fn greedy(max_tokens: usize) -> SamplingParams {
+        SamplingParams { max_tokens, ..SamplingParams::greedy() }
+    }
+
+    /// Runs to completion; returns each request's tokens per choice and the outputs seen.
+    fn drain(e: &mut LlmEngine<Gpt, ByteTokenizer>) -> HashMap<(u64, usize), Vec<u32>> {
+        let mut got: HashMap<(u64, usize), Vec<u32>> = HashMap::new();
+        let mut finished = HashMap::new();
+        let mut steps = 0;
+        while e.has_work() {
+            for o in e.step().map_err(|(e, _)| e).unwrap() {
+                let toks = got.entry((o.request, o.index)).or_default();
+                toks.extend(o.token);
+                assert_eq!(toks.len(), o.completion_tokens);
+                if o.finish.is_some() {
+                    assert!(finished.insert((o.request, o.index), ()).is_none(), "finished twice");
+                }
+            }
+            steps += 1;
+            assert!(steps < 10_000, "no progress");
+        }
+        assert_eq!(finished.len(), got.len(), "every sequence finished");
+        e.bm.check(&[]).unwrap();
+        got
+    }
+
+    #[test]
+    fn greedy_output_is_the_same_alone_batched_chunked_and_preempted() {
+        let prompts = prompts();
+        // Reference: plain generation over a contiguous cache, one at a time.
+        let m = model(7);
+        let tok = ByteTokenizer::new();
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate_from_ids(&m, &tok, p.clone(), &greedy(12), |_| {}).unwrap().completion_ids)
+            .collect();
+        // Each request alone in the engine.
+        for (p, w) in prompts.iter().zip(&want) {
+            let mut e = engine(64, 64);
+            let id = e.add_request(EngineRequest::new(p.clone(), greedy(12))).unwrap();
+            assert_eq!(&drain(&mut e)[&(id, 0)], w);
+        }
+        // All 16 together: chunked prefill (budget 24 tokens per step), and
+        // then a pool so small that sequences must be preempted.
+        for (blocks, budget) in [(200, 24), (24, 16)] {
+            let mut e = engine(blocks, budget);
+            let ids: Vec<u64> =
+                prompts.iter().map(|p| e.add_request(EngineRequest::new(p.clone(), greedy(12))).unwrap()).collect();
+            let got = drain(&mut e);
+            for (id, w) in ids.iter().zip(&want) {
+                assert_eq!(&got[&(*id, 0)], w, "request {id} with {blocks} blocks");
+            }
+            let s = e.stats();
+            if blocks == 24 {
+                assert!(s.preemptions > 0, "the small pool preempted: {s:?}");
+            }
+            assert_eq!(s.blocks.used, 0);
+            assert_eq!((s.running, s.waiting), (0, 0));
+        }
+    }
+
+    #[test]
+    fn prefix_cache_hits_and_n_choices_share_blocks() {
+        let prompt: Vec<u32> = (0..22).map(|i| (i * 11 % 250) as u32).collect();
+        let mut e = engine(64, 64);
+        let a = e.add_request(EngineRequest::new(prompt.clone(), greedy(6))).unwrap();
+        let first = drain(&mut e);
+        assert_eq!(e.stats().blocks.prefix_hits, 0);
+        let b = e.add_request(EngineRequest::new(prompt.clone(), greedy(6))).unwrap();
+        let second = drain(&mut e);
+        // 22 tokens: 5 full blocks, all usable (the last token is computed).
+        assert_eq!(e.stats().blocks.prefix_hits, 20);
+        assert_eq!(first[&(a, 0)], second[&(b, 0)]);
+
+        // n = 3 sampled choices: one prefill, forks copy the shared partial
+        // block on their first write, each choice equals a single request
+        // with its seed.
+        let params = SamplingParams { temperature: 1.0, seed: Some(5), max_tokens: 8, ..SamplingParams::default() };
+        let req = EngineRequest { n: 3, ..EngineRequest::new(prompt.clone(), params.clone()) };
+        let cows = e.stats().blocks.copy_on_write;
+        let r = e.add_request(req).unwrap();
+        let got = drain(&mut e);
+        assert!(e.stats().blocks.copy_on_write >= cows + 2, "{:?}", e.stats());
+        for i in 0..3 {
+            let mut alone = engine(64, 64);
+            let p = SamplingParams { seed: Some(5 + i as u64), ..params.clone() };
+            let id = alone.add_request(EngineRequest::new(prompt.clone(), p)).unwrap();
+            assert_eq!(drain(&mut alone)[&(id, 0)], got[&(r, i)], "choice {i}");
+        }
+    }
+
+    #[test]
+    fn abort_frees_blocks_and_bad_requests_are_refused() {
+        let mut e = engine(16, 16);
+        let r = e.add_request(EngineRequest::new(vec![1, 2, 3, 4, 5, 6], greedy(20))).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        assert!(e.stats().blocks.used > 0);
+        assert!(e.abort(r));
+        assert!(!e.abort(r));
+        assert_eq!(e.stats().blocks.used, 0);
+        assert_eq!(e.stats().aborted, 1);
+        assert!(!e.has_work());
+        e.bm.check(&[]).unwrap();
+
+        let bad = |req: EngineRequest| e.validate(&req).unwrap_err().to_string();
+        assert!(bad(EngineRequest::new(vec![], greedy(4))).contains("no tokens"));
+        assert!(bad(EngineRequest::new(vec![1; 96], greedy(4))).contains("context holds 96"));
+        assert!(bad(EngineRequest::new(vec![300], greedy(4))).contains("outside the vocabulary"));
+        assert!(bad(EngineRequest::new(vec![1; 80], greedy(10))).contains("KV blocks"));
+        assert!(bad(EngineRequest { n: 0, ..EngineRequest::new(vec![1], greedy(4)) }).contains("n"));
+        assert!(bad(EngineRequest::new(vec![1], SamplingParams { top_p: 0.0, ..greedy(4) })).contains("top_p"));
+    }
+
+    #[test]
+    fn logprobs_match_a_full_forward() {
+        let prompt: Vec<u32> = (0..13).map(|i| (i * 7 % 250) as u32).collect();
+        let mut e = engine(64, 64);
+        let req = EngineRequest { logprobs: Some(3), prompt_logprobs: true, ..EngineRequest::new(prompt.clone(), greedy(4)) };
+        let id = e.add_request(req).unwrap();
+        let mut outs = Vec::new();
+        while e.has_work() {
+            outs.extend(e.step().map_err(|(e, _)| e).unwrap());
+        }
+        let outs: Vec<SeqOutput> = outs.into_iter().filter(|o| o.request == id).collect();
+        let prompt_lps = outs[0].prompt_logprobs.clone().expect("reported with the first token");
+        assert_eq!(prompt_lps.len(), prompt.len() - 1);
+        assert!(outs[1..].iter().all(|o| o.prompt_logprobs.is_none()));
+        // Reference: one forward over prompt + completion with every logit.
+        let completion: Vec<u32> = outs.iter().filter_map(|o| o.token).collect();
+        let all: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
+        let m = model(7);
+        let mut cache = m.new_cache().unwrap();
+        let rows = LanguageModel::forward(&m, &mut [SeqStep { tokens: &all, cache: &mut cache }], Logits::All).unwrap()[0]
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, lp) in prompt_lps.iter().enumerate() {
+            let want = token_logprob(&rows[i], prompt[i + 1], 3);
+            assert_eq!(lp.token, prompt[i + 1]);
+            assert!((lp.logprob - want.logprob).abs() < 1e-4, "prompt position {}", i + 1);
+            assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), want.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        }
+        for (k, o) in outs.iter().enumerate() {
+            let lp = o.logprob.as_ref().expect("asked for logprobs");
+            let want = token_logprob(&rows[prompt.len() - 1 + k], lp.token, 3);
+            assert!((lp.logprob - want.logprob).abs() < 1e-4);
+            // Greedy: the chosen token is the most likely.
+            assert_eq!(lp.top[0].0, lp.token);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        }
+    }
+}
