@@ -1,12 +1,14 @@
 //! `attn`: build, train, run and serve Transformer models.
 
 mod bench;
+mod bench_serve;
 mod common;
 mod embed;
 mod generate;
 mod info;
 mod perplexity;
 mod pull;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -42,8 +44,10 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Measure prefill and decode speed, time to first token, peak memory
     Bench(bench::BenchArgs),
-    /// Serve a model over an OpenAI-compatible HTTP API (not built yet)
-    Serve(Planned),
+    /// Serve models over an OpenAI-compatible HTTP API (continuous batching, paged KV cache)
+    Serve(serve::ServeArgs),
+    /// Load-test a server: streaming clients at several concurrencies, latency percentiles
+    BenchServe(serve::BenchServeCmd),
     /// Train a model from a TOML config (language model, translation, classification)
     Train(train::TrainArgs),
     /// Score a trained model on its held-out test split (loss, BLEU, accuracy)
@@ -71,7 +75,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(a) => embed::tokenize(&a),
         Command::Perplexity(a) => perplexity::run(&a),
         Command::Bench(a) => bench::run(&a),
-        Command::Serve(_) => not_built("serve"),
+        Command::Serve(a) => serve::run(&a),
+        Command::BenchServe(a) => serve::bench(&a),
         Command::Train(a) => train::run(&a),
         Command::Eval(a) => train::eval(&a),
         Command::Plot(a) => train::plot(&a),

@@ -24,7 +24,7 @@ mod testutil;
 pub use beam::{beam_search, BeamParams, Hypothesis};
 pub use detok::Detokenizer;
 pub use block_manager::{BlockManager, BlockStats};
-pub use llm_engine::{EngineConfig, EngineRequest, EngineStats, LlmEngine, SeqOutput, TokenLogprob};
+pub use llm_engine::{EngineConfig, EngineLimits, EngineRequest, EngineStats, LlmEngine, SeqOutput, TokenLogprob};
 pub use scheduler::SchedulerConfig;
 pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
 pub use perplexity::{perplexity, Perplexity};

@@ -101,6 +101,55 @@ pub struct EngineStats {
     pub steps: u64,
 }
 
+/// The bounds a request must fit, known without the engine (an HTTP
+/// front end checks requests with them before queueing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+}
+
+impl EngineLimits {
+    /// Checks a request: the error names what is wrong.
+    pub fn validate(&self, req: &EngineRequest) -> Result<()> {
+        req.params.validate()?;
+        let ctx = self.context_length;
+        if req.prompt.is_empty() {
+            return Err(Error::input("request", "the prompt has no tokens"));
+        }
+        if req.prompt.len() >= ctx {
+            return Err(Error::input(
+                "request",
+                format!(
+                    "the prompt has {} tokens; the model's context holds {ctx}, with room for at least one generated token",
+                    req.prompt.len()
+                ),
+            ));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(Error::input("request", format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+        }
+        if req.n == 0 || req.n > self.max_num_seqs {
+            return Err(Error::config("n", format!("must be in 1..={}", self.max_num_seqs)));
+        }
+        let longest = (req.prompt.len() + req.params.max_tokens).min(ctx);
+        let need = longest.div_ceil(self.block_size) * req.n;
+        if need > self.num_blocks {
+            return Err(Error::input(
+                "request",
+                format!(
+                    "{longest} tokens x {} choices need {need} KV blocks but the pool holds {} (raise --kv-cache-memory or lower max_tokens)",
+                    req.n, self.num_blocks
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Sequence {
     request: u64,
     index: usize,
@@ -182,39 +231,20 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
         &self.tokenizer
     }
 
+    /// What requests are checked against.
+    pub fn limits(&self) -> EngineLimits {
+        EngineLimits {
+            context_length: self.model.context_length(),
+            vocab_size: self.model.vocab_size(),
+            num_blocks: self.bm.num_blocks(),
+            block_size: self.bm.block_size(),
+            max_num_seqs: self.scheduler.config().max_num_seqs,
+        }
+    }
+
     /// Checks a request without adding it: the error names what is wrong.
     pub fn validate(&self, req: &EngineRequest) -> Result<()> {
-        req.params.validate()?;
-        let ctx = self.model.context_length();
-        if req.prompt.is_empty() {
-            return Err(Error::input("request", "the prompt has no tokens"));
-        }
-        if req.prompt.len() >= ctx {
-            return Err(Error::input(
-                "request",
-                format!("the prompt has {} tokens; the model's context holds {ctx}, with room for at least one generated token", req.prompt.len()),
-            ));
-        }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.model.vocab_size()) {
-            return Err(Error::input("request", format!("token id {bad} is outside the vocabulary of {}", self.model.vocab_size())));
-        }
-        if req.n == 0 || req.n > self.scheduler.config().max_num_seqs {
-            return Err(Error::config("n", format!("must be in 1..={}", self.scheduler.config().max_num_seqs)));
-        }
-        let longest = (req.prompt.len() + req.params.max_tokens).min(ctx);
-        let need = self.bm.blocks_for(longest) * req.n;
-        if need > self.bm.num_blocks() {
-            return Err(Error::input(
-                "request",
-                format!(
-                    "{} tokens x {} choices need {need} KV blocks but the pool holds {} (raise --kv-cache-memory or lower max_tokens)",
-                    longest,
-                    req.n,
-                    self.bm.num_blocks()
-                ),
-            ));
-        }
-        Ok(())
+        self.limits().validate(req)
     }
 
     /// Queues a request; returns its id.

@@ -1,0 +1,270 @@
+//! `attn serve` (OpenAI-compatible HTTP server) and `attn bench-serve`
+//! (the load generator that drives it).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use attn_engine::{EngineConfig, SchedulerConfig};
+use attn_models::load::AnyModel;
+use attn_models::PagedLanguageModel;
+use attn_nn::KvPool;
+use attn_serve::api::Caps;
+use attn_serve::metrics::Metrics;
+use attn_serve::worker::{EmbedWorker, GenWorker};
+use attn_serve::{AppState, EmbedModel, GenModel, ServerLimits};
+
+use crate::bench_serve::{self, BenchServeArgs};
+use crate::common::{open_model, set_threads, DEFAULT_GENERATOR};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Models to serve: known names, .gguf files or model folders; repeat the
+    /// flag for several (a text-generation model and an embedding model).
+    /// Requests pick one by its name as given here.
+    #[arg(short, long = "model", default_value = DEFAULT_GENERATOR)]
+    pub models: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Memory for the paged KV cache of each generation model, like 2GiB or
+    /// 512MB (default: a fifth of the memory available now, at most 4GiB)
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// Positions per KV cache block
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Sequences in the running batch at once
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens per batched forward step (decodes count one each; long prompts
+    /// are prefilled in chunks of what is left)
+    #[arg(long, default_value_t = 512)]
+    pub max_batched_tokens: usize,
+    /// Requests that may wait for the batch beyond --max-num-seqs; more get 429
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// The largest max_tokens a request may ask for
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_cap: usize,
+    /// The largest request body, in bytes
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_s: u64,
+    /// Worker threads for the tensor kernels
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Parses sizes like `512MB`, `2GiB`, `1.5G`, `1000000`.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().with_context(|| format!("`{s}` is not a size like 512MB or 2GiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => anyhow::bail!("unknown size unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    let bytes = n * mult as f64;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        anyhow::bail!("`{s}` is not a positive size");
+    }
+    Ok(bytes as u64)
+}
+
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn kv_bytes(args: &ServeArgs) -> anyhow::Result<u64> {
+    match &args.kv_cache_memory {
+        Some(s) => parse_size(s),
+        None => Ok((mem_available().unwrap_or(4 << 30) / 5).clamp(64 << 20, 4 << 30)),
+    }
+}
+
+fn engine_config<M: PagedLanguageModel>(model: &M, args: &ServeArgs, bytes: u64) -> anyhow::Result<EngineConfig> {
+    if args.block_size == 0 {
+        anyhow::bail!("--block-size must be at least 1");
+    }
+    let shape = model.kv_shape();
+    let num_blocks = KvPool::blocks_for_bytes(shape, args.block_size, bytes);
+    if num_blocks == 0 {
+        anyhow::bail!(
+            "--kv-cache-memory {bytes} bytes holds no block of {} positions ({} bytes each)",
+            args.block_size,
+            shape.bytes_per_token() * args.block_size
+        );
+    }
+    Ok(EngineConfig {
+        block_size: args.block_size,
+        num_blocks,
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_batched_tokens: args.max_batched_tokens,
+            ..SchedulerConfig::default()
+        },
+    })
+}
+
+/// The name clients use: a known model's name, else the file or folder name.
+fn served_name(arg: &str) -> String {
+    if attn_models::registry::known(arg).is_some() {
+        return arg.to_string();
+    }
+    let p = Path::new(arg);
+    p.file_stem().map_or_else(|| arg.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Loads the models and starts their worker threads.
+pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+    let metrics = Arc::new(Metrics::default());
+    let mut generators = Vec::new();
+    let mut encoders = Vec::new();
+    for arg in &args.models {
+        let name = served_name(arg);
+        if generators.iter().any(|g: &GenModel| g.name == name) || encoders.iter().any(|e: &EmbedModel| e.name == name) {
+            anyhow::bail!("model `{name}` is given twice");
+        }
+        match open_model(arg)? {
+            AnyModel::Generator(g) => {
+                let g = *g;
+                let bytes = kv_bytes(args)?;
+                let cfg = engine_config(&g.model, args, bytes)?;
+                let tokenizer = Arc::new(g.tokenizer);
+                eprintln!(
+                    "{name}: KV cache {} blocks x {} positions ({:.0} MiB, {} tokens)",
+                    cfg.num_blocks,
+                    cfg.block_size,
+                    bytes as f64 / (1 << 20) as f64,
+                    cfg.num_blocks * cfg.block_size
+                );
+                let worker = GenWorker::spawn(name.clone(), g.model, tokenizer.clone(), cfg, metrics.clone())?;
+                generators.push(GenModel { name, worker, tokenizer, chat_template: Some(g.chat_template) });
+            }
+            AnyModel::Encoder(e) => {
+                let worker = EmbedWorker::spawn(name.clone(), *e, metrics.clone())?;
+                encoders.push(EmbedModel { name, worker });
+            }
+        }
+    }
+    let limits = ServerLimits {
+        caps: Caps { max_tokens: args.max_tokens_cap, ..Caps::default() },
+        max_queue: args.max_queue,
+        max_body_bytes: args.max_body_bytes,
+        ..ServerLimits::default()
+    };
+    Ok(Arc::new(AppState::new(generators, encoders, metrics, limits)))
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    eprintln!("shutting down: finishing in-flight requests, refusing new ones");
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    if args.max_num_seqs == 0 || args.max_batched_tokens < args.max_num_seqs {
+        anyhow::bail!("--max-batched-tokens must be at least --max-num-seqs, and both at least 1");
+    }
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("`{}:{}` is not a host:port to listen on", args.host, args.port))?;
+    let state = build_state(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let names: Vec<String> = attn_serve::model_names(&state).into_iter().map(|(n, k)| format!("{n} ({k})")).collect();
+        eprintln!("serving {} on http://{addr} (OpenAI API under /v1; /health, /metrics)", names.join(", "));
+        attn_serve::serve(state.clone(), listener, shutdown_signal(), Duration::from_secs(args.drain_timeout_s)).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchServeCmd {
+    #[command(flatten)]
+    pub bench: BenchServeArgs,
+    /// Without --url: the server to start in-process, its KV cache memory
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// Without --url: worker threads of the in-process server
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Drives `--url`, or starts a server on a free loopback port and drives it.
+pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
+    let reports = match &cmd.bench.url {
+        Some(url) => bench_serve::run_against(url, &cmd.bench)?,
+        None => {
+            let args = ServeArgs {
+                models: vec![cmd.bench.model.clone()],
+                host: "127.0.0.1".into(),
+                port: 0,
+                kv_cache_memory: cmd.kv_cache_memory.clone(),
+                block_size: 16,
+                max_num_seqs: 64,
+                max_batched_tokens: 512,
+                max_queue: 1024,
+                max_tokens_cap: 4096,
+                max_body_bytes: 4 << 20,
+                drain_timeout_s: 5,
+                threads: cmd.threads,
+            };
+            set_threads(args.threads)?;
+            let state = build_state(&args)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = rt.spawn(attn_serve::serve(
+                state,
+                listener,
+                async move {
+                    let _ = stop_rx.await;
+                },
+                Duration::from_secs(5),
+            ));
+            eprintln!("started {} on {url}", cmd.bench.model);
+            let r = bench_serve::run_against(&url, &cmd.bench);
+            let _ = stop_tx.send(());
+            let _ = rt.block_on(server);
+            r?
+        }
+    };
+    bench_serve::print_table(&reports, cmd.bench.json);
+    let bad: usize = reports.iter().map(|r| r.failed + r.lost + r.duplicated).sum();
+    if bad > 0 {
+        anyhow::bail!("{bad} requests failed, were lost or were duplicated (see the table)");
+    }
+    Ok(())
+}
