@@ -242,7 +242,8 @@ impl Sampling {
     /// Checks every field against OpenAI's ranges and the server's caps.
     pub fn check(&self, caps: &Caps, allow_zero_tokens: bool) -> Result<Checked, ApiError> {
         let mut p = SamplingParams::default();
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(caps.default_max_tokens as u64);
+        let max_tokens =
+            self.max_completion_tokens.or(self.max_tokens).unwrap_or(caps.default_max_tokens.min(caps.max_tokens) as u64);
         if max_tokens > caps.max_tokens as u64 {
             return Err(ApiError::bad_request(
                 Some("max_tokens"),

@@ -184,26 +184,24 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
                 Vec::new()
             }
         };
+        // Metrics first, so that whoever sees a request finish also sees
+        // the engine state after it.
         let now = Instant::now();
-        let mut ttft = Vec::new();
-        let mut itl = Vec::new();
-        let mut e2e = Vec::new();
-        for o in outs {
-            let id = o.request;
-            let Some(l) = live.get_mut(&id) else { continue };
+        let (mut ttft, mut itl, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+        let mut closing = Vec::new();
+        for o in &outs {
+            let Some(l) = live.get_mut(&o.request) else { continue };
             if let Some(slot) = l.last_token.get_mut(o.index) {
                 match slot.replace(now) {
                     None => ttft.push((now - l.received).as_secs_f64()),
                     Some(prev) => itl.push((now - prev).as_secs_f64()),
                 }
             }
-            let finished = o.finish.is_some();
-            let _ = l.events.send(Event::Output(o));
-            if finished {
+            if o.finish.is_some() {
                 l.open_choices = l.open_choices.saturating_sub(1);
                 if l.open_choices == 0 {
                     e2e.push((now - l.received).as_secs_f64());
-                    done(&mut live, id);
+                    closing.push(o.request);
                 }
             }
         }
@@ -214,6 +212,14 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
             itl.iter().for_each(|&v| m.itl.observe(v));
             e2e.iter().for_each(|&v| m.e2e.observe(v));
         });
+        for o in outs {
+            if let Some(l) = live.get(&o.request) {
+                let _ = l.events.send(Event::Output(o));
+            }
+        }
+        for id in closing {
+            done(&mut live, id);
+        }
     }
 }
 
