@@ -138,7 +138,8 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     let mut encoders = Vec::new();
     for arg in &args.models {
         let name = served_name(arg);
-        if generators.iter().any(|g: &GenModel| g.name == name) || encoders.iter().any(|e: &EmbedModel| e.name == name) {
+        if generators.iter().any(|g: &GenModel| g.name == name) || encoders.iter().any(|e: &EmbedModel| e.name == name)
+        {
             anyhow::bail!("model `{name}` is given twice");
         }
         match open_model(arg)? {
@@ -196,14 +197,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("`{}:{}` is not a host:port to listen on", args.host, args.port))?;
+    kv_bytes(args)?;
     let state = build_state(args)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-        let names: Vec<String> = attn_serve::model_names(&state).into_iter().map(|(n, k)| format!("{n} ({k})")).collect();
-        eprintln!("serving {} on http://{addr} (OpenAI API under /v1; /health, /metrics)", names.join(", "));
-        attn_serve::serve(state.clone(), listener, shutdown_signal(), Duration::from_secs(args.drain_timeout_s)).await?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let names: Vec<String> =
+            attn_serve::model_names(&state).into_iter().map(|(n, k)| format!("{n} ({k})")).collect();
+        let bound = listener.local_addr()?;
+        eprintln!("serving {} on http://{bound} (OpenAI API under /v1; /health, /metrics)", names.join(", "));
+        attn_serve::serve(state.clone(), listener, shutdown_signal(), Duration::from_secs(args.drain_timeout_s))
+            .await?;
         anyhow::Ok(())
     })?;
     Ok(())

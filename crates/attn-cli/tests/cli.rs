@@ -34,6 +34,7 @@ fn help_lists_every_subcommand() {
         "perplexity",
         "bench",
         "serve",
+        "bench-serve",
         "train",
         "eval",
         "pull",
@@ -47,7 +48,7 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn commands_not_built_yet_say_so_and_fail() {
-    for cmd in ["serve", "quantize"] {
+    for cmd in ["quantize"] {
         let o = attn(&[cmd, "--whatever", "x"]);
         assert!(!o.status.success(), "{cmd} succeeded");
         assert!(o.stdout.is_empty(), "{cmd} printed output");
@@ -59,11 +60,29 @@ fn commands_not_built_yet_say_so_and_fail() {
 
 #[test]
 fn unknown_flags_of_built_commands_are_usage_errors() {
-    for cmd in ["train", "eval", "plot"] {
+    for cmd in ["train", "eval", "plot", "serve", "bench-serve"] {
         let o = attn(&[cmd, "--whatever", "x"]);
         assert!(!o.status.success(), "{cmd} succeeded");
         assert!(stderr(&o).contains("--whatever"), "{}", stderr(&o));
     }
+}
+
+#[test]
+fn serve_and_bench_serve_reject_bad_flags_clearly() {
+    let o = attn(&["serve", "--kv-cache-memory", "lots"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a size"), "{}", stderr(&o));
+    let o = attn(&["serve", "--host", "not a host"]);
+    assert!(stderr(&o).contains("not a host:port"), "{}", stderr(&o));
+    let o = attn(&["serve", "--max-num-seqs", "8", "--max-batched-tokens", "4"]);
+    assert!(stderr(&o).contains("--max-batched-tokens"), "{}", stderr(&o));
+    let o = attn(&["serve", "-m", "/no/such/model.gguf"]);
+    assert!(!o.status.success());
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    // Nothing listens on port 9: every request fails, and the command says so.
+    let o = attn(&["bench-serve", "--url", "http://127.0.0.1:9", "--concurrency", "1", "--requests", "2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("2 requests failed"), "{}", stderr(&o));
 }
 
 #[test]

@@ -89,11 +89,7 @@ impl BlockManager {
     }
 
     pub fn stats(&self) -> BlockStats {
-        BlockStats {
-            used: self.meta.len() - self.available(),
-            cached_free: self.evictable.len(),
-            ..self.stats
-        }
+        BlockStats { used: self.meta.len() - self.available(), cached_free: self.evictable.len(), ..self.stats }
     }
 
     /// Blocks needed to hold `len` positions.
@@ -246,7 +242,10 @@ impl BlockManager {
         }
         for (b, m) in self.meta.iter().enumerate() {
             if m.refs != refs[b] {
-                return Err(Error::input("block manager", format!("block {b} has {} refs, tables hold {}", m.refs, refs[b])));
+                return Err(Error::input(
+                    "block manager",
+                    format!("block {b} has {} refs, tables hold {}", m.refs, refs[b]),
+                ));
             }
         }
         let unreferenced = refs.iter().filter(|&&r| r == 0).count();

@@ -22,11 +22,11 @@ pub mod scheduler;
 mod testutil;
 
 pub use beam::{beam_search, BeamParams, Hypothesis};
-pub use detok::Detokenizer;
 pub use block_manager::{BlockManager, BlockStats};
-pub use llm_engine::{EngineConfig, EngineLimits, EngineRequest, EngineStats, LlmEngine, SeqOutput, TokenLogprob};
-pub use scheduler::SchedulerConfig;
+pub use detok::Detokenizer;
 pub use generate::{generate, generate_from_ids, FinishReason, Generation, Timings};
+pub use llm_engine::{EngineConfig, EngineLimits, EngineRequest, EngineStats, LlmEngine, SeqOutput, TokenLogprob};
 pub use perplexity::{perplexity, Perplexity};
 pub use processors::SamplingParams;
 pub use sampler::Sampler;
+pub use scheduler::SchedulerConfig;

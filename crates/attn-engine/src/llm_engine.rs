@@ -130,7 +130,10 @@ impl EngineLimits {
             ));
         }
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(Error::input("request", format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+            return Err(Error::input(
+                "request",
+                format!("token id {bad} is outside the vocabulary of {}", self.vocab_size),
+            ));
         }
         if req.n == 0 || req.n > self.max_num_seqs {
             return Err(Error::config("n", format!("must be in 1..={}", self.max_num_seqs)));
@@ -674,7 +677,8 @@ mod tests {
     fn logprobs_match_a_full_forward() {
         let prompt: Vec<u32> = (0..13).map(|i| (i * 7 % 250) as u32).collect();
         let mut e = engine(64, 64);
-        let req = EngineRequest { logprobs: Some(3), prompt_logprobs: true, ..EngineRequest::new(prompt.clone(), greedy(4)) };
+        let req =
+            EngineRequest { logprobs: Some(3), prompt_logprobs: true, ..EngineRequest::new(prompt.clone(), greedy(4)) };
         let id = e.add_request(req).unwrap();
         let mut outs = Vec::new();
         while e.has_work() {
@@ -689,14 +693,18 @@ mod tests {
         let all: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
         let m = model(7);
         let mut cache = m.new_cache().unwrap();
-        let rows = LanguageModel::forward(&m, &mut [SeqStep { tokens: &all, cache: &mut cache }], Logits::All).unwrap()[0]
-            .to_vec2::<f32>()
-            .unwrap();
+        let rows = LanguageModel::forward(&m, &mut [SeqStep { tokens: &all, cache: &mut cache }], Logits::All).unwrap()
+            [0]
+        .to_vec2::<f32>()
+        .unwrap();
         for (i, lp) in prompt_lps.iter().enumerate() {
             let want = token_logprob(&rows[i], prompt[i + 1], 3);
             assert_eq!(lp.token, prompt[i + 1]);
             assert!((lp.logprob - want.logprob).abs() < 1e-4, "prompt position {}", i + 1);
-            assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), want.top.iter().map(|t| t.0).collect::<Vec<_>>());
+            assert_eq!(
+                lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                want.top.iter().map(|t| t.0).collect::<Vec<_>>()
+            );
         }
         for (k, o) in outs.iter().enumerate() {
             let lp = o.logprob.as_ref().expect("asked for logprobs");

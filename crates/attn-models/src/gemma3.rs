@@ -279,7 +279,11 @@ impl PagedLanguageModel for Gemma3 {
 
 impl Gemma3 {
     /// The forward pass over any KV store (contiguous or paged).
-    fn forward_kv<C: SequenceCache + KvStore>(&self, batch: &mut [SeqStep<'_, C>], logits: Logits) -> Result<Vec<Tensor>> {
+    fn forward_kv<C: SequenceCache + KvStore>(
+        &self,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
         // All new tokens of all sequences go through the norms, projections
         // and FFNs as one matrix; attention runs per sequence on its cache.
         let mut spans = Vec::with_capacity(batch.len());
@@ -306,9 +310,11 @@ impl Gemma3 {
                     let hs = h.narrow(1, start, len)?;
                     let pos = Tensor::arange(past as u32, (past + len) as u32, &self.device)?.unsqueeze(0)?;
                     let cache = &mut *s.cache;
-                    outs.push(layer.attn.forward_with(&hs, &pos, layer.window, |q, k, v, spec| {
-                        cache.attend(li, q, k, v, spec)
-                    })?);
+                    outs.push(
+                        layer
+                            .attn
+                            .forward_with(&hs, &pos, layer.window, |q, k, v, spec| cache.attend(li, q, k, v, spec))?,
+                    );
                 }
                 Ok(Tensor::cat(&outs, 1)?)
             })?;

@@ -11,8 +11,8 @@
 //! `norm.weight`, and `lm_head.weight` when the head is untied.
 
 use attn_nn::{
-    causal_mask, positions, Activation, AttentionConfig, Dropout, Error, FeedForward, FfnKind, FfnNames, Init,
-    KvShape, Linear, PagedCache, MoeFeedForward, MultiHeadAttention, Result, RmsNorm, RopeLayout, RotaryEmbedding,
+    causal_mask, positions, Activation, AttentionConfig, Dropout, Error, FeedForward, FfnKind, FfnNames, Init, KvShape,
+    Linear, MoeFeedForward, MultiHeadAttention, PagedCache, Result, RmsNorm, RopeLayout, RotaryEmbedding,
     TokenEmbedding, Weights,
 };
 use candle_core::{DType, Tensor};
@@ -340,7 +340,11 @@ impl PagedLanguageModel for Gpt {
 
 impl Gpt {
     /// Cached forward over any KV store, one sequence at a time.
-    fn forward_kv<C: SequenceCache + KvStore>(&self, batch: &mut [SeqStep<'_, C>], logits: Logits) -> Result<Vec<Tensor>> {
+    fn forward_kv<C: SequenceCache + KvStore>(
+        &self,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
         let device = self.embed.table().device().clone();
         let mut out = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {

@@ -474,7 +474,10 @@ impl MultiHeadAttention {
     }
 
     fn sdpa_options(&self) -> SdpaOptions {
-        SdpaOptions { scale: self.cfg.scale.unwrap_or(1.0 / (self.cfg.head_dim as f64).sqrt()), softcap: self.cfg.softcap }
+        SdpaOptions {
+            scale: self.cfg.scale.unwrap_or(1.0 / (self.cfg.head_dim as f64).sqrt()),
+            softcap: self.cfg.softcap,
+        }
     }
 
     /// Projects a cross-attention source (the encoder output) once.

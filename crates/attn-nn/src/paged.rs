@@ -86,8 +86,9 @@ impl KvPool {
             .checked_mul(shape.n_kv_heads * block_size * shape.head_dim)
             .ok_or_else(|| Error::config("kv cache", "pool size overflows"))?;
         // Zeroed allocations come from fresh pages: the OS commits them on first write.
-        let layers =
-            (0..shape.n_layers).map(|_| Mutex::new(LayerBlocks { k: vec![0.0; per_layer], v: vec![0.0; per_layer] })).collect();
+        let layers = (0..shape.n_layers)
+            .map(|_| Mutex::new(LayerBlocks { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }))
+            .collect();
         Ok(KvPool { shape, block_size, num_blocks, layers })
     }
 

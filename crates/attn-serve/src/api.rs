@@ -242,8 +242,10 @@ impl Sampling {
     /// Checks every field against OpenAI's ranges and the server's caps.
     pub fn check(&self, caps: &Caps, allow_zero_tokens: bool) -> Result<Checked, ApiError> {
         let mut p = SamplingParams::default();
-        let max_tokens =
-            self.max_completion_tokens.or(self.max_tokens).unwrap_or(caps.default_max_tokens.min(caps.max_tokens) as u64);
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(caps.default_max_tokens.min(caps.max_tokens) as u64);
         if max_tokens > caps.max_tokens as u64 {
             return Err(ApiError::bad_request(
                 Some("max_tokens"),
@@ -361,10 +363,9 @@ impl ChatRequest {
 
 pub fn check_logprobs(param: &str, v: Option<u64>, caps: &Caps) -> Result<Option<usize>, ApiError> {
     match v {
-        Some(k) if k > caps.max_logprobs as u64 => Err(ApiError::bad_request(
-            Some(param),
-            format!("{param} must be at most {}, got {k}", caps.max_logprobs),
-        )),
+        Some(k) if k > caps.max_logprobs as u64 => {
+            Err(ApiError::bad_request(Some(param), format!("{param} must be at most {}, got {k}", caps.max_logprobs)))
+        }
         Some(k) => Ok(Some(k as usize)),
         None => Ok(None),
     }
@@ -393,8 +394,14 @@ mod tests {
         assert_eq!(sampling(r#"{"prompt":"x","n":0}"#).unwrap_err().param.as_deref(), Some("n"));
         assert_eq!(sampling(r#"{"prompt":"x","max_tokens":100000}"#).unwrap_err().param.as_deref(), Some("max_tokens"));
         assert_eq!(sampling(r#"{"prompt":"x","max_tokens":0}"#).unwrap_err().param.as_deref(), Some("max_tokens"));
-        assert_eq!(sampling(r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#).unwrap_err().param.as_deref(), Some("stop"));
-        assert_eq!(sampling(r#"{"prompt":"x","presence_penalty":2.5}"#).unwrap_err().param.as_deref(), Some("presence_penalty"));
+        assert_eq!(
+            sampling(r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#).unwrap_err().param.as_deref(),
+            Some("stop")
+        );
+        assert_eq!(
+            sampling(r#"{"prompt":"x","presence_penalty":2.5}"#).unwrap_err().param.as_deref(),
+            Some("presence_penalty")
+        );
         let ok = sampling(r#"{"prompt":"x","temperature":0,"top_k":-1,"stop":"\n","seed":-5,"n":2}"#).unwrap();
         assert_eq!((ok.params.top_k, ok.n, ok.params.stop.len()), (0, 2, 1));
         assert!(ok.params.is_greedy());

@@ -86,7 +86,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(generators: Vec<GenModel>, encoders: Vec<EmbedModel>, metrics: Arc<Metrics>, limits: ServerLimits) -> Self {
+    pub fn new(
+        generators: Vec<GenModel>,
+        encoders: Vec<EmbedModel>,
+        metrics: Arc<Metrics>,
+        limits: ServerLimits,
+    ) -> Self {
         AppState {
             generators,
             encoders,
@@ -115,7 +120,8 @@ impl AppState {
     fn generator(&self, model: Option<&str>) -> Result<&GenModel, ApiError> {
         match model {
             None => self.generators.first().ok_or_else(|| {
-                ApiError::bad_request(Some("model"), "this server has no text-generation model").with_code("model_not_found")
+                ApiError::bad_request(Some("model"), "this server has no text-generation model")
+                    .with_code("model_not_found")
             }),
             Some(m) => self.generators.iter().find(|g| g.name == m).ok_or_else(|| {
                 let kind = if self.encoders.iter().any(|e| e.name == m) { " (it is an embedding model)" } else { "" };
@@ -134,7 +140,8 @@ impl AppState {
                 ApiError::bad_request(Some("model"), "this server has no embedding model").with_code("model_not_found")
             }),
             Some(m) => self.encoders.iter().find(|e| e.name == m).ok_or_else(|| {
-                let kind = if self.generators.iter().any(|g| g.name == m) { " (it is a text-generation model)" } else { "" };
+                let kind =
+                    if self.generators.iter().any(|g| g.name == m) { " (it is a text-generation model)" } else { "" };
                 ApiError::bad_request(
                     Some("model"),
                     format!("model `{m}` is not an embedding model served here{kind}; GET /v1/models lists the models"),
@@ -146,7 +153,11 @@ impl AppState {
 
     fn check_accepting(&self) -> Result<(), ApiError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"));
+            return Err(ApiError::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            ));
         }
         Ok(())
     }
@@ -249,13 +260,7 @@ fn submit(
     prompt_logprobs: bool,
     prefix: &str,
 ) -> Result<Pending, ApiError> {
-    let request = EngineRequest {
-        prompt,
-        params: checked.params.clone(),
-        n: checked.n,
-        logprobs,
-        prompt_logprobs,
-    };
+    let request = EngineRequest { prompt, params: checked.params.clone(), n: checked.n, logprobs, prompt_logprobs };
     let limits: EngineLimits = g.worker.limits();
     limits.validate(&request).map_err(engine_error)?;
     let queued = g.worker.outstanding.load(Ordering::SeqCst);
@@ -313,8 +318,16 @@ impl Pending {
                         open -= 1;
                     }
                 }
-                Some(Event::Error(e)) => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)),
-                None => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped")),
+                Some(Event::Error(e)) => {
+                    return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e))
+                }
+                None => {
+                    return Err(ApiError::status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the engine stopped",
+                    ))
+                }
             }
         }
         Ok((choices, prompt_lps))
@@ -332,7 +345,12 @@ impl Pending {
 
 /// OpenAI's completions `logprobs` object for `tokens`, optionally preceded
 /// by the prompt (`echo`), whose first token has no log-probability.
-fn completion_logprobs(p: &Pending, prompt: Option<(&[u32], &[TokenLogprob])>, lps: &[TokenLogprob], start_offset: usize) -> Value {
+fn completion_logprobs(
+    p: &Pending,
+    prompt: Option<(&[u32], &[TokenLogprob])>,
+    lps: &[TokenLogprob],
+    start_offset: usize,
+) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top = Vec::new();
@@ -421,7 +439,12 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
             let text = g.tokenizer.decode(&v[0], false).map_err(tok_err)?;
             (v[0].clone(), text)
         }
-        _ => return Err(ApiError::bad_request(Some("prompt"), "one prompt per request: send a string or a list of token ids")),
+        _ => {
+            return Err(ApiError::bad_request(
+                Some("prompt"),
+                "one prompt per request: send a string or a list of token ids",
+            ))
+        }
     };
     let want_prompt_lps = req.echo && logprobs.is_some();
     let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, "cmpl")?;
@@ -468,7 +491,9 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     let Some(template) = &g.chat_template else {
         return Err(ApiError::bad_request(Some("model"), format!("model `{}` has no chat template", g.name)));
     };
-    let text = template.render(&messages, true).map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
     // The template writes the BOS itself.
     let ids = g.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
     let mut p = submit(s, g, ids, checked, logprobs, false, "chatcmpl")?;
@@ -571,7 +596,9 @@ fn stream_completions(p: Pending, created: u64, echo: Option<String>) -> Respons
     };
     let first: Vec<Value> = match &echo {
         Some(t) => (0..p.n)
-            .map(|i| with(&base, json!([{"index": i, "text": t, "logprobs": null, "finish_reason": null}]), Value::Null))
+            .map(|i| {
+                with(&base, json!([{"index": i, "text": t, "logprobs": null, "finish_reason": null}]), Value::Null)
+            })
             .collect(),
         None => Vec::new(),
     };
@@ -581,7 +608,11 @@ fn stream_completions(p: Pending, created: u64, echo: Option<String>) -> Respons
         if o.text.is_empty() && lp.is_none() && o.finish.is_none() {
             return None;
         }
-        Some(with(&b2, json!([{"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": finish_reason(o)}]), Value::Null))
+        Some(with(
+            &b2,
+            json!([{"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": finish_reason(o)}]),
+            Value::Null,
+        ))
     };
     let usage_chunk = move |_: &Pending, usage: Value| with(&base, json!([]), usage);
     sse_response(p, first, chunk, usage_chunk)
@@ -607,7 +638,11 @@ fn stream_chat(p: Pending, created: u64, logprobs: bool) -> Response {
             return None;
         }
         let delta = if o.text.is_empty() { json!({}) } else { json!({"content": o.text}) };
-        Some(with(&b2, json!([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(o)}]), Value::Null))
+        Some(with(
+            &b2,
+            json!([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(o)}]),
+            Value::Null,
+        ))
     };
     let usage_chunk = move |_: &Pending, usage: Value| with(&base, json!([]), usage);
     sse_response(p, first, chunk, usage_chunk)
@@ -621,7 +656,10 @@ async fn embeddings_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>
         EmbeddingInput::Text(t) => vec![t],
         EmbeddingInput::Texts(v) => v,
         EmbeddingInput::Tokens(_) | EmbeddingInput::TokenLists(_) => {
-            return Err(ApiError::bad_request(Some("input"), "token-id input is not supported for embeddings; send text"))
+            return Err(ApiError::bad_request(
+                Some("input"),
+                "token-id input is not supported for embeddings; send text",
+            ))
         }
     };
     if texts.is_empty() {
@@ -644,7 +682,10 @@ async fn embeddings_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>
         }
     };
     if req.dimensions.is_some() {
-        return Err(ApiError::bad_request(Some("dimensions"), "this model's embeddings have a fixed size; omit dimensions"));
+        return Err(ApiError::bad_request(
+            Some("dimensions"),
+            "this model's embeddings have a fixed size; omit dimensions",
+        ));
     }
     let (tx, rx) = oneshot::channel();
     e.worker
@@ -652,7 +693,9 @@ async fn embeddings_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>
         .map_err(|m| ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "server_error", m))?;
     let (vectors, tokens) = rx
         .await
-        .map_err(|_| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding worker stopped"))?
+        .map_err(|_| {
+            ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding worker stopped")
+        })?
         .map_err(|m| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m))?;
     let data: Vec<Value> = vectors
         .iter()

@@ -90,7 +90,9 @@ impl Metrics {
             ("attn_queue_length", "gauge", "Sequences waiting to be scheduled", |m| m.engine.waiting as f64),
             ("attn_running_sequences", "gauge", "Sequences in the running batch", |m| m.engine.running as f64),
             ("attn_kv_blocks_total", "gauge", "KV cache blocks in the pool", |m| m.engine.blocks.num_blocks as f64),
-            ("attn_kv_blocks_used", "gauge", "KV cache blocks referenced by sequences", |m| m.engine.blocks.used as f64),
+            ("attn_kv_blocks_used", "gauge", "KV cache blocks referenced by sequences", |m| {
+                m.engine.blocks.used as f64
+            }),
             (
                 "attn_kv_blocks_free",
                 "gauge",

@@ -153,7 +153,12 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
                         Ok(id) => {
                             live.insert(
                                 id,
-                                Live { events: s.events, received: s.received, last_token: vec![None; n], open_choices: n },
+                                Live {
+                                    events: s.events,
+                                    received: s.received,
+                                    last_token: vec![None; n],
+                                    open_choices: n,
+                                },
                             );
                         }
                         Err(e) => {

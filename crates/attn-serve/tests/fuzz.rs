@@ -27,9 +27,28 @@ fn arb_json() -> impl Strategy<Value = Value> {
 }
 
 const FIELDS: &[&str] = &[
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-    "stop", "seed", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
-    "echo", "stream", "stream_options", "input", "encoding_format",
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "stream",
+    "stream_options",
+    "input",
+    "encoding_format",
 ];
 
 fn arb_request() -> impl Strategy<Value = (usize, Value)> {

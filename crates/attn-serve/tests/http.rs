@@ -43,7 +43,10 @@ async fn greedy_output_is_the_same_alone_and_among_fifteen_others() {
         assert_eq!(v["choices"][0]["text"].as_str().unwrap(), alone[i], "request {i}");
         let u = &v["usage"];
         assert_eq!(u["prompt_tokens"], json!(prompt(i).len() + 1));
-        assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+        assert_eq!(
+            u["total_tokens"].as_u64(),
+            Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+        );
     }
     // The batch really ran together: fewer steps than 16 requests one by one.
     let m = s.metrics.render();
@@ -153,8 +156,18 @@ async fn bad_requests_get_openai_errors_that_name_the_problem() {
         ("/v1/completions", r#"{"prompt": [1, 2, 999]}"#, None, "outside the vocabulary"),
         ("/v1/completions", r#"{"prompt": 5}"#, Some("prompt"), "prompt"),
         ("/v1/chat/completions", r#"{"messages": []}"#, Some("messages"), "empty"),
-        ("/v1/chat/completions", r#"{"messages": [{"role": "robot", "content": "x"}]}"#, Some("messages[0].role"), "unknown role"),
-        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#, Some("top_logprobs"), "logprobs: true"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
+            Some("messages[0].role"),
+            "unknown role",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
+            Some("top_logprobs"),
+            "logprobs: true",
+        ),
         ("/v1/embeddings", r#"{"input": "x"}"#, Some("model"), "no embedding model"),
     ];
     for (path, body, param, needle) in cases {

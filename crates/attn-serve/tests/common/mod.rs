@@ -123,4 +123,3 @@ pub async fn post(s: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, Va
 pub fn sse(body: &str) -> Vec<String> {
     body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
 }
-
