@@ -188,3 +188,45 @@ fn minilm_embeddings_match_sentence_transformers() {
         assert!((nb - 1.0).abs() < 1e-4, "embedding not normalised: {nb}");
     }
 }
+
+/// The paged KV cache (scattered blocks, attention through the block table)
+/// gives the logits of the contiguous cache, across the 512-token sliding
+/// window, for a chunked prefill and then single-token steps. Dequantized
+/// weights: with quantized ones, candle rounds activations to 8 bits before
+/// each quantized matmul, so float-rounding differences of 1e-5 in the
+/// attention output (measured per layer) can flip that rounding and move
+/// logits by up to ~1.
+#[test]
+fn gemma3_paged_cache_matches_contiguous_cache() {
+    use attn_models::PagedLanguageModel;
+    use attn_nn::{KvPool, PagedCache};
+    use std::sync::Arc;
+    set_threads();
+    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
+    let mut f = GgufFile::open(&path).unwrap();
+    f.dequantize = true;
+    let model = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
+    let g = gemma();
+    let text = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. ".repeat(40);
+    let mut tokens = g.tokenizer.encode(&text, true).unwrap();
+    tokens.truncate(533);
+    let pool = Arc::new(KvPool::new(model.kv_shape(), 16, 64).unwrap());
+    let mut paged = PagedCache::new(pool);
+    // Blocks in a scrambled order.
+    paged.block_table_mut().extend((0..34u32).map(|i| (i * 23 + 5) % 64));
+    let mut contiguous = model.new_cache().unwrap();
+    let mut worst = 0f32;
+    let mut at = 0;
+    for chunk in [300usize, 230, 1, 1, 1] {
+        let step = &tokens[at..at + chunk];
+        let a = model.forward(&mut [SeqStep { tokens: step, cache: &mut contiguous }], Logits::Last).unwrap();
+        let b = model.forward_paged(&mut [SeqStep { tokens: step, cache: &mut paged }], Logits::Last).unwrap();
+        let d = (&a[0] - &b[0]).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(a[0].argmax(0).unwrap().to_scalar::<u32>().unwrap(), b[0].argmax(0).unwrap().to_scalar::<u32>().unwrap());
+        worst = worst.max(d);
+        at += chunk;
+    }
+    eprintln!("paged vs contiguous: max abs logit diff {worst}");
+    assert!(worst < 1e-3, "paged vs contiguous: max abs logit diff {worst}");
+    assert_eq!(paged.len(), attn_models::SequenceCache::len(&contiguous));
+}

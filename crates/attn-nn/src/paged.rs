@@ -405,20 +405,26 @@ mod tests {
     /// over a contiguous cache, for MHA/GQA/MQA, windows and soft-capping.
     #[test]
     fn paged_attention_matches_standard_attention() {
-        let d = 16;
-        for (n_heads, n_kv, window, softcap, block_size) in
-            [(4, 4, None, None, 4), (4, 2, None, Some(5.0), 3), (6, 1, Some(5), None, 4), (2, 2, Some(1), None, 16)]
-        {
+        for (n_heads, n_kv, window, softcap, block_size, chunks) in [
+            (4, 4, None, None, 4, vec![5usize, 1, 1, 7, 1, 3]),
+            (4, 2, None, Some(5.0), 3, vec![5, 1, 1, 7, 1, 3]),
+            (6, 1, Some(5), None, 4, vec![5, 1, 1, 7, 1, 3]),
+            (2, 2, Some(1), None, 16, vec![5, 1, 1, 7, 1, 3]),
+            // Large enough for the multi-threaded path, window across chunks.
+            (4, 1, Some(40), None, 16, vec![100, 90, 1, 1]),
+            (4, 1, Some(512), None, 16, vec![20, 1, 30]),
+        ] {
+            let d = if chunks[0] == 20 { 256 } else { 16 };
             let shape = KvShape { n_layers: 2, n_kv_heads: n_kv, head_dim: d };
             let pool = Arc::new(KvPool::new(shape, block_size, 32).unwrap());
             let mut paged = PagedCache::new(pool.clone());
             // Deliberately out of order, not starting at 0.
-            paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6]);
+            paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6, 8, 10, 11, 13]);
             let mut contiguous = ContiguousKvCache::new();
             let opts = SdpaOptions { scale: 0.25, softcap };
             let spec = AttendSpec { sdpa: opts, window };
             let mut seed = 0;
-            for chunk in [5usize, 1, 1, 7, 1, 3] {
+            for chunk in chunks {
                 seed += 1;
                 let q = rand((1, n_heads, chunk, d), seed * 3);
                 let k = rand((1, n_kv, chunk, d), seed * 3 + 1);
