@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// Worker threads for the tensor kernels
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Keep the model's own quantized kernels instead of converting its
+    /// matrices to 8-bit blocks for the batched kernel (which reads each
+    /// weight once per step for all sequences; candle's cost grows with them)
+    #[arg(long)]
+    pub no_batched_kernels: bool,
 }
 
 /// Parses sizes like `512MB`, `2GiB`, `1.5G`, `1000000`.
@@ -144,7 +149,10 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
         }
         match open_model(arg)? {
             AnyModel::Generator(g) => {
-                let g = *g;
+                let mut g = *g;
+                if !args.no_batched_kernels {
+                    g.model = g.model.for_batched_serving()?;
+                }
                 let bytes = kv_bytes(args)?;
                 let cfg = engine_config(&g.model, args, bytes)?;
                 let tokenizer = Arc::new(g.tokenizer);
@@ -223,12 +231,77 @@ pub struct BenchServeCmd {
     /// Without --url: worker threads of the in-process server
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Instead of the load levels: time to first token of a long prompt,
+    /// then of another prompt sharing its first N words (prefix caching)
+    #[arg(long, value_name = "N")]
+    pub prefix_words: Option<usize>,
+    /// Without --url: the in-process server keeps candle's kernels
+    #[arg(long)]
+    pub no_batched_kernels: bool,
+}
+
+/// Time of a one-token completion (its time to first token), in seconds.
+fn one_token(url: &str, model: &str, prompt: &str) -> anyhow::Result<f64> {
+    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0});
+    let start = std::time::Instant::now();
+    let r = ureq::post(&format!("{url}/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string(&body.to_string());
+    let secs = start.elapsed().as_secs_f64();
+    match r {
+        Ok(resp) => {
+            let _ = resp.into_string()?;
+            Ok(secs)
+        }
+        Err(e) => anyhow::bail!("request failed: {e}"),
+    }
+}
+
+fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = ureq::get(&format!("{url}/metrics")).call()?.into_string()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("metric {name} missing"))
+}
+
+/// Prefix caching, measured: a long prompt, then others sharing its first
+/// `words` words with a different ending.
+fn prefix_check(url: &str, model: &str, words: usize) -> anyhow::Result<()> {
+    let vocab = ["river", "stone", "light", "garden", "window", "morning", "silver", "quiet", "harbor", "letter"];
+    let prefix: Vec<&str> = (0..words).map(|i| vocab[(i * 7 + i / 3) % vocab.len()]).collect();
+    let prefix = prefix.join(" ");
+    let cold = one_token(url, model, &format!("{prefix} Question one: what comes next?"))?;
+    let hits0 = metric(url, "attn_prefix_cache_hits_total")?;
+    let mut warm = Vec::new();
+    for q in ["two", "three", "four"] {
+        warm.push(one_token(url, model, &format!("{prefix} Question {q}: what comes next?"))?);
+    }
+    let hits = metric(url, "attn_prefix_cache_hits_total")? - hits0;
+    let unrelated =
+        one_token(url, model, &format!("{} Question five: what comes next?", prefix.replace("river", "lake")))?;
+    warm.sort_by(f64::total_cmp);
+    let w = warm[warm.len() / 2];
+    println!("| prompt | time to first token |");
+    println!("|---|---|");
+    println!("| {words}-word prefix, first time (cold) | {:.0} ms |", cold * 1e3);
+    println!("| same prefix, new question (median of 3) | {:.0} ms ({:.1}x faster) |", w * 1e3, cold / w);
+    println!("| prefix changed in its first word (no hit) | {:.0} ms |", unrelated * 1e3);
+    println!("\nprefix-cache hits over the three warm requests: {hits:.0} tokens");
+    Ok(())
 }
 
 /// Drives `--url`, or starts a server on a free loopback port and drives it.
 pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
+    let drive = |url: &str| -> anyhow::Result<Vec<bench_serve::LevelReport>> {
+        match cmd.prefix_words {
+            Some(w) => prefix_check(url, &cmd.bench.model, w).map(|_| Vec::new()),
+            None => bench_serve::run_against(url, &cmd.bench),
+        }
+    };
     let reports = match &cmd.bench.url {
-        Some(url) => bench_serve::run_against(url, &cmd.bench)?,
+        Some(url) => drive(url)?,
         None => {
             let args = ServeArgs {
                 models: vec![cmd.bench.model.clone()],
@@ -243,6 +316,7 @@ pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
                 max_body_bytes: 4 << 20,
                 drain_timeout_s: 5,
                 threads: cmd.threads,
+                no_batched_kernels: cmd.no_batched_kernels,
             };
             set_threads(args.threads)?;
             let state = build_state(&args)?;
@@ -259,12 +333,15 @@ pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
                 Duration::from_secs(5),
             ));
             eprintln!("started {} on {url}", cmd.bench.model);
-            let r = bench_serve::run_against(&url, &cmd.bench);
+            let r = drive(&url);
             let _ = stop_tx.send(());
             let _ = rt.block_on(server);
             r?
         }
     };
+    if cmd.prefix_words.is_some() {
+        return Ok(());
+    }
     bench_serve::print_table(&reports, cmd.bench.json);
     let bad: usize = reports.iter().map(|r| r.failed + r.lost + r.duplicated).sum();
     if bad > 0 {

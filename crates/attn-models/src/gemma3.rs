@@ -231,6 +231,27 @@ impl Gemma3 {
         })
     }
 
+    /// The same model with every matrix in 8-bit blocks and the batched
+    /// kernel of `attn_nn::q8`, whose cost per step barely grows with the
+    /// number of sequences (serving). Logits move by the 8-bit rounding of
+    /// weights and activations; a sequence's logits do not depend on the rest
+    /// of the batch.
+    pub fn for_batched_serving(&self) -> Result<Self> {
+        let f = |l: &Linear| l.to_q8();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(Layer { attn: l.attn.map_linears(&f)?, ffn: l.ffn.map_linears(&f)?, ..l.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Gemma3 { layers, lm_head: self.lm_head.to_q8()?, ..self.clone() })
+    }
+
+    /// The output projection alone (for profiling).
+    #[doc(hidden)]
+    pub fn lm_head_for_bench(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(x)
+    }
+
     pub fn config(&self) -> &Gemma3Config {
         &self.cfg
     }
@@ -303,20 +324,15 @@ impl Gemma3 {
             ids.extend_from_slice(s.tokens);
         }
         let mut x = self.embed_tokens(&ids)?.unsqueeze(0)?;
+        let positions: Vec<u32> =
+            spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?.unsqueeze(0)?;
+        let token_spans: Vec<(usize, usize)> = spans.iter().map(|&(start, len, _)| (start, len)).collect();
         for (li, layer) in self.layers.iter().enumerate() {
             x = layer.res_attn.forward(&x, |h| {
-                let mut outs = Vec::with_capacity(batch.len());
-                for (s, &(start, len, past)) in batch.iter_mut().zip(&spans) {
-                    let hs = h.narrow(1, start, len)?;
-                    let pos = Tensor::arange(past as u32, (past + len) as u32, &self.device)?.unsqueeze(0)?;
-                    let cache = &mut *s.cache;
-                    outs.push(
-                        layer
-                            .attn
-                            .forward_with(&hs, &pos, layer.window, |q, k, v, spec| cache.attend(li, q, k, v, spec))?,
-                    );
-                }
-                Ok(Tensor::cat(&outs, 1)?)
+                layer.attn.forward_spans(h, &positions, &token_spans, layer.window, |i, q, k, v, spec| {
+                    batch[i].cache.attend(li, q, k, v, spec)
+                })
             })?;
             x = layer.res_ffn.forward(&x, |h| layer.ffn.forward(h, false))?;
         }

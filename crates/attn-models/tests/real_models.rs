@@ -222,7 +222,10 @@ fn gemma3_paged_cache_matches_contiguous_cache() {
         let a = model.forward(&mut [SeqStep { tokens: step, cache: &mut contiguous }], Logits::Last).unwrap();
         let b = model.forward_paged(&mut [SeqStep { tokens: step, cache: &mut paged }], Logits::Last).unwrap();
         let d = (&a[0] - &b[0]).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(a[0].argmax(0).unwrap().to_scalar::<u32>().unwrap(), b[0].argmax(0).unwrap().to_scalar::<u32>().unwrap());
+        assert_eq!(
+            a[0].argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+            b[0].argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        );
         worst = worst.max(d);
         at += chunk;
     }

@@ -364,6 +364,17 @@ impl MultiHeadAttention {
         Self::new(cfg, q, k, v, o)
     }
 
+    /// The same layer with every projection replaced by `f(projection)`.
+    pub fn map_linears(&self, f: &impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {
+        Ok(MultiHeadAttention {
+            q_proj: f(&self.q_proj)?,
+            k_proj: f(&self.k_proj)?,
+            v_proj: f(&self.v_proj)?,
+            o_proj: f(&self.o_proj)?,
+            ..self.clone()
+        })
+    }
+
     pub fn with_rope(mut self, rope: RotaryEmbedding) -> Self {
         self.rope = Some(rope);
         self
@@ -470,6 +481,35 @@ impl MultiHeadAttention {
         let (k, v) = self.project_kv(x, Some(positions))?;
         let spec = crate::paged::AttendSpec { sdpa: self.sdpa_options(), window };
         let out = attend(&q, &k, &v, &spec)?;
+        self.o_proj.forward(&self.merge_heads(&out)?)
+    }
+
+    /// Self-attention for a batch of sequences laid end to end in `x`
+    /// (`[1, n, d_model]`; sequence `i` holds tokens `spans[i]` =
+    /// `(start, len)`): the projections, norms and RoPE run once over all
+    /// `n` tokens (`positions` `[1, n]`, each token's own position), then
+    /// `attend(i, q, k, v, spec)` attends sequence `i`'s heads to its own
+    /// cache, and the output projection runs once again over everything.
+    pub fn forward_spans(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        spans: &[(usize, usize)],
+        window: Option<usize>,
+        mut attend: impl FnMut(usize, &Tensor, &Tensor, &Tensor, &crate::paged::AttendSpec) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        self.check_input(x, "self-attention")?;
+        let q = self.project_q(x, Some(positions))?;
+        let (k, v) = self.project_kv(x, Some(positions))?;
+        let spec = crate::paged::AttendSpec { sdpa: self.sdpa_options(), window };
+        let mut outs = Vec::with_capacity(spans.len());
+        for (i, &(start, len)) in spans.iter().enumerate() {
+            let qi = q.narrow(2, start, len)?.contiguous()?;
+            let ki = k.narrow(2, start, len)?.contiguous()?;
+            let vi = v.narrow(2, start, len)?.contiguous()?;
+            outs.push(attend(i, &qi, &ki, &vi, &spec)?);
+        }
+        let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 2)? };
         self.o_proj.forward(&self.merge_heads(&out)?)
     }
 

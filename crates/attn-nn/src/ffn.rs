@@ -80,6 +80,17 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// The same FFN with every projection replaced by `f(projection)`.
+    pub fn map_linears(&self, f: &impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {
+        Ok(FeedForward {
+            gate: self.gate.as_ref().map(f).transpose()?,
+            up: f(&self.up)?,
+            down: f(&self.down)?,
+            act: self.act,
+            dropout: self.dropout.clone(),
+        })
+    }
+
     pub fn new(gate: Option<Linear>, up: Linear, down: Linear, act: Activation, dropout: Dropout) -> Result<Self> {
         let (d, f) = (up.in_features(), up.out_features());
         if down.in_features() != f || down.out_features() != d {

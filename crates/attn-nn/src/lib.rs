@@ -16,6 +16,7 @@ pub mod linear;
 pub mod moe;
 pub mod norm;
 pub mod paged;
+pub mod q8;
 pub mod rng;
 pub mod rope;
 pub mod weights;

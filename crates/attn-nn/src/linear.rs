@@ -33,6 +33,8 @@ pub struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
+    /// 8-bit blocks with a batched kernel (serving; see [`crate::q8`]).
+    Q8(Arc<crate::q8::Q8Matrix>),
 }
 
 impl Linear {
@@ -81,7 +83,7 @@ impl Linear {
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(l) => Some(l.weight()),
-            LinearWeight::Quantized(_) => None,
+            LinearWeight::Quantized(_) | LinearWeight::Q8(_) => None,
         }
     }
 
@@ -90,7 +92,20 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(_))
+        matches!(self.weight, LinearWeight::Quantized(_) | LinearWeight::Q8(_))
+    }
+
+    /// The same layer with its weight converted to 8-bit blocks and the
+    /// batched kernel of [`crate::q8`]: each weight is read once per call
+    /// however many rows the input has (continuous batching).
+    pub fn to_q8(&self) -> Result<Linear> {
+        let w = match &self.weight {
+            LinearWeight::Dense(l) => l.weight().clone(),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&candle_core::Device::Cpu)?,
+            LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
+            LinearWeight::Q8(_) => return Ok(self.clone()),
+        };
+        Ok(Linear { weight: LinearWeight::Q8(Arc::new(crate::q8::Q8Matrix::from_tensor(&w)?)), ..self.clone() })
     }
 
     /// `x`: `[..., in]` -> `[..., out]`.
@@ -110,6 +125,7 @@ impl Linear {
                 let y = q.forward(&x.to_dtype(DType::F32)?)?;
                 y.to_dtype(dtype)?
             }
+            LinearWeight::Q8(q) => q.forward(x)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
