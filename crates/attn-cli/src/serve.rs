@@ -26,8 +26,10 @@ pub struct ServeArgs {
     /// Requests pick one by its name as given here.
     #[arg(short, long = "model", default_value = DEFAULT_GENERATOR)]
     pub models: Vec<String>,
+    /// Address to listen on (0.0.0.0 for every interface)
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed)
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Memory for the paged KV cache of each generation model, like 2GiB or
@@ -206,10 +208,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("`{}:{}` is not a host:port to listen on", args.host, args.port))?;
     kv_bytes(args)?;
-    let state = build_state(args)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // Bind first: a busy port fails at once, before the models load.
+    let listener =
+        rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("cannot listen on {addr}"))?;
+    let state = build_state(args)?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let names: Vec<String> =
             attn_serve::model_names(&state).into_iter().map(|(n, k)| format!("{n} ({k})")).collect();
         let bound = listener.local_addr()?;

@@ -143,6 +143,8 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Not supported: refused when non-empty.
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +185,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
+    /// Not supported: refused rather than silently ignored.
+    pub tools: Option<serde_json::Value>,
+    pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -305,6 +310,9 @@ impl Sampling {
             }
             p.stop = stop;
         }
+        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(ApiError::bad_request(Some("logit_bias"), "logit_bias is not supported by this server"));
+        }
         let n = self.n.unwrap_or(1);
         if n == 0 || n > caps.max_n as u64 {
             return Err(ApiError::bad_request(Some("n"), format!("n must be in 1..={}, got {n}", caps.max_n)));
@@ -323,6 +331,17 @@ impl Sampling {
 impl ChatRequest {
     /// The messages as the chat template takes them; text parts are joined.
     pub fn template_messages(&self) -> Result<Vec<attn_models::chat::Message>, ApiError> {
+        if self.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(ApiError::bad_request(Some("tools"), "tool calling is not supported by this server"));
+        }
+        if let Some(f) = &self.response_format {
+            if !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(ApiError::bad_request(
+                    Some("response_format"),
+                    "only response_format {\"type\": \"text\"} is supported",
+                ));
+            }
+        }
         if self.messages.is_empty() {
             return Err(ApiError::bad_request(Some("messages"), "messages must not be empty"));
         }

@@ -169,6 +169,19 @@ async fn bad_requests_get_openai_errors_that_name_the_problem() {
             "logprobs: true",
         ),
         ("/v1/embeddings", r#"{"input": "x"}"#, Some("model"), "no embedding model"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#,
+            Some("tools"),
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
+            Some("response_format"),
+            "only",
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "logit_bias": {"5": 10}}"#, Some("logit_bias"), "not supported"),
     ];
     for (path, body, param, needle) in cases {
         let (st, text) = call(&s, "POST", path, body).await;
