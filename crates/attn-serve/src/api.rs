@@ -106,7 +106,8 @@ impl StringOrList {
     }
 }
 
-/// A completions prompt: text, a one-element list of text, or token ids.
+/// A completions prompt or an embeddings input: text, a list of texts,
+/// token ids, or lists of token ids.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
@@ -190,14 +191,8 @@ pub struct ChatRequest {
     pub response_format: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum EmbeddingInput {
-    Text(String),
-    Texts(Vec<String>),
-    Tokens(Vec<u32>),
-    TokenLists(Vec<Vec<u32>>),
-}
+/// Embeddings input: the same forms as a completions prompt.
+pub type EmbeddingInput = Prompt;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmbeddingRequest {

@@ -586,14 +586,16 @@ fn sse_response(
     Sse::new(ReceiverStream::new(rx)).into_response()
 }
 
+/// A chunk: the response's common fields plus `choices` and `usage`.
+fn with(base: &Value, choices: Value, usage: Value) -> Value {
+    let mut v = base.clone();
+    v["choices"] = choices;
+    v["usage"] = usage;
+    v
+}
+
 fn stream_completions(p: Pending, created: u64, echo: Option<String>) -> Response {
     let base = json!({"id": p.id, "object": "text_completion", "created": created, "model": p.model});
-    let with = |base: &Value, choices: Value, usage: Value| {
-        let mut v = base.clone();
-        v["choices"] = choices;
-        v["usage"] = usage;
-        v
-    };
     let first: Vec<Value> = match &echo {
         Some(t) => (0..p.n)
             .map(|i| {
@@ -620,12 +622,6 @@ fn stream_completions(p: Pending, created: u64, echo: Option<String>) -> Respons
 
 fn stream_chat(p: Pending, created: u64, logprobs: bool) -> Response {
     let base = json!({"id": p.id, "object": "chat.completion.chunk", "created": created, "model": p.model});
-    let with = |base: &Value, choices: Value, usage: Value| {
-        let mut v = base.clone();
-        v["choices"] = choices;
-        v["usage"] = usage;
-        v
-    };
     let first: Vec<Value> = (0..p.n)
         .map(|i| {
             with(&base, json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), Value::Null)
