@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use attn_engine::sampler::argmax;
-use attn_models::{LanguageModel, Logits, SeqStep};
+use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep};
 use serde_json::json;
 
 use crate::common::{open_generator, set_threads, threads_in_use, DEFAULT_GENERATOR};
@@ -44,6 +44,39 @@ pub struct BenchArgs {
     /// Training bench: override the config's precision (f32, bf16, f16)
     #[arg(long)]
     precision: Option<String>,
+    /// Only measure this machine's memory read bandwidth (GB/s)
+    #[arg(long)]
+    memory_bandwidth: bool,
+}
+
+/// Read bandwidth of this machine in GB/s: the best of several passes of
+/// every worker thread summing its share of a 512 MiB buffer (far larger
+/// than the caches), as a decode step streams its weights.
+pub fn measure_read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const BYTES: usize = 512 << 20;
+    let buf: Vec<f32> = vec![1.0; BYTES / 4];
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let chunk = buf.len() / rayon::current_num_threads().max(1);
+        let s: f32 = buf
+            .par_chunks(chunk.max(1 << 16))
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for w in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += w[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max(BYTES as f64 / secs / 1e9);
+    }
+    best
 }
 
 fn run_train_bench(args: &BenchArgs, path: &std::path::Path) -> anyhow::Result<()> {
@@ -92,6 +125,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     if let Some(cfg) = &args.train {
         return run_train_bench(args, cfg);
+    }
+    if args.memory_bandwidth {
+        let bw = measure_read_bandwidth();
+        if args.json {
+            println!("{}", json!({ "read_bandwidth_gb_s": bw, "threads": threads_in_use() }));
+        } else {
+            println!("memory read bandwidth  {bw:.1} GB/s ({} threads)", threads_in_use());
+        }
+        return Ok(());
     }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repetitions == 0 {
         anyhow::bail!("--prompt-tokens, --gen-tokens and --repetitions must be at least 1");
@@ -146,6 +188,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let decode = args.gen_tokens as f64 * r / decode_s;
     let ttft_ms = ttft_s / r * 1e3;
     let peak = peak_rss_mb();
+    // Memory-bandwidth utilisation of decode (the seed's MBU): bytes read
+    // per token (every weight once, plus the KV cache at the mean context
+    // length of the decode test) times tokens/s over the measured bandwidth.
+    let mbu = m.decode_weight_bytes().map(|w| {
+        let kv_per_pos = m.kv_shape().bytes_per_token() as f64;
+        let mean_ctx = 1.0 + args.gen_tokens as f64 / 2.0;
+        let bytes = w as f64 + kv_per_pos * mean_ctx;
+        let bw = measure_read_bandwidth();
+        (bytes, bw, bytes * decode / (bw * 1e9))
+    });
     if args.json {
         println!(
             "{}",
@@ -154,6 +206,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 "gen_tokens": args.gen_tokens, "repetitions": args.repetitions,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                 "ttft_ms": ttft_ms, "peak_rss_mb": peak,
+                "decode_bytes_per_token": mbu.map(|m| m.0), "read_bandwidth_gb_s": mbu.map(|m| m.1),
+                "mbu": mbu.map(|m| m.2),
             }))?
         );
     } else {
@@ -163,6 +217,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!("first token  {ttft_ms:8.1} ms");
         if let Some(p) = peak {
             println!("peak memory  {p:8.1} MiB");
+        }
+        if let Some((bytes, bw, mbu)) = mbu {
+            println!(
+                "decode MBU   {:8.1} %   ({:.1} MB read per token, {bw:.1} GB/s measured read bandwidth)",
+                mbu * 100.0,
+                bytes / 1e6
+            );
         }
     }
     Ok(())

@@ -41,6 +41,12 @@ pub fn open_model(arg: &str) -> anyhow::Result<AnyModel> {
     Ok(load_model(&path, &Device::Cpu)?)
 }
 
+/// [`open_model`] on candle's kernels (the reference path) when asked.
+pub fn open_model_with(arg: &str, candle_kernels: bool) -> anyhow::Result<AnyModel> {
+    let path = resolve_model(arg, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+    Ok(attn_models::load::load_model_with(&path, &Device::Cpu, candle_kernels)?)
+}
+
 pub fn open_generator(arg: &str) -> anyhow::Result<Box<Generator>> {
     match open_model(arg)? {
         AnyModel::Generator(g) => Ok(g),

@@ -17,7 +17,7 @@ use attn_serve::worker::{EmbedWorker, GenWorker};
 use attn_serve::{AppState, EmbedModel, GenModel, ServerLimits};
 
 use crate::bench_serve::{self, BenchServeArgs};
-use crate::common::{open_model, set_threads, DEFAULT_GENERATOR};
+use crate::common::{open_model_with, set_threads, DEFAULT_GENERATOR};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -61,9 +61,9 @@ pub struct ServeArgs {
     /// Worker threads for the tensor kernels
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Keep the model's own quantized kernels instead of converting its
-    /// matrices to 8-bit blocks for the batched kernel (which reads each
-    /// weight once per step for all sequences; candle's cost grows with them)
+    /// Compute with candle's quantized kernels (the reference path, as
+    /// ATTN_KERNELS=candle) instead of attn's fused path, whose 8-bit batched
+    /// kernel reads each weight once per step for all sequences
     #[arg(long)]
     pub no_batched_kernels: bool,
 }
@@ -149,12 +149,9 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
         {
             anyhow::bail!("model `{name}` is given twice");
         }
-        match open_model(arg)? {
+        match open_model_with(arg, args.no_batched_kernels || attn_models::load::candle_kernels_requested()?)? {
             AnyModel::Generator(g) => {
-                let mut g = *g;
-                if !args.no_batched_kernels {
-                    g.model = g.model.for_batched_serving()?;
-                }
+                let g = *g;
                 let bytes = kv_bytes(args)?;
                 let cfg = engine_config(&g.model, args, bytes)?;
                 let tokenizer = Arc::new(g.tokenizer);

@@ -19,8 +19,11 @@ use attn_nn::{
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
+use crate::gemma3_fast::FastGemma3;
 use crate::gguf::GgufFile;
-use crate::lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache};
+use crate::lm::{
+    KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache, SliceKvStore,
+};
 
 /// Hyper-parameters of a Gemma 3 model.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,24 +145,51 @@ struct Layer {
     window: Option<usize>,
 }
 
-/// Gemma 3 with weights in their GGUF (quantized) types.
+/// Gemma 3 with quantized weights, computed by one of two paths.
 #[derive(Debug, Clone)]
 pub struct Gemma3 {
     cfg: Gemma3Config,
+    body: Body,
+    device: Device,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// candle tensors and ops: the reference path (and the only one for
+    /// dequantized f32 weights).
+    Candle(CandleGemma3),
+    /// Plain buffers, fused kernels, 8-bit block matmuls
+    /// ([`crate::gemma3_fast`]): the default for inference.
+    Fused(Arc<FastGemma3>),
+}
+
+#[derive(Debug, Clone)]
+struct CandleGemma3 {
     embed: Arc<QTensor>,
     embed_scale: f64,
     layers: Vec<Layer>,
     final_norm: RmsNorm,
     lm_head: Linear,
-    device: Device,
 }
 
 /// The per-sequence KV cache of every layer.
 pub type Gemma3Cache = LayerCaches;
 
 impl Gemma3 {
-    /// Loads a Gemma 3 GGUF, keeping matrices in their quantized types.
+    /// Loads a Gemma 3 GGUF for inference: the fused path, unless the file
+    /// is opened with `dequantize` or `candle_kernels` (then candle's).
     pub fn from_gguf(f: &GgufFile, device: &Device) -> Result<Self> {
+        if f.dequantize || f.candle_kernels || !device.is_cpu() {
+            return Self::from_gguf_candle(f, device);
+        }
+        let cfg = Gemma3Config::from_gguf(f)?;
+        let fused = FastGemma3::from_gguf(f, &cfg)?;
+        Ok(Gemma3 { cfg, body: Body::Fused(Arc::new(fused)), device: device.clone() })
+    }
+
+    /// Loads a Gemma 3 GGUF onto candle tensors, keeping matrices in their
+    /// quantized types (or f32 when the file is opened with `dequantize`).
+    pub fn from_gguf_candle(f: &GgufFile, device: &Device) -> Result<Self> {
         let cfg = Gemma3Config::from_gguf(f)?;
         let (d, h) = (cfg.hidden_size, cfg.head_dim);
         let rms = |name: &str, dim: usize| -> Result<RmsNorm> {
@@ -220,15 +250,27 @@ impl Gemma3 {
         } else {
             Linear::from_qtensor(embed.clone(), None)?
         };
-        Ok(Gemma3 {
+        let body = CandleGemma3 {
             embed_scale: (d as f32).sqrt() as f64,
             final_norm: rms("output_norm.weight", d)?,
-            cfg,
             embed,
             layers,
             lm_head,
-            device: device.clone(),
-        })
+        };
+        Ok(Gemma3 { cfg, body: Body::Candle(body), device: device.clone() })
+    }
+
+    /// Whether this model runs on the fused path.
+    pub fn is_fused(&self) -> bool {
+        matches!(self.body, Body::Fused(_))
+    }
+
+    /// Bytes of weights a decode step reads, when known (fused path).
+    pub fn decode_weight_bytes(&self) -> Option<usize> {
+        match &self.body {
+            Body::Fused(f) => Some(f.weight_bytes()),
+            Body::Candle(_) => None,
+        }
     }
 
     /// The same model with every matrix in 8-bit blocks and the batched
@@ -236,35 +278,44 @@ impl Gemma3 {
     /// number of sequences (serving). Logits move by the 8-bit rounding of
     /// weights and activations; a sequence's logits do not depend on the rest
     /// of the batch.
+    ///
+    /// The fused path already works this way and is returned as is.
     pub fn for_batched_serving(&self) -> Result<Self> {
+        let c = match &self.body {
+            Body::Fused(_) => return Ok(self.clone()),
+            Body::Candle(c) => c,
+        };
         let f = |l: &Linear| l.to_q8();
-        let layers = self
+        let layers = c
             .layers
             .iter()
             .map(|l| Ok(Layer { attn: l.attn.map_linears(&f)?, ffn: l.ffn.map_linears(&f)?, ..l.clone() }))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Gemma3 { layers, lm_head: self.lm_head.to_q8()?, ..self.clone() })
+        let body = CandleGemma3 { layers, lm_head: c.lm_head.to_q8()?, ..c.clone() };
+        Ok(Gemma3 { body: Body::Candle(body), ..self.clone() })
     }
 
-    /// The output projection alone (for profiling).
+    /// The output projection alone (for profiling the candle path).
     #[doc(hidden)]
     pub fn lm_head_for_bench(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(x)
+        match &self.body {
+            Body::Candle(c) => c.lm_head.forward(x),
+            Body::Fused(_) => Err(Error::Unsupported("lm_head_for_bench profiles the candle path".into())),
+        }
     }
 
     pub fn config(&self) -> &Gemma3Config {
         &self.cfg
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::input(
                 "gemma3",
                 format!("token id {bad} outside the vocabulary of {}", self.cfg.vocab_size),
             ));
         }
-        let ids = Tensor::new(ids, &self.device)?;
-        Ok((self.embed.embedding(&ids)? * self.embed_scale)?)
+        Ok(())
     }
 }
 
@@ -272,7 +323,7 @@ impl LanguageModel for Gemma3 {
     type Cache = Gemma3Cache;
 
     fn new_cache(&self) -> Result<Gemma3Cache> {
-        Ok(LayerCaches::new(self.layers.len()))
+        Ok(LayerCaches::new(self.cfg.n_layers))
     }
 
     fn vocab_size(&self) -> usize {
@@ -300,7 +351,7 @@ impl PagedLanguageModel for Gemma3 {
 
 impl Gemma3 {
     /// The forward pass over any KV store (contiguous or paged).
-    fn forward_kv<C: SequenceCache + KvStore>(
+    fn forward_kv<C: SequenceCache + KvStore + SliceKvStore>(
         &self,
         batch: &mut [SeqStep<'_, C>],
         logits: Logits,
@@ -323,12 +374,32 @@ impl Gemma3 {
             spans.push((ids.len(), s.tokens.len(), past));
             ids.extend_from_slice(s.tokens);
         }
-        let mut x = self.embed_tokens(&ids)?.unsqueeze(0)?;
+        self.check_ids(&ids)?;
+        // Rows whose logits are wanted.
+        let rows: Vec<usize> = match logits {
+            Logits::Last => spans.iter().map(|&(s, l, _)| s + l - 1).collect(),
+            Logits::All => (0..ids.len()).collect(),
+        };
+        let c = match &self.body {
+            Body::Candle(c) => c,
+            Body::Fused(f) => {
+                let mut caches: Vec<&mut C> = batch.iter_mut().map(|s| &mut *s.cache).collect();
+                let out = f.forward(&self.cfg, &ids, &spans, &mut caches, &rows)?;
+                let vocab = self.cfg.vocab_size;
+                let out = Tensor::from_vec(out, (rows.len(), vocab), &self.device)?;
+                return match logits {
+                    Logits::Last => (0..batch.len()).map(|i| Ok(out.get(i)?)).collect(),
+                    Logits::All => spans.iter().map(|&(s, l, _)| Ok(out.narrow(0, s, l)?)).collect(),
+                };
+            }
+        };
+        let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = (c.embed.embedding(&ids_t)? * c.embed_scale)?.unsqueeze(0)?;
         let positions: Vec<u32> =
             spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?.unsqueeze(0)?;
         let token_spans: Vec<(usize, usize)> = spans.iter().map(|&(start, len, _)| (start, len)).collect();
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in c.layers.iter().enumerate() {
             x = layer.res_attn.forward(&x, |h| {
                 layer.attn.forward_spans(h, &positions, &token_spans, layer.window, |i, q, k, v, spec| {
                     batch[i].cache.attend(li, q, k, v, spec)
@@ -341,13 +412,10 @@ impl Gemma3 {
         }
         // Only the rows whose logits are wanted go through the norm and the
         // (large) output projection.
-        let rows: Vec<u32> = match logits {
-            Logits::Last => spans.iter().map(|&(s, l, _)| (s + l - 1) as u32).collect(),
-            Logits::All => (0..ids.len() as u32).collect(),
-        };
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
-        let h = self.final_norm.forward(&x.squeeze(0)?.index_select(&rows_t, 0)?)?;
-        let mut out = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
+        let h = c.final_norm.forward(&x.squeeze(0)?.index_select(&rows_t, 0)?)?;
+        let mut out = c.lm_head.forward(&h)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.cfg.final_logit_softcap {
             out = ((out / cap)?.tanh()? * cap)?;
         }

@@ -395,6 +395,9 @@ pub struct GgufFile {
     /// Load matrices as dense f32 instead of their quantized types
     /// (reference numerics for tests; four to eight times the memory).
     pub dequantize: bool,
+    /// Compute with candle's kernels instead of attn's fused inference path
+    /// (the reference for comparisons).
+    pub candle_kernels: bool,
 }
 
 impl GgufFile {
@@ -405,7 +408,7 @@ impl GgufFile {
         // are loaded.
         let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(&path, e))?;
         let header = GgufHeader::parse(&mmap).map_err(|e| Error::format(&path, e))?;
-        Ok(GgufFile { path, mmap: Arc::new(mmap), header, dequantize: false })
+        Ok(GgufFile { path, mmap: Arc::new(mmap), header, dequantize: false, candle_kernels: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -594,6 +597,24 @@ impl GgufFile {
     pub fn dense(&self, name: &str, shape: &[usize], device: &Device) -> Result<candle_core::Tensor> {
         self.checked_info(name, shape)?;
         Ok(self.qtensor(name, device)?.dequantize(device)?)
+    }
+
+    /// A matrix `[rows, cols]` in the 8-bit block format of the fused
+    /// inference path: Q8_0 and Q5_0 exactly, other types through f32.
+    pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::q8::Q8Matrix> {
+        let info = self.checked_info(name, &[rows, cols])?;
+        match info.ty {
+            TensorType(8) => attn_nn::q8::Q8Matrix::from_q8_0_bytes(self.tensor_data(info), rows, cols),
+            TensorType(6) => {
+                attn_nn::q8::Q8Matrix::from_q8_0_bytes(&repack_q5_0_as_q8_0(self.tensor_data(info)), rows, cols)
+            }
+            _ => attn_nn::q8::Q8Matrix::from_tensor(&self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?),
+        }
+    }
+
+    /// A 1-D f32 vector (norm scales).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.dense(name, &[len], &Device::Cpu)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
     }
 
     /// A bias-free linear layer `[out, in]` on the stored (quantized) weight.

@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod chat;
 pub mod gemma3;
+pub mod gemma3_fast;
 pub mod gguf;
 pub mod gpt;
 pub mod hf_tokenizer;

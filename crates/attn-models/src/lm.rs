@@ -6,7 +6,10 @@
 //! the same call. A seq2seq model becomes a causal LM conditioned on its
 //! encoded source (see [`crate::transformer`]).
 
+use attn_nn::fast::{AttnCall, RawKv};
 use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvShape, PagedCache, Result};
+
+pub use crate::gemma3_fast::SliceKvStore;
 use candle_core::Tensor;
 
 /// Per-sequence decoding state (the KV cache and its position).
@@ -34,14 +37,19 @@ pub trait KvStore {
 }
 
 /// One contiguous KV cache per layer: the simple, fast cache of one stream.
+///
+/// Models on candle tensors use the tensor caches; the fused inference path
+/// ([`crate::gemma3_fast`]) keeps plain token-major buffers. A sequence
+/// uses one kind or the other, never both.
 #[derive(Debug, Clone)]
 pub struct LayerCaches {
     layers: Vec<ContiguousKvCache>,
+    raw: Vec<RawKv>,
 }
 
 impl LayerCaches {
     pub fn new(n_layers: usize) -> Self {
-        LayerCaches { layers: vec![ContiguousKvCache::new(); n_layers] }
+        LayerCaches { layers: vec![ContiguousKvCache::new(); n_layers], raw: vec![RawKv::default(); n_layers] }
     }
 
     pub fn layer_mut(&mut self, i: usize) -> &mut ContiguousKvCache {
@@ -51,12 +59,16 @@ impl LayerCaches {
 
 impl SequenceCache for LayerCaches {
     fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.len())
+        let tensors = self.layers.first().map_or(0, |c| c.len());
+        tensors.max(self.raw.first().map_or(0, |c| c.len()))
     }
 
     fn truncate(&mut self, len: usize) -> Result<()> {
         for c in &mut self.layers {
             c.truncate(len)?;
+        }
+        for c in &mut self.raw {
+            c.truncate(len);
         }
         Ok(())
     }
@@ -72,6 +84,48 @@ impl KvStore for LayerCaches {
 
     fn commit(&mut self, _n: usize) -> Result<()> {
         Ok(())
+    }
+}
+
+impl SliceKvStore for LayerCaches {
+    fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = self
+            .raw
+            .get_mut(layer)
+            .ok_or_else(|| attn_nn::Error::input("kv cache", format!("layer {layer} out of range")))?;
+        if c.n_kv_heads == 0 {
+            *c = RawKv::new(call.n_kv_heads, call.head_dim);
+        }
+        if (c.n_kv_heads, c.head_dim) != (call.n_kv_heads, call.head_dim) || k.len() != t * c.n_kv_heads * c.head_dim {
+            return Err(attn_nn::Error::input("kv cache", "keys do not match the cache's heads"));
+        }
+        let past = c.len();
+        c.append(k, v);
+        attn_nn::fast::attend(q, t, &AttnCall { past, ..*call }, &*c, out)
+    }
+}
+
+impl SliceKvStore for PagedCache {
+    fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()> {
+        PagedCache::attend_slices(self, layer, q, k, v, t, call, out)
     }
 }
 

@@ -41,8 +41,24 @@ impl AnyModel {
     }
 }
 
-/// Loads a GGUF file or an HF-style folder.
+/// `ATTN_KERNELS=candle` computes GGUF models with candle's kernels (the
+/// reference path) instead of attn's fused ones (`fused`, the default).
+pub fn candle_kernels_requested() -> Result<bool> {
+    match std::env::var("ATTN_KERNELS") {
+        Err(_) => Ok(false),
+        Ok(v) if v == "fused" || v.is_empty() => Ok(false),
+        Ok(v) if v == "candle" => Ok(true),
+        Ok(v) => Err(Error::config("ATTN_KERNELS", format!("must be `fused` or `candle`, got `{v}`"))),
+    }
+}
+
+/// Loads a GGUF file or an HF-style folder (kernels as `ATTN_KERNELS` says).
 pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
+    load_model_with(path, device, candle_kernels_requested()?)
+}
+
+/// [`load_model`], computing GGUF models with candle's kernels when asked.
+pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Result<AnyModel> {
     if path.is_dir() {
         let cfg = path.join("config.json");
         let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
@@ -57,7 +73,8 @@ pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
             ))),
         };
     }
-    let f = GgufFile::open(path)?;
+    let mut f = GgufFile::open(path)?;
+    f.candle_kernels = candle_kernels;
     match f.header.architecture() {
         Some("gemma3") => {
             let tokenizer = SpmTokenizer::from_gguf(&f)?;

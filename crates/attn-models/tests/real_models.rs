@@ -198,14 +198,22 @@ fn minilm_embeddings_match_sentence_transformers() {
 /// logits by up to ~1.
 #[test]
 fn gemma3_paged_cache_matches_contiguous_cache() {
-    use attn_models::PagedLanguageModel;
-    use attn_nn::{KvPool, PagedCache};
-    use std::sync::Arc;
     set_threads();
     let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
     let mut f = GgufFile::open(&path).unwrap();
     f.dequantize = true;
-    let model = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
+    let dequantized = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
+    assert!(!dequantized.is_fused());
+    // The candle path on f32 weights, then the fused path (the default).
+    for model in [&dequantized, &gemma().model] {
+        paged_matches_contiguous(model);
+    }
+}
+
+fn paged_matches_contiguous(model: &Gemma3) {
+    use attn_models::PagedLanguageModel;
+    use attn_nn::{KvPool, PagedCache};
+    use std::sync::Arc;
     let g = gemma();
     let text = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. ".repeat(40);
     let mut tokens = g.tokenizer.encode(&text, true).unwrap();
@@ -229,7 +237,52 @@ fn gemma3_paged_cache_matches_contiguous_cache() {
         worst = worst.max(d);
         at += chunk;
     }
-    eprintln!("paged vs contiguous: max abs logit diff {worst}");
+    eprintln!("paged vs contiguous (fused: {}): max abs logit diff {worst}", model.is_fused());
     assert!(worst < 1e-3, "paged vs contiguous: max abs logit diff {worst}");
     assert_eq!(paged.len(), attn_models::SequenceCache::len(&contiguous));
+}
+
+/// The fused path: prefill in pieces and token by token gives the logits of
+/// one pass. Up to 47 rows every matmul takes the 8-bit kernel, whose
+/// outputs per row do not depend on the other rows, so only the attention
+/// (blocked through gemm for 16+ queries, row by row below) differs.
+#[test]
+fn gemma3_fused_incremental_decoding_matches_full_pass() {
+    let g = gemma();
+    assert!(g.model.is_fused());
+    let tokens = g
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog because it was tired of running all day long", true)
+        .unwrap();
+    assert!(tokens.len() >= 16 && tokens.len() < 48, "{} tokens", tokens.len());
+    let mut cache = g.model.new_cache().unwrap();
+    let full = g.model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }], Logits::All).unwrap();
+    let mut cache = g.model.new_cache().unwrap();
+    let split = 5;
+    let mut steps =
+        vec![g.model.forward(&mut [SeqStep { tokens: &tokens[..split], cache: &mut cache }], Logits::All).unwrap()[0]
+            .clone()];
+    for t in split..tokens.len() {
+        steps.push(
+            g.model.forward(&mut [SeqStep { tokens: &tokens[t..t + 1], cache: &mut cache }], Logits::All).unwrap()[0]
+                .clone(),
+        );
+    }
+    let inc = Tensor::cat(&steps, 0).unwrap();
+    let diff = (&inc - &full[0]).unwrap().abs().unwrap();
+    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("fused incremental vs full logits: mean abs diff {mean}, max {max}");
+    assert_eq!(inc.argmax(1).unwrap().to_vec1::<u32>().unwrap(), full[0].argmax(1).unwrap().to_vec1::<u32>().unwrap());
+    assert!(mean < 1e-3, "fused incremental vs full logits: mean abs diff {mean}, max {max}");
+    // Rolling the cache back (speculative decoding) and recomputing gives
+    // the same logits again.
+    attn_models::SequenceCache::truncate(&mut cache, tokens.len() - 3).unwrap();
+    let again = g
+        .model
+        .forward(&mut [SeqStep { tokens: &tokens[tokens.len() - 3..], cache: &mut cache }], Logits::All)
+        .unwrap();
+    let tail = full[0].narrow(0, tokens.len() - 3, 3).unwrap();
+    let d = (&again[0] - &tail).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-3, "after rollback: mean abs diff {d}");
 }

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod dropout;
 pub mod embedding;
 pub mod error;
+pub mod fast;
 pub mod ffn;
 pub mod head;
 pub mod linear;

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::fast::{AttnCall, KvRows};
+
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
 
@@ -236,6 +238,44 @@ impl KvPool {
         Ok(Tensor::from_vec(out, (1, n_heads, t, d), q.device())?.to_dtype(dtype)?)
     }
 
+    /// [`KvPool::write_and_attend`] on token-major slices (the fused
+    /// inference path, [`crate::fast`]): `k`, `v` `[t, n_kv_heads, head_dim]`
+    /// of positions `past..past + t` are written, then `q`
+    /// `[t, n_heads, head_dim]` attends; `out` is `q`'s shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_and_attend_slices(
+        &self,
+        layer: usize,
+        table: &[u32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (kvh, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        if call.n_kv_heads != kvh || call.head_dim != d || k.len() != t * kvh * d || v.len() != k.len() {
+            return Err(Error::input(
+                "paged attention",
+                format!("{} key values for {t} tokens do not fit the pool's {:?}", k.len(), self.shape),
+            ));
+        }
+        self.check_table(table, call.past + t)?;
+        let mut l = self.layer(layer)?;
+        for i in 0..t {
+            let p = call.past + i;
+            for g in 0..kvh {
+                let o = self.offset(table[p / self.block_size], g, p % self.block_size);
+                let src = (i * kvh + g) * d;
+                l.k[o..o + d].copy_from_slice(&k[src..src + d]);
+                l.v[o..o + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        let rows = PagedRows { pool: self, blocks: &l, table };
+        crate::fast::attend(q, t, call, &rows, out)
+    }
+
     /// One query row over keys `lo..hi` of kv head `head`.
     #[allow(clippy::too_many_arguments)]
     fn attend_row(
@@ -288,6 +328,29 @@ impl KvPool {
             }
             p += n;
         }
+    }
+}
+
+/// One sequence's keys and values in the pool, read through its block table.
+struct PagedRows<'a> {
+    pool: &'a KvPool,
+    blocks: &'a LayerBlocks,
+    table: &'a [u32],
+}
+
+impl KvRows for PagedRows<'_> {
+    #[inline]
+    fn key(&self, pos: usize, g: usize) -> &[f32] {
+        let bs = self.pool.block_size;
+        let o = self.pool.offset(self.table[pos / bs], g, pos % bs);
+        &self.blocks.k[o..o + self.pool.shape.head_dim]
+    }
+
+    #[inline]
+    fn value(&self, pos: usize, g: usize) -> &[f32] {
+        let bs = self.pool.block_size;
+        let o = self.pool.offset(self.table[pos / bs], g, pos % bs);
+        &self.blocks.v[o..o + self.pool.shape.head_dim]
     }
 }
 
@@ -375,6 +438,22 @@ impl PagedCache {
     /// [`KvPool::write_and_attend`]); [`PagedCache::commit`] then advances the length.
     pub fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttendSpec) -> Result<Tensor> {
         self.pool.write_and_attend(layer, &self.table, self.len, q, k, v, spec)
+    }
+
+    /// [`KvPool::write_and_attend_slices`] for the new positions `len..len + t`
+    /// (`call.past` is taken from the cache).
+    pub fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let call = AttnCall { past: self.len, ..*call };
+        self.pool.write_and_attend_slices(layer, &self.table, q, k, v, t, &call, out)
     }
 
     /// Every layer has stored `n` more positions.

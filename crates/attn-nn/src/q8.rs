@@ -33,6 +33,44 @@ pub struct Q8Matrix {
     quants: Vec<i8>,
 }
 
+/// Activation rows quantized like [`Q8Matrix`] rows; the buffers are kept
+/// for reuse across calls.
+#[derive(Debug, Clone, Default)]
+pub struct Q8Acts {
+    m: usize,
+    blocks: usize,
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+}
+
+impl Q8Acts {
+    /// Quantizes `m` rows of `cols` values.
+    pub fn quantize(&mut self, x: &[f32], m: usize, cols: usize) -> Result<()> {
+        if x.len() < m * cols || cols == 0 {
+            return Err(Error::input("q8 activations", format!("{} values for {m} rows of {cols}", x.len())));
+        }
+        let nb = cols.div_ceil(BLOCK);
+        self.m = m;
+        self.blocks = nb;
+        self.scales.resize(m * nb, 0.0);
+        self.quants.resize(m * nb * BLOCK, 0);
+        let (scales, quants) = (&mut self.scales, &mut self.quants);
+        for i in 0..m {
+            quantize_row(
+                &x[i * cols..(i + 1) * cols],
+                nb,
+                &mut scales[i * nb..(i + 1) * nb],
+                &mut quants[i * nb * BLOCK..(i + 1) * nb * BLOCK],
+            );
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
 /// Quantizes one row into `blocks` blocks (zero-padded past `x.len()`).
 fn quantize_row(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8]) {
     for b in 0..blocks {
@@ -67,6 +105,23 @@ impl Q8Matrix {
         Ok(Q8Matrix { rows, cols, blocks, scales, quants })
     }
 
+    /// From GGUF Q8_0 blocks (34 bytes each: an f16 scale, then 32 `i8`),
+    /// exactly: the blocks are this format with a narrower scale.
+    pub fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        const Q8_0: usize = 34;
+        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q8_0 {
+            return Err(Error::input("q8 matrix", format!("{} bytes of Q8_0 for a {rows}x{cols} matrix", data.len())));
+        }
+        let blocks = cols / BLOCK;
+        let mut scales = Vec::with_capacity(rows * blocks);
+        let mut quants = Vec::with_capacity(rows * cols);
+        for b in data.chunks_exact(Q8_0) {
+            scales.push(f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+            quants.extend(b[2..].iter().map(|&q| q as i8));
+        }
+        Ok(Q8Matrix { rows, cols, blocks, scales, quants })
+    }
+
     /// From a 2-D tensor of any float dtype (a dequantized GGUF weight).
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
@@ -87,21 +142,46 @@ impl Q8Matrix {
         if x.len() != m * self.cols {
             return Err(Error::input("q8 matmul", format!("{} values for {m} rows of {}", x.len(), self.cols)));
         }
+        let mut acts = Q8Acts::default();
+        acts.quantize(x, m, self.cols)?;
+        let mut out = vec![0f32; m * self.rows];
+        self.matmul_acts(&acts, &mut out)?;
+        Ok(out)
+    }
+
+    /// Rows already quantized (shared by several matrices of the same
+    /// input, e.g. q/k/v) times the transpose, into `out` (`[m, rows]`).
+    pub fn matmul_acts(&self, a: &Q8Acts, out: &mut [f32]) -> Result<()> {
+        let m = a.m;
+        if a.blocks != self.blocks || out.len() < m * self.rows {
+            return Err(Error::input(
+                "q8 matmul",
+                format!("{} activation blocks for a {}x{} matrix", a.blocks, self.rows, self.cols),
+            ));
+        }
         let nb = self.blocks;
-        let mut xs = vec![0f32; m * nb];
-        let mut xq = vec![0i8; m * nb * BLOCK];
-        for i in 0..m {
-            quantize_row(
-                &x[i * self.cols..(i + 1) * self.cols],
-                nb,
-                &mut xs[i * nb..(i + 1) * nb],
-                &mut xq[i * nb * BLOCK..(i + 1) * nb * BLOCK],
-            );
+        let (xs, xq) = (&a.scales[..m * nb], &a.quants[..m * nb * BLOCK]);
+        let avx2 = has_avx2();
+        const ROWS_PER_TASK: usize = 64;
+        if m == 1 {
+            // One row (decode): each task writes its own range of the output.
+            out[..self.rows].par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
+                let r0 = task * ROWS_PER_TASK;
+                for (k, o) in dst.iter_mut().enumerate() {
+                    let r = r0 + k;
+                    *o = row_dot(
+                        &self.scales[r * nb..(r + 1) * nb],
+                        &self.quants[r * nb * BLOCK..(r + 1) * nb * BLOCK],
+                        xs,
+                        xq,
+                        avx2,
+                    );
+                }
+            });
+            return Ok(());
         }
         // Output transposed ([rows, m]) so that each task writes one range.
         let mut out_t = vec![0f32; self.rows * m];
-        const ROWS_PER_TASK: usize = 64;
-        let avx2 = has_avx2();
         out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, dst)| {
             let r0 = task * ROWS_PER_TASK;
             for (k, o) in dst.chunks_mut(m).enumerate() {
@@ -127,13 +207,36 @@ impl Q8Matrix {
                 }
             }
         });
-        let mut out = vec![0f32; m * self.rows];
         for r in 0..self.rows {
             for i in 0..m {
                 out[i * self.rows + r] = out_t[r * m + i];
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Rows `r0..r0 + n` as f32 into `out` (`[n, cols]`).
+    pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) -> Result<()> {
+        if r0 + n > self.rows || out.len() < n * self.cols {
+            return Err(Error::input("q8 rows", format!("rows {r0}..{} of {}", r0 + n, self.rows)));
+        }
+        let (nb, c) = (self.blocks, self.cols);
+        out[..n * c].par_chunks_mut(c).enumerate().for_each(|(k, dst)| {
+            let r = r0 + k;
+            for (b, chunk) in dst.chunks_mut(BLOCK).enumerate() {
+                let d = self.scales[r * nb + b];
+                let q = &self.quants[(r * nb + b) * BLOCK..];
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = d * q[j] as f32;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Bytes of weight data read by one pass over the matrix.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * std::mem::size_of::<f32>()
     }
 
     /// `x` `[..., cols]` -> `[..., rows]` (f32).
@@ -146,6 +249,24 @@ impl Q8Matrix {
         *out_dims.last_mut().expect("at least 1-D") = self.rows;
         Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
     }
+}
+
+/// IEEE half to single precision (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: normalise.
+            let shift = m.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | (((m << shift) & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
 }
 
 fn has_avx2() -> bool {
@@ -279,6 +400,28 @@ mod tests {
             let alone = q.matmul(&x[i * cols..(i + 1) * cols], 1).unwrap();
             assert_eq!(alone, y[i * rows..(i + 1) * rows]);
         }
+    }
+
+    #[test]
+    fn half_conversion_is_exact() {
+        for (h, want) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0001, 5.960_464_5e-8),
+            (0x03ff, 6.097_555e-5),
+            (0x7bff, 65504.0),
+            (0, 0.0),
+        ] {
+            assert_eq!(f16_to_f32(h), want, "{h:#x}");
+        }
+        // A Q8_0 block of scale 0.5 and quants 0..32 gives back those values.
+        let mut block = vec![0x00u8, 0x38];
+        block.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let m = Q8Matrix::from_q8_0_bytes(&block, 1, 32).unwrap();
+        let mut out = vec![0f32; 32];
+        m.dequantize_rows(0, 1, &mut out).unwrap();
+        assert_eq!(out, (0..32).map(|i| (i as f32 - 16.0) * 0.5).collect::<Vec<_>>());
+        assert!(Q8Matrix::from_q8_0_bytes(&block[..30], 1, 32).is_err());
     }
 
     #[test]

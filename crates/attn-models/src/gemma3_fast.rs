@@ -1,0 +1,246 @@
+//! Gemma 3's fused inference path: the same model as [`crate::gemma3`]'s
+//! candle path, computed on plain `f32` buffers with the kernels of
+//! [`attn_nn::fast`] and the 8-bit block matmul of [`attn_nn::q8`].
+//!
+//! - Matrices are 8-bit blocks of 32 ([`Q8Matrix`]): Q8_0 and Q5_0 tensors
+//!   of the file convert exactly, the K-quants through f32. The token
+//!   embedding, which is also the output projection, is read as stored.
+//! - Few rows (decode, small batches): each weight is read once per step
+//!   for all rows, activations quantized to 8 bits per block of 32 (what
+//!   llama.cpp and candle do too).
+//! - Many rows (prefill): each weight matrix is expanded to f32 once per
+//!   call and multiplied with `gemm` (AVX-512 where available); attention
+//!   goes through `gemm` in blocks of queries.
+//! - The q/k/v projections share one quantized copy of their input, as do
+//!   gate and up.
+
+use attn_nn::fast::{self, AttnCall};
+use attn_nn::q8::{Q8Acts, Q8Matrix};
+use attn_nn::{Error, Result, SdpaOptions};
+
+use crate::gemma3::Gemma3Config;
+use crate::gguf::GgufFile;
+
+/// From this many rows on, a matmul expands the weight to f32 and uses
+/// `gemm` instead of the 8-bit kernel (whose cost grows with every row).
+const GEMM_ROWS: usize = 48;
+/// Output rows of the (large) output projection expanded at a time.
+const HEAD_CHUNK: usize = 4096;
+
+#[derive(Debug)]
+struct FastLayer {
+    wq: Q8Matrix,
+    wk: Q8Matrix,
+    wv: Q8Matrix,
+    wo: Q8Matrix,
+    wg: Q8Matrix,
+    wu: Q8Matrix,
+    wd: Q8Matrix,
+    attn_norm: Vec<f32>,
+    post_attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    post_ffw_norm: Vec<f32>,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    global: bool,
+}
+
+/// The weights of the fused path.
+#[derive(Debug)]
+pub(crate) struct FastGemma3 {
+    layers: Vec<FastLayer>,
+    /// `[vocab, hidden]`: embedding rows and the output projection.
+    embed: Q8Matrix,
+    final_norm: Vec<f32>,
+}
+
+/// Where the fused path's attention keeps one sequence's keys and values.
+pub trait SliceKvStore {
+    /// Stores `k`, `v` (`[t, n_kv_heads, head_dim]`) of the next `t`
+    /// positions of `layer` and attends `q` (`[t, n_heads, head_dim]`) to
+    /// every stored position; `call.past` is filled in by the store.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()>;
+}
+
+/// One matmul input, quantized lazily and shared by the matrices reading it.
+struct Input<'a> {
+    x: &'a [f32],
+    m: usize,
+    cols: usize,
+    acts: Option<Q8Acts>,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a [f32], m: usize, cols: usize) -> Self {
+        Input { x, m, cols, acts: None }
+    }
+
+    /// `out[m, w.rows] = x · wᵀ`.
+    fn times(&mut self, w: &Q8Matrix, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<()> {
+        let (m, n, k) = (self.m, w.rows(), self.cols);
+        if m >= GEMM_ROWS {
+            let chunk = HEAD_CHUNK.min(n);
+            scratch.resize(chunk * k, 0.0);
+            let mut r0 = 0;
+            while r0 < n {
+                let rows = chunk.min(n - r0);
+                w.dequantize_rows(r0, rows, scratch)?;
+                fast::matmul_xwt_ld(self.x, m, k, &scratch[..rows * k], rows, &mut out[r0..], n)?;
+                r0 += rows;
+            }
+            return Ok(());
+        }
+        if self.acts.is_none() {
+            let mut a = Q8Acts::default();
+            a.quantize(self.x, m, k)?;
+            self.acts = Some(a);
+        }
+        w.matmul_acts(self.acts.as_ref().expect("quantized above"), &mut out[..m * n])
+    }
+}
+
+impl FastGemma3 {
+    pub(crate) fn from_gguf(f: &GgufFile, cfg: &Gemma3Config) -> Result<Self> {
+        let (d, h, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            layers.push(FastLayer {
+                wq: f.q8_matrix(&p("attn_q.weight"), cfg.n_heads * h, d)?,
+                wk: f.q8_matrix(&p("attn_k.weight"), cfg.n_kv_heads * h, d)?,
+                wv: f.q8_matrix(&p("attn_v.weight"), cfg.n_kv_heads * h, d)?,
+                wo: f.q8_matrix(&p("attn_output.weight"), d, cfg.n_heads * h)?,
+                wg: f.q8_matrix(&p("ffn_gate.weight"), ff, d)?,
+                wu: f.q8_matrix(&p("ffn_up.weight"), ff, d)?,
+                wd: f.q8_matrix(&p("ffn_down.weight"), d, ff)?,
+                attn_norm: f.vector(&p("attn_norm.weight"), d)?,
+                post_attn_norm: f.vector(&p("post_attention_norm.weight"), d)?,
+                ffn_norm: f.vector(&p("ffn_norm.weight"), d)?,
+                post_ffw_norm: f.vector(&p("post_ffw_norm.weight"), d)?,
+                q_norm: f.vector(&p("attn_q_norm.weight"), h)?,
+                k_norm: f.vector(&p("attn_k_norm.weight"), h)?,
+                global: cfg.is_global(i),
+            });
+        }
+        if f.tensor_info("output.weight").is_some() {
+            return Err(Error::Unsupported(
+                "the fused Gemma 3 path needs the output projection tied to the embedding".into(),
+            ));
+        }
+        Ok(FastGemma3 {
+            layers,
+            embed: f.q8_matrix("token_embd.weight", cfg.vocab_size, d)?,
+            final_norm: f.vector("output_norm.weight", d)?,
+        })
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.wg, &l.wu, &l.wd].iter().map(|m| m.bytes()).sum::<usize>())
+            .sum();
+        l + self.embed.bytes()
+    }
+
+    /// The forward pass over `ids` (all sequences' new tokens, `spans` =
+    /// (start, len, past) per sequence) returning the logits of `rows`.
+    pub(crate) fn forward<C: SliceKvStore>(
+        &self,
+        cfg: &Gemma3Config,
+        ids: &[u32],
+        spans: &[(usize, usize, usize)],
+        caches: &mut [&mut C],
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let (d, hd, nh, nkv, ff) = (cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size);
+        let t = ids.len();
+        let eps = cfg.rms_norm_eps as f32;
+        let mut x = vec![0f32; t * d];
+        let scale = (d as f32).sqrt();
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut x[i * d..(i + 1) * d];
+            self.embed.dequantize_rows(id as usize, 1, row)?;
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+        let positions: Vec<u32> =
+            spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)).collect();
+        let (cos_l, sin_l) = fast::rope_tables(cfg.rope_local_base, 1.0, hd, &positions);
+        let (cos_g, sin_g) = fast::rope_tables(cfg.rope_global_base, cfg.rope_global_scale, hd, &positions);
+        let sdpa = SdpaOptions { scale: cfg.query_pre_attn_scalar.powf(-0.5), softcap: cfg.attn_logit_softcap };
+
+        let mut h = vec![0f32; t * d];
+        let mut q = vec![0f32; t * nh * hd];
+        let mut k = vec![0f32; t * nkv * hd];
+        let mut v = vec![0f32; t * nkv * hd];
+        let mut att = vec![0f32; t * nh * hd];
+        let mut o = vec![0f32; t * d];
+        let mut g = vec![0f32; t * ff];
+        let mut u = vec![0f32; t * ff];
+        let mut scratch = Vec::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            fast::rms_norm_rows_to(&x, &l.attn_norm, eps, &mut h);
+            let mut inp = Input::new(&h, t, d);
+            inp.times(&l.wq, &mut q, &mut scratch)?;
+            inp.times(&l.wk, &mut k, &mut scratch)?;
+            inp.times(&l.wv, &mut v, &mut scratch)?;
+            fast::rms_norm_rows(&mut q, &l.q_norm, eps);
+            fast::rms_norm_rows(&mut k, &l.k_norm, eps);
+            let (cos, sin) = if l.global { (&cos_g, &sin_g) } else { (&cos_l, &sin_l) };
+            fast::rope_halves(&mut q, nh, hd, cos, sin);
+            fast::rope_halves(&mut k, nkv, hd, cos, sin);
+            let window = (!l.global).then_some(cfg.sliding_window);
+            let call = AttnCall { n_heads: nh, n_kv_heads: nkv, head_dim: hd, past: 0, sdpa, window };
+            for (c, &(s, len, _)) in caches.iter_mut().zip(spans) {
+                c.attend_slices(
+                    li,
+                    &q[s * nh * hd..(s + len) * nh * hd],
+                    &k[s * nkv * hd..(s + len) * nkv * hd],
+                    &v[s * nkv * hd..(s + len) * nkv * hd],
+                    len,
+                    &call,
+                    &mut att[s * nh * hd..(s + len) * nh * hd],
+                )?;
+            }
+            Input::new(&att, t, nh * hd).times(&l.wo, &mut o, &mut scratch)?;
+            fast::add_rms_normed(&mut x, &mut o, &l.post_attn_norm, eps);
+
+            fast::rms_norm_rows_to(&x, &l.ffn_norm, eps, &mut h);
+            let mut inp = Input::new(&h, t, d);
+            inp.times(&l.wg, &mut g, &mut scratch)?;
+            inp.times(&l.wu, &mut u, &mut scratch)?;
+            fast::gelu_tanh_mul(&mut g, &u);
+            Input::new(&g, t, ff).times(&l.wd, &mut o, &mut scratch)?;
+            fast::add_rms_normed(&mut x, &mut o, &l.post_ffw_norm, eps);
+        }
+        // Only the wanted rows go through the final norm and the head.
+        let mut hr = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            hr.extend_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        fast::rms_norm_rows(&mut hr, &self.final_norm, eps);
+        let vocab = self.embed.rows();
+        let mut logits = vec![0f32; rows.len() * vocab];
+        Input::new(&hr, rows.len(), d).times(&self.embed, &mut logits, &mut scratch)?;
+        if let Some(cap) = cfg.final_logit_softcap {
+            let cap = cap as f32;
+            for z in &mut logits {
+                *z = (*z / cap).tanh() * cap;
+            }
+        }
+        Ok(logits)
+    }
+}
