@@ -385,6 +385,9 @@ impl Gemma3 {
             Body::Fused(f) => {
                 let mut caches: Vec<&mut C> = batch.iter_mut().map(|s| &mut *s.cache).collect();
                 let out = f.forward(&self.cfg, &ids, &spans, &mut caches, &rows)?;
+                for (s, &(_, len, _)) in batch.iter_mut().zip(&spans) {
+                    s.cache.commit(len)?;
+                }
                 let vocab = self.cfg.vocab_size;
                 let out = Tensor::from_vec(out, (rows.len(), vocab), &self.device)?;
                 return match logits {

@@ -23,7 +23,9 @@ use crate::gguf::GgufFile;
 
 /// From this many rows on, a matmul expands the weight to f32 and uses
 /// `gemm` instead of the 8-bit kernel (whose cost grows with every row).
-const GEMM_ROWS: usize = 48;
+/// The same bound as attention's, so below it every row's arithmetic is
+/// independent of the others (batch-invariant, tested).
+const GEMM_ROWS: usize = attn_nn::fast::BLOCKED_FROM;
 /// Output rows of the (large) output projection expanded at a time.
 const HEAD_CHUNK: usize = 4096;
 

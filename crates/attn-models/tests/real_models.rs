@@ -243,9 +243,9 @@ fn paged_matches_contiguous(model: &Gemma3) {
 }
 
 /// The fused path: prefill in pieces and token by token gives the logits of
-/// one pass. Up to 47 rows every matmul takes the 8-bit kernel, whose
-/// outputs per row do not depend on the other rows, so only the attention
-/// (blocked through gemm for 16+ queries, row by row below) differs.
+/// one pass, exactly. Below 48 new tokens every matmul takes the 8-bit
+/// kernel and attention goes query by query, and each row's arithmetic is
+/// independent of the other rows of the call.
 #[test]
 fn gemma3_fused_incremental_decoding_matches_full_pass() {
     let g = gemma();
@@ -273,8 +273,7 @@ fn gemma3_fused_incremental_decoding_matches_full_pass() {
     let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
     let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     eprintln!("fused incremental vs full logits: mean abs diff {mean}, max {max}");
-    assert_eq!(inc.argmax(1).unwrap().to_vec1::<u32>().unwrap(), full[0].argmax(1).unwrap().to_vec1::<u32>().unwrap());
-    assert!(mean < 1e-3, "fused incremental vs full logits: mean abs diff {mean}, max {max}");
+    assert!(max == 0.0, "fused incremental vs full logits: mean abs diff {mean}, max {max}");
     // Rolling the cache back (speculative decoding) and recomputing gives
     // the same logits again.
     attn_models::SequenceCache::truncate(&mut cache, tokens.len() - 3).unwrap();
@@ -284,5 +283,5 @@ fn gemma3_fused_incremental_decoding_matches_full_pass() {
         .unwrap();
     let tail = full[0].narrow(0, tokens.len() - 3, 3).unwrap();
     let d = (&again[0] - &tail).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(d < 1e-3, "after rollback: mean abs diff {d}");
+    assert!(d == 0.0, "after rollback: mean abs diff {d}");
 }

@@ -156,9 +156,10 @@ pub struct AttnCall {
 /// (the new keys already written), within the sliding window. Writes
 /// `[t, n_heads, head_dim]` to `out`.
 ///
-/// Few queries (decode) go row by row; many (prefill) go through `gemm` in
-/// blocks of query rows, so the score buffer is at most
-/// `QUERY_BLOCK x (past + t)` per head.
+/// Few queries (decode) go row by row; from [`BLOCKED_FROM`] on (prefill)
+/// they go through `gemm` in blocks of query rows, so the score buffer is
+/// at most `QUERY_BLOCK x (past + t)` per head. Row by row, each query's
+/// result does not depend on how many others share the call.
 pub fn attend<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut [f32]) -> Result<()> {
     let AttnCall { n_heads, n_kv_heads, head_dim: d, past, .. } = *call;
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
@@ -170,7 +171,7 @@ pub fn attend<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut
     if call.window == Some(0) {
         return Err(Error::input("attention", "sliding window must be at least 1"));
     }
-    if t >= 16 {
+    if t >= BLOCKED_FROM {
         return attend_blocked(q, t, call, kv, out);
     }
     let group = n_heads / n_kv_heads;
@@ -215,6 +216,9 @@ fn attend_row<K: KvRows>(q: &[f32], kv: &K, g: usize, lo: usize, hi: usize, o: S
 }
 
 const QUERY_BLOCK: usize = 128;
+
+/// Calls with this many queries or more take the blocked `gemm` path.
+pub const BLOCKED_FROM: usize = 48;
 
 fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut [f32]) -> Result<()> {
     let AttnCall { n_heads, n_kv_heads, head_dim: d, past, sdpa, window } = *call;
