@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use attn_nn::{
-    lengths_to_valid, padding_mask, Activation, AttentionConfig, Dropout, Error, FeedForward, LayerNorm, Linear,
-    MultiHeadAttention, Norm, Residual, Result, SafetensorsSource, TokenEmbedding, WeightSource, Weights,
+    lengths_to_valid, Activation, AttentionConfig, Dropout, Error, FeedForward, LayerNorm, Linear, MultiHeadAttention,
+    Norm, Residual, Result, SafetensorsSource, TokenEmbedding, WeightSource, Weights,
 };
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -169,10 +169,9 @@ impl Bert {
         let typ = self.token_type.get(0)?;
         let x = self.word.forward(ids)?.broadcast_add(&pos)?.broadcast_add(&typ)?;
         let mut x = self.dropout.forward(&self.embed_norm.forward(&x)?, train)?;
-        let mask = padding_mask(&lengths_to_valid(lengths, t, ids.device())?)?;
         let drop = |y: Tensor| self.dropout.forward(&y, train);
         for l in &self.layers {
-            x = l.res_attn.forward(&x, |h| drop(l.attn.forward(h, Some(&mask), None, None, train)?))?;
+            x = l.res_attn.forward(&x, |h| drop(l.attn.forward_padded(h, lengths, train)?))?;
             x = l.res_ffn.forward(&x, |h| drop(l.ffn.forward(h, train)?))?;
         }
         Ok(x)

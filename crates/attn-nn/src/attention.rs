@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::dropout::Dropout;
 use crate::error::{Error, Result};
+use crate::flash::{flash_applies, flash_attention, FlashMask, FLASH_MIN_LEN, FLASH_MIN_LEN_ENCODER};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::RotaryEmbedding;
@@ -229,6 +230,12 @@ impl ContiguousKvCache {
         let kv = k.dim(2)?;
         // A single new token sees every cached key unless the window cuts
         // some off: no mask needed then.
+        // Long prefills go through the tiled kernel (no [t, kv] score
+        // matrix); it has no backward, so only when no gradient is tracked.
+        if t >= FLASH_MIN_LEN && flash_applies(q, &k, &v) {
+            let mask = FlashMask { causal: true, window: spec.window, key_lengths: None };
+            return flash_attention(q, &k, &v, &mask, spec.sdpa);
+        }
         let mask = if t == 1 && spec.window.is_none_or(|w| kv <= w) {
             None
         } else {
@@ -463,6 +470,31 @@ impl MultiHeadAttention {
             None => (k, v),
         };
         self.attend(&q, &k, &v, mask, train)
+    }
+
+    /// Self-attention without a causal mask over `x` `[b, t, d_model]`, a
+    /// right-padded batch whose row `i` holds `lengths[i]` real tokens (the
+    /// encoder's attention; no rotary embeddings). Long inputs run the tiled
+    /// kernel when no gradient is tracked and `train` is off (it has neither
+    /// a backward nor dropout); otherwise the standard path with the
+    /// additive padding mask.
+    pub fn forward_padded(&self, x: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
+        let (b, t) = self.check_input(x, "self-attention")?;
+        if lengths.len() != b {
+            return Err(Error::input("self-attention", format!("{} lengths for a batch of {b}", lengths.len())));
+        }
+        let q = self.project_q(x, None)?;
+        let (k, v) = self.project_kv(x, None)?;
+        if t >= FLASH_MIN_LEN_ENCODER && !train && flash_applies(&q, &k, &v) {
+            if let Some(l) = lengths.iter().find(|&&l| l > t) {
+                return Err(Error::input("padding", format!("length {l} > max length {t}")));
+            }
+            let mask = FlashMask { causal: false, window: None, key_lengths: Some(lengths) };
+            let out = flash_attention(&q, &k, &v, &mask, self.sdpa_options())?;
+            return self.o_proj.forward(&self.merge_heads(&out)?);
+        }
+        let mask = padding_mask(&lengths_to_valid(lengths, t, x.device())?)?;
+        self.attend(&q, &k, &v, Some(&mask), train)
     }
 
     /// Self-attention over `x` `[1, t, d_model]` whose keys and values are

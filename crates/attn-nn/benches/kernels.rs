@@ -1,0 +1,74 @@
+//! Kernel benchmarks: quantized matmul per GGUF type (candle's `QMatMul`)
+//! and attn's 8-bit [`Q8Matrix`], one activation row (decode) and 64 rows
+//! (prefill); attention, the standard path against the tiled kernel.
+//!
+//! `cargo bench -p attn-nn --bench kernels` measures; `cargo test -p attn-nn
+//! --benches` (and so `cargo test --workspace`) runs each benchmark once in
+//! criterion's test mode, only to prove it still runs. Numbers go to
+//! BENCHMARKS.md, never into assertions.
+
+use attn_nn::q8::Q8Matrix;
+use attn_nn::{causal_mask, flash_attention, scaled_dot_product_attention, FlashMask, SdpaOptions};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+/// Gemma 3 270M's FFN down projection: 2048 -> 640 (the k-quants need
+/// the input width in multiples of 256).
+const D_IN: usize = 2048;
+const D_OUT: usize = 640;
+
+fn matmul(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (D_OUT, D_IN), &dev).expect("weights");
+    let mut g = c.benchmark_group("matmul_2048_to_640");
+    for rows in [1usize, 64] {
+        let x = Tensor::randn(0f32, 1.0, (rows, D_IN), &dev).expect("activations");
+        for (name, dtype) in
+            [("q4_k", GgmlDType::Q4K), ("q6_k", GgmlDType::Q6K), ("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)]
+        {
+            let qt = QTensor::quantize(&w, dtype).expect("quantize");
+            let mm = QMatMul::from_qtensor(qt).expect("qmatmul");
+            g.bench_with_input(BenchmarkId::new(name, rows), &x, |b, x| b.iter(|| mm.forward(x).expect("matmul")));
+        }
+        let q8 = Q8Matrix::from_f32(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), D_OUT, D_IN).expect("q8");
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        g.bench_with_input(BenchmarkId::new("attn_q8", rows), &xv, |b, xv| {
+            b.iter(|| q8.matmul(xv, rows).expect("matmul"))
+        });
+    }
+    g.finish();
+}
+
+/// Causal self-attention of a Gemma 3 270M layer (4 query heads, 1 kv head,
+/// head_dim 256) over a whole prompt.
+fn attention(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let (h, hkv, d) = (4, 1, 256);
+    let opts = SdpaOptions { scale: 1.0 / (d as f64).sqrt(), softcap: None };
+    let mut g = c.benchmark_group("attention_gemma_causal");
+    g.sample_size(10);
+    // `cargo bench` passes `--bench`; without it (criterion's test mode
+    // under `cargo test`, where attn's own crates are built without
+    // optimisation) one short length proves the benchmark runs.
+    let lens: &[usize] = if std::env::args().any(|a| a == "--bench") { &[128, 512, 1024, 2048] } else { &[128] };
+    for &len in lens {
+        let q = Tensor::randn(0f32, 1.0, (1, h, len, d), &dev).expect("q");
+        let k = Tensor::randn(0f32, 1.0, (1, hkv, len, d), &dev).expect("k");
+        let v = Tensor::randn(0f32, 1.0, (1, hkv, len, d), &dev).expect("v");
+        g.bench_function(BenchmarkId::new("standard", len), |b| {
+            b.iter(|| {
+                let mask = causal_mask(len, len, None, &dev).expect("mask");
+                scaled_dot_product_attention(&q, &k, &v, Some(&mask), opts, None).expect("sdpa")
+            })
+        });
+        let mask = FlashMask { causal: true, ..FlashMask::default() };
+        g.bench_function(BenchmarkId::new("tiled", len), |b| {
+            b.iter(|| flash_attention(&q, &k, &v, &mask, opts).expect("flash"))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, attention);
+criterion_main!(benches);
