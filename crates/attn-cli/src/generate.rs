@@ -2,7 +2,11 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 
-use attn_engine::{beam_search, generate_from_ids, BeamParams, Generation, SamplingParams};
+use attn_engine::speculative::{validate_draft_tokens, SpecStats};
+use attn_engine::{
+    beam_search, generate_from_ids, generate_speculative, BeamParams, Drafter, Generation, ModelDrafter, NgramDrafter,
+    SamplingParams,
+};
 use attn_models::chat::Message;
 use attn_models::{LanguageModel, Tokenizer};
 use serde_json::json;
@@ -30,6 +34,19 @@ pub struct GenerateArgs {
     /// Beam search: how many of the best hypotheses to print
     #[arg(long, default_value_t = 1)]
     n_best: usize,
+    /// Speculative decoding: `ngram` (proposals looked up in the prompt and output so far)
+    /// or a draft model sharing the tokenizer (a known name, a .gguf file). Greedy output
+    /// equals plain decoding's exactly with --batched-kernel; candle's quantized kernel rounds
+    /// a many-row call differently from a one-row call, which can flip a near-tie
+    #[arg(long, value_name = "MODEL|ngram")]
+    draft: Option<String>,
+    /// Speculative decoding: tokens proposed per step, all verified in one forward call
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    draft_k: usize,
+    /// Run the model through the batched 8-bit kernel, whose cost barely grows with the
+    /// rows of a call (the k + 1 rows a speculative step verifies)
+    #[arg(long)]
+    batched_kernel: bool,
     /// Worker threads for the tensor kernels
     #[arg(short, long)]
     threads: Option<usize>,
@@ -52,9 +69,9 @@ fn read_prompt(arg: &Option<String>) -> anyhow::Result<String> {
     }
 }
 
-fn generation_json(g: &Generation) -> serde_json::Value {
+fn generation_json(g: &Generation, spec: Option<&Speculation>) -> serde_json::Value {
     let t = &g.timings;
-    json!({
+    let mut v = json!({
         "text": g.text,
         "prompt_ids": g.prompt_ids,
         "completion_ids": g.completion_ids,
@@ -66,7 +83,42 @@ fn generation_json(g: &Generation) -> serde_json::Value {
         "decode_tokens_per_s": t.decode_tokens_per_s(),
         "prefill_ms": t.prefill.as_secs_f64() * 1e3,
         "decode_ms": t.decode.as_secs_f64() * 1e3,
-    })
+    });
+    if let Some(s) = spec {
+        v["speculative"] = json!({
+            "draft": s.name,
+            "draft_k": s.k,
+            "proposed": s.stats.proposed,
+            "accepted": s.stats.accepted,
+            "acceptance_rate": s.stats.acceptance_rate(),
+            "target_calls": s.stats.target_calls,
+            "draft_ms": s.stats.draft_time.as_secs_f64() * 1e3,
+        });
+    }
+    v
+}
+
+/// What a speculative generation reports besides the plain result.
+struct Speculation {
+    name: String,
+    k: usize,
+    stats: SpecStats,
+}
+
+impl Speculation {
+    /// The part of the timings line about the drafts.
+    fn summary(&self) -> String {
+        let s = &self.stats;
+        format!(
+            ", draft {} k {}: {}/{} accepted ({:.0}%), {} target calls",
+            self.name,
+            self.k,
+            s.accepted,
+            s.proposed,
+            s.acceptance_rate() * 100.0,
+            s.target_calls
+        )
+    }
 }
 
 /// Generates from `ids`, writing each text piece to stdout as it comes when `stream`.
@@ -77,13 +129,32 @@ fn generate_streaming<M: LanguageModel, T: Tokenizer + ?Sized>(
     params: &SamplingParams,
     stream: bool,
 ) -> anyhow::Result<Generation> {
+    Ok(generate_maybe_speculative(model, tokenizer, ids, params, stream, None)?.0)
+}
+
+/// Plain or (with a drafter) speculative generation, streamed to stdout when `stream`.
+fn generate_maybe_speculative<M: LanguageModel, T: Tokenizer + ?Sized>(
+    model: &M,
+    tokenizer: &T,
+    ids: Vec<u32>,
+    params: &SamplingParams,
+    stream: bool,
+    draft: Option<(&str, usize, &mut dyn Drafter)>,
+) -> anyhow::Result<(Generation, Option<Speculation>)> {
     let mut stdout = std::io::stdout().lock();
-    let result = generate_from_ids(model, tokenizer, ids, params, |piece| {
+    let on_text = |piece: &str| {
         if stream {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let result = match draft {
+        None => (generate_from_ids(model, tokenizer, ids, params, on_text)?, None),
+        Some((name, k, drafter)) => {
+            let s = generate_speculative(model, drafter, tokenizer, ids, params, k, on_text)?;
+            (s.generation, Some(Speculation { name: name.to_string(), k, stats: s.stats }))
+        }
+    };
     stdout.flush()?;
     Ok(result)
 }
@@ -95,12 +166,42 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
+    if args.draft.is_some() {
+        validate_draft_tokens(args.draft_k).map_err(|e| anyhow::anyhow!("--draft-k: {e}"))?;
+        if args.beam_width.is_some() {
+            anyhow::bail!("--draft and --beam-width do not combine: speculative decoding samples or decodes greedily");
+        }
+    }
     if let Some(dir) = trained_model_dir(&args.model) {
+        if args.draft.as_deref().is_some_and(|d| d != "ngram") {
+            anyhow::bail!(
+                "a draft model works with GGUF models; with a model trained by `attn train` use --draft ngram"
+            );
+        }
         return run_trained(args, &dir, &prompt, &params);
     }
-    let g = open_generator(&args.model)?;
+    let mut g = open_generator(&args.model)?;
+    if args.batched_kernel {
+        g.model = g.model.for_batched_serving()?;
+    }
     let ids = g.tokenizer.encode(&prompt, true)?;
-    decode_and_print(args, &g.model, &g.tokenizer, ids, &params)
+    match args.draft.as_deref() {
+        Some(name) if name != "ngram" => {
+            // The draft runs one row per call: its own kernels suit it.
+            let d = open_generator(name).map_err(|e| anyhow::anyhow!("--draft {name}: {e}"))?;
+            if d.tokenizer.vocab_size() != g.tokenizer.vocab_size() || d.tokenizer.encode(&prompt, true)? != ids {
+                anyhow::bail!(
+                    "--draft {name}: its tokenizer ({} tokens) differs from the model's ({} tokens); \
+                     a draft model must share the tokenizer",
+                    d.tokenizer.vocab_size(),
+                    g.tokenizer.vocab_size()
+                );
+            }
+            let mut drafter = ModelDrafter::new(&d.model, g.model.vocab_size())?;
+            decode_and_print(args, &g.model, &g.tokenizer, ids, &params, Some(&mut drafter))
+        }
+        _ => decode_and_print(args, &g.model, &g.tokenizer, ids, &params, None),
+    }
 }
 
 /// A model folder written by `attn train` (its config.json names an
@@ -131,7 +232,7 @@ fn run_trained(
     match &net {
         Net::Gpt(m) => {
             let ids = tok.encode(prompt, false)?;
-            decode_and_print(args, m, &tok, ids, params)
+            decode_and_print(args, m, &tok, ids, params, None)
         }
         Net::Transformer(m) => {
             let mut src = tok.encode(prompt, false)?;
@@ -142,7 +243,7 @@ fn run_trained(
             src.push(attn_train::config::EOS_ID);
             let ids = candle_core::Tensor::new(src.as_slice(), &device)?.unsqueeze(0)?;
             let dec = attn_models::ConditionedDecoder::new(m, m.encode(&ids, None, false)?)?;
-            decode_and_print(args, &dec, &tok, vec![attn_train::config::BOS_ID], params)
+            decode_and_print(args, &dec, &tok, vec![attn_train::config::BOS_ID], params, None)
         }
         Net::Classifier(_) => {
             anyhow::bail!("{} is a classifier; score it with `attn eval -m {}`", dir.display(), dir.display())
@@ -150,13 +251,15 @@ fn run_trained(
     }
 }
 
-/// Beam search or sampling from `ids`, printed as text or JSON.
+/// Beam search or sampling from `ids`, printed as text or JSON; speculative
+/// with `model_draft`, or with the n-gram drafter when `--draft ngram`.
 fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
     args: &GenerateArgs,
     model: &M,
     tokenizer: &T,
     ids: Vec<u32>,
     params: &SamplingParams,
+    model_draft: Option<&mut dyn Drafter>,
 ) -> anyhow::Result<()> {
     if let Some(width) = args.beam_width {
         let bp = BeamParams {
@@ -185,20 +288,27 @@ fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
         }
         return Ok(());
     }
-    let result = generate_streaming(model, tokenizer, ids, params, !args.json)?;
+    let mut ngram = NgramDrafter::default();
+    let draft: Option<(&str, usize, &mut dyn Drafter)> = match (args.draft.as_deref(), model_draft) {
+        (None, _) => None,
+        (Some(name), Some(d)) => Some((name, args.draft_k, d)),
+        (Some(_), None) => Some(("ngram", args.draft_k, &mut ngram)),
+    };
+    let (result, spec) = generate_maybe_speculative(model, tokenizer, ids, params, !args.json, draft)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&generation_json(&result))?);
+        println!("{}", serde_json::to_string_pretty(&generation_json(&result, spec.as_ref()))?);
     } else {
         println!();
         let t = &result.timings;
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}, seed {}]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}, seed {}{}]",
             result.prompt_ids.len(),
             t.prefill_tokens_per_s(),
             result.completion_ids.len(),
             t.decode_tokens_per_s(),
             result.finish_reason,
-            result.seed
+            result.seed,
+            spec.as_ref().map(Speculation::summary).unwrap_or_default()
         );
     }
     Ok(())
@@ -259,7 +369,7 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
         let ids = g.tokenizer.encode(&prompt, false)?;
         let reply = generate_streaming(&g.model, &g.tokenizer, ids, &params, !args.json)?;
         if args.json {
-            println!("{}", serde_json::to_string(&generation_json(&reply))?);
+            println!("{}", serde_json::to_string(&generation_json(&reply, None))?);
         } else {
             println!();
         }

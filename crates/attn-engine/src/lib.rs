@@ -5,7 +5,8 @@
 //! top-p, min-p), the [`sampler`] picks a token, [`generate()`] drives any
 //! [`attn_models::LanguageModel`] through prefill and cached decode steps and
 //! streams text through the UTF-8-safe [`detok`]enizer, and [`beam`] search
-//! runs several hypotheses as one batched forward call.
+//! runs several hypotheses as one batched forward call; [`speculative`]
+//! decoding verifies a drafter's proposals in one call of the target.
 
 pub mod beam;
 pub mod block_manager;
@@ -17,6 +18,7 @@ pub mod perplexity;
 pub mod processors;
 pub mod sampler;
 pub mod scheduler;
+pub mod speculative;
 
 #[cfg(test)]
 mod testutil;
@@ -30,3 +32,7 @@ pub use perplexity::{perplexity, Perplexity};
 pub use processors::SamplingParams;
 pub use sampler::Sampler;
 pub use scheduler::SchedulerConfig;
+pub use speculative::{
+    generate_speculative, Draft, Drafter, ModelDrafter, NgramDrafter, SpecStats, SpeculativeGeneration,
+    MAX_DRAFT_TOKENS,
+};

@@ -70,6 +70,12 @@ const BLOCK: usize = 1024;
 fn sample_with(logits: &[f32], rng: &mut impl RngCore, weights: &mut Vec<f32>) -> Result<u32> {
     let max = max_finite(logits).ok_or_else(|| Error::input("sample", "no token has a finite logit"))?;
     let total = exp_into(logits, max, weights);
+    Ok(draw(weights, total, rng))
+}
+
+/// Draws an index with probability `weights[i] / total` (`total` is the sum
+/// of the non-negative `weights`); zero weights are never drawn.
+pub(crate) fn draw(weights: &[f32], total: f64, rng: &mut (impl RngCore + ?Sized)) -> u32 {
     let target = uniform(rng) * total;
     let mut cum = 0.0f64;
     for (b, block) in weights.chunks(BLOCK).enumerate() {
@@ -79,18 +85,18 @@ fn sample_with(logits: &[f32], rng: &mut impl RngCore, weights: &mut Vec<f32>) -
             for (j, &w) in block.iter().enumerate() {
                 c += w as f64;
                 if w > 0.0 && c > target {
-                    return Ok((b * BLOCK + j) as u32);
+                    return (b * BLOCK + j) as u32;
                 }
             }
         }
         cum += mass;
     }
     // Only reachable through rounding: the last token that can be drawn.
-    Ok(weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32)
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
 }
 
 /// A uniform draw in [0, 1) from the top 53 bits of one `u64`.
-fn uniform(rng: &mut impl RngCore) -> f64 {
+pub(crate) fn uniform(rng: &mut (impl RngCore + ?Sized)) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 

@@ -58,6 +58,11 @@ impl ToyModel {
         })
     }
 
+    /// The logits the model gives after `seen`.
+    pub fn forward_logits(&self, seen: &[u32]) -> Vec<f32> {
+        (self.rule)(seen)
+    }
+
     /// Emits `script` after a prompt of `prompt_len` tokens, then EOS.
     pub fn script(vocab: usize, ctx: usize, prompt_len: usize, script: Vec<u32>) -> Self {
         Self::new(vocab, ctx, move |seen| {
