@@ -36,15 +36,16 @@ pub struct GenerateArgs {
     n_best: usize,
     /// Speculative decoding: `ngram` (proposals looked up in the prompt and output so far)
     /// or a draft model sharing the tokenizer (a known name, a .gguf file). Greedy output
-    /// equals plain decoding's exactly with --batched-kernel; candle's quantized kernel rounds
-    /// a many-row call differently from a one-row call, which can flip a near-tie
+    /// equals plain decoding's exactly on the default fused kernels (each row of a
+    /// verification call is computed as it would be alone); candle's kernels
+    /// (ATTN_KERNELS=candle) round a many-row call differently and can flip a near-tie
     #[arg(long, value_name = "MODEL|ngram")]
     draft: Option<String>,
     /// Speculative decoding: tokens proposed per step, all verified in one forward call
     #[arg(long, default_value_t = 4, value_name = "K")]
     draft_k: usize,
-    /// Run the model through the batched 8-bit kernel, whose cost barely grows with the
-    /// rows of a call (the k + 1 rows a speculative step verifies)
+    /// With ATTN_KERNELS=candle: convert the matrices to the batched 8-bit kernel, whose
+    /// cost barely grows with the rows of a call (the default fused path already uses it)
     #[arg(long)]
     batched_kernel: bool,
     /// Worker threads for the tensor kernels
