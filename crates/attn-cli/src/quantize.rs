@@ -11,10 +11,10 @@ pub struct QuantizeArgs {
     /// The GGUF file to write (replaced atomically)
     output: PathBuf,
     /// Target type of the matrices: q8_0, q4_0 or q4_k (rows that do not fill its blocks fall back: q4_k to q5_0, then f16)
-    #[arg(long = "type", short = 't')]
+    #[arg(long = "type")]
     ty: String,
     /// Worker threads
-    #[arg(long)]
+    #[arg(short, long)]
     threads: Option<usize>,
     /// Print the summary as JSON
     #[arg(long)]
