@@ -311,9 +311,7 @@ impl SentenceEncoder {
         }
         let n = |k: &str| f.meta_u64(k).map(|v| v as usize);
         let rows = |name: &str| {
-            f.tensor_info(name)
-                .map(|i| i.shape()[0])
-                .ok_or_else(|| Error::MissingTensor { name: name.to_string() })
+            f.tensor_info(name).map(|i| i.shape()[0]).ok_or_else(|| Error::MissingTensor { name: name.to_string() })
         };
         let cfg = BertConfig {
             vocab_size: rows("token_embd.weight")?,

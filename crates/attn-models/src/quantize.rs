@@ -193,7 +193,8 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType) -> Result<QuantizeSu
     let tensors: Vec<QTensor> =
         items.par_iter().zip(targets.par_iter()).map(|(it, &t)| convert(&source, it, t)).collect::<Result<_>>()?;
 
-    metadata.retain(|(k, _)| k != "general.alignment" && k != "general.file_type" && k != "general.quantization_version");
+    metadata
+        .retain(|(k, _)| k != "general.alignment" && k != "general.file_type" && k != "general.quantization_version");
     metadata.push(("general.file_type".into(), Value::U32(ty.file_type())));
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
     let meta_c: Vec<(String, gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.clone(), to_candle(v))).collect();
@@ -266,11 +267,7 @@ fn convert(source: &Input, it: &Item, target: GgmlDType) -> Result<QTensor> {
         .map_err(|e| Error::input("quantize", format!("tensor `{}` to {target:?}: {e}", it.name)))
 }
 
-fn write_atomic(
-    output: &Path,
-    metadata: &[(&str, &gguf_file::Value)],
-    tensors: &[(&str, &QTensor)],
-) -> Result<u64> {
+fn write_atomic(output: &Path, metadata: &[(&str, &gguf_file::Value)], tensors: &[(&str, &QTensor)]) -> Result<u64> {
     let file_name = output.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = output.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<u64> {
@@ -576,8 +573,7 @@ fn bert_vocab_metadata(tokenizer_json: &str, path: &Path) -> Result<Vec<(String,
         // Only the HF tokenizer is stored; attn needs nothing else.
         return Ok(Vec::new());
     }
-    let vocab =
-        model["vocab"].as_object().ok_or_else(|| Error::format(path, "WordPiece model without a vocab map"))?;
+    let vocab = model["vocab"].as_object().ok_or_else(|| Error::format(path, "WordPiece model without a vocab map"))?;
     let mut tokens = vec![None; vocab.len()];
     for (tok, id) in vocab {
         let id = id.as_u64().map(|i| i as usize).filter(|&i| i < tokens.len());

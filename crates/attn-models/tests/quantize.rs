@@ -143,7 +143,8 @@ fn random_bert_folder_round_trips_within_the_quantization_error() {
     let ids = float.tokenizer.encode_batch(&texts).unwrap();
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     let t = *lengths.iter().max().unwrap();
-    let flat: Vec<u32> = ids.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(0).take(t - r.len()))).collect();
+    let flat: Vec<u32> =
+        ids.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(0).take(t - r.len()))).collect();
     let ids_t = Tensor::from_vec(flat, (texts.len(), t), &Device::Cpu).unwrap();
     let valid = |h: Tensor| -> Vec<f32> {
         let h = h.to_vec3::<f32>().unwrap();

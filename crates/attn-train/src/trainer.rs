@@ -602,8 +602,7 @@ pub fn load_exported(path: &Path, device: &Device) -> Result<(Net, attn_models::
     if path.is_dir() {
         let cj_path = path.join("config.json");
         let text = fs::read_to_string(&cj_path).map_err(|e| Error::io(&cj_path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&cj_path, e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cj_path, e.to_string()))?;
         let kind = ModelKind::from_json(&v, &cj_path)?;
         let net = load_net(path, &kind, device)?;
         return Ok((net, HfTokenizer::from_file(&path.join("tokenizer.json"), None)?));
