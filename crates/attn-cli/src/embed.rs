@@ -14,7 +14,7 @@ pub struct EmbedArgs {
     /// A file with one text per line (instead of or in addition to TEXTS)
     #[arg(short, long)]
     file: Option<PathBuf>,
-    /// A known model name or an HF-style folder (config.json, *.safetensors, tokenizer.json)
+    /// A known model name, an HF-style folder (config.json, *.safetensors, tokenizer.json) or a BERT GGUF from `attn quantize`
     #[arg(short, long, default_value = DEFAULT_ENCODER)]
     model: String,
     /// Sentences per forward pass
@@ -26,6 +26,12 @@ pub struct EmbedArgs {
     /// Print JSON (model, dimension, one embedding per text)
     #[arg(long)]
     json: bool,
+    /// Run the linear layers as weight-only int8 (8-bit blocks of 32, activations quantized per row)
+    #[arg(long)]
+    int8: bool,
+    /// Print the embedding speed (sentences/s, excluding loading) to stderr
+    #[arg(long)]
+    timing: bool,
 }
 
 pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
@@ -47,8 +53,14 @@ pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
             anyhow::bail!("`{}` is a {} model; `attn embed` needs a sentence-embedding model", args.model, other.kind())
         }
     };
+    let enc = if args.int8 { Box::new(enc.into_q8()?) } else { enc };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let t0 = std::time::Instant::now();
     let emb = enc.embed(&refs, args.batch_size)?.to_vec2::<f32>()?;
+    if args.timing {
+        let s = t0.elapsed().as_secs_f64();
+        eprintln!("[{} sentences in {:.3} s: {:.1} sentences/s]", texts.len(), s, texts.len() as f64 / s);
+    }
     if args.json {
         let dim = emb.first().map_or(0, Vec::len);
         let items: Vec<_> = texts.iter().zip(&emb).map(|(t, e)| json!({"text": t, "embedding": e})).collect();

@@ -181,6 +181,14 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         return run_trained(args, &dir, &prompt, &params);
     }
+    if let Some(f) = trained_gguf(&args.model)? {
+        if args.draft.as_deref().is_some_and(|d| d != "ngram") {
+            anyhow::bail!(
+                "a draft model works with GGUF language models; with a model trained by `attn train` use --draft ngram"
+            );
+        }
+        return run_trained(args, &f, &prompt, &params);
+    }
     let mut g = open_generator(&args.model)?;
     if args.batched_kernel {
         g.model = g.model.for_batched_serving()?;
@@ -215,21 +223,33 @@ fn trained_model_dir(arg: &str) -> Option<std::path::PathBuf> {
     v.get("model_type")?.as_str()?.starts_with("attn-").then_some(dir)
 }
 
-/// Generation with a model trained by `attn train`: a GPT continues the
-/// prompt; an encoder-decoder translates it.
+/// A GGUF file holding a model trained by attn (`attn quantize` output).
+fn trained_gguf(arg: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let p = std::path::Path::new(arg);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let mut magic = [0u8; 4];
+    let n = std::io::Read::read(&mut std::fs::File::open(p)?, &mut magic)?;
+    if n < 4 || &magic != b"GGUF" {
+        return Ok(None);
+    }
+    let f = attn_models::gguf::GgufFile::open(p)?;
+    Ok(f.header.architecture().is_some_and(|a| a.starts_with("attn-")).then(|| p.to_path_buf()))
+}
+
+/// Generation with a model trained by `attn train` (its exported folder,
+/// or a GGUF made from it by `attn quantize`): a GPT continues the prompt;
+/// an encoder-decoder translates it.
 fn run_trained(
     args: &GenerateArgs,
-    dir: &std::path::Path,
+    path: &std::path::Path,
     prompt: &str,
     params: &SamplingParams,
 ) -> anyhow::Result<()> {
-    use attn_train::task::{ModelKind, Net};
-    let cfg_path = dir.join("config.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
-    let kind = ModelKind::from_json(&v, &cfg_path)?;
+    use attn_train::task::Net;
     let device = candle_core::Device::Cpu;
-    let net = attn_train::trainer::load_net(dir, &kind, &device)?;
-    let tok = attn_models::hf_tokenizer::HfTokenizer::from_file(&dir.join("tokenizer.json"), None)?;
+    let (net, tok) = attn_train::trainer::load_exported(path, &device)?;
     match &net {
         Net::Gpt(m) => {
             let ids = tok.encode(prompt, false)?;
@@ -247,7 +267,7 @@ fn run_trained(
             decode_and_print(args, &dec, &tok, vec![attn_train::config::BOS_ID], params, None)
         }
         Net::Classifier(_) => {
-            anyhow::bail!("{} is a classifier; score it with `attn eval -m {}`", dir.display(), dir.display())
+            anyhow::bail!("{} is a classifier; score it with `attn eval -m {}`", path.display(), path.display())
         }
     }
 }

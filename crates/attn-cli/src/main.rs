@@ -8,6 +8,7 @@ mod generate;
 mod info;
 mod perplexity;
 mod pull;
+mod quantize;
 mod serve;
 mod train;
 
@@ -20,14 +21,6 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Arguments of a command that is not built yet: accepted so that the
-/// command can say so itself instead of failing on its flags.
-#[derive(clap::Args)]
-struct Planned {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -58,12 +51,8 @@ enum Command {
     Pull(pull::PullArgs),
     /// Show what a model file holds: architecture, parameters, tensor types, memory
     Info(info::InfoArgs),
-    /// Convert a model to a quantized GGUF (not built yet)
-    Quantize(Planned),
-}
-
-fn not_built(name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`attn {name}` is not built yet")
+    /// Convert a model (GGUF, HF BERT folder, model trained by attn) to a quantized GGUF
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -81,7 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => train::eval(&a),
         Command::Plot(a) => train::plot(&a),
         Command::Pull(a) => pull::run(&a),
-        Command::Quantize(_) => not_built("quantize"),
+        Command::Quantize(a) => quantize::run(&a),
     }
 }
 

@@ -15,6 +15,7 @@ use attn_nn::{
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::gguf::{GgufFile, GgufSource};
 use crate::hf_tokenizer::HfTokenizer;
 
 fn default_act() -> String {
@@ -135,6 +136,18 @@ impl Bert {
             cfg: cfg.clone(),
             dropout: Dropout::new(0.0)?,
         })
+    }
+
+    /// The same model with every linear layer in 8-bit blocks (weight-only
+    /// int8 inference; see [`attn_nn::q8`]).
+    pub fn to_q8(&self) -> Result<Self> {
+        let f = |l: &Linear| l.to_q8();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(BertLayer { attn: l.attn.map_linears(&f)?, ffn: l.ffn.map_linears(&f)?, ..l.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Bert { layers, ..self.clone() })
     }
 
     /// Sets the hidden dropout used by [`Bert::forward_t`] in training.
@@ -280,6 +293,65 @@ impl SentenceEncoder {
         }
         let tokenizer = HfTokenizer::from_file(&tok_path, Some(max_seq_length))?;
         Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone() })
+    }
+
+    /// Loads a BERT GGUF as `attn quantize` writes it: llama.cpp's tensor
+    /// names and `bert.*` keys, mean pooling, and the HF tokenizer under
+    /// `tokenizer.huggingface.json`.
+    pub fn from_gguf(f: Arc<GgufFile>, device: &Device) -> Result<Self> {
+        let path = f.path().to_path_buf();
+        if let Some(p) = f.meta_opt("bert.pooling_type").and_then(|v| v.as_u64()) {
+            if p != 1 {
+                return Err(Error::Unsupported(format!(
+                    "{}: bert.pooling_type {p} (attn's sentence embeddings use mean pooling, type 1)",
+                    path.display()
+                )));
+            }
+        }
+        let n = |k: &str| f.meta_u64(k).map(|v| v as usize);
+        let rows = |name: &str| {
+            f.tensor_info(name).map(|i| i.shape()[0]).ok_or_else(|| Error::MissingTensor { name: name.to_string() })
+        };
+        let cfg = BertConfig {
+            vocab_size: rows("token_embd.weight")?,
+            hidden_size: n("bert.embedding_length")?,
+            num_hidden_layers: n("bert.block_count")?,
+            num_attention_heads: n("bert.attention.head_count")?,
+            intermediate_size: n("bert.feed_forward_length")?,
+            max_position_embeddings: n("bert.context_length")?,
+            type_vocab_size: rows("token_types.weight")?,
+            hidden_act: f
+                .meta_opt(crate::quantize::HIDDEN_ACT_KEY)
+                .and_then(|v| v.as_str())
+                .unwrap_or("gelu")
+                .to_string(),
+            layer_norm_eps: f.meta_f64("bert.attention.layer_norm_epsilon")?,
+        };
+        let max_seq_length = f
+            .meta_opt(crate::quantize::MAX_SEQ_LENGTH_KEY)
+            .and_then(|v| v.as_u64())
+            .map_or(cfg.max_position_embeddings, |m| (m as usize).min(cfg.max_position_embeddings));
+        let json = f.meta_opt(crate::quantize::HF_TOKENIZER_KEY).and_then(|v| v.as_str()).ok_or_else(|| {
+            Error::format(
+                &path,
+                format!(
+                    "no `{}` in the metadata: attn tokenizes BERT with the HF tokenizer.json                      (`attn quantize` stores it there)",
+                    crate::quantize::HF_TOKENIZER_KEY
+                ),
+            )
+        })?;
+        let tokenizer = HfTokenizer::from_json(json, Some(max_seq_length), &path)?;
+        let source: Arc<dyn WeightSource> =
+            Arc::new(GgufSource::new(f.clone(), crate::quantize::bert_rename_map(cfg.num_hidden_layers)));
+        let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone() })
+    }
+
+    /// The same encoder with every linear layer in 8-bit blocks
+    /// ([`attn_nn::q8`]): weight-only int8, activations quantized per row.
+    pub fn into_q8(mut self) -> Result<Self> {
+        self.model = self.model.to_q8()?;
+        Ok(self)
     }
 
     /// Normalised sentence embeddings `[n, hidden]` of `texts`, run in

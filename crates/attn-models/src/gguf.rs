@@ -666,3 +666,59 @@ pub fn repack_q5_0_as_q8_0(q5: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// A GGUF file as a [`attn_nn::WeightSource`], for models that load by
+/// parameter name (BERT, models trained by attn). Vectors and embedding
+/// tables are dequantized on request; matrices stored in a block format
+/// reach [`attn_nn::Linear::load`] still quantized (Q5_0 repacked to Q8_0,
+/// as [`GgufFile::linear`] does).
+pub struct GgufSource {
+    file: Arc<GgufFile>,
+    /// The model's parameter name -> the tensor's name in the file, where
+    /// they differ (llama.cpp's names for BERT).
+    rename: std::collections::HashMap<String, String>,
+}
+
+impl GgufSource {
+    pub fn new(file: Arc<GgufFile>, rename: std::collections::HashMap<String, String>) -> Self {
+        GgufSource { file, rename }
+    }
+
+    fn file_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.rename.get(name).map_or(name, String::as_str)
+    }
+}
+
+impl attn_nn::WeightSource for GgufSource {
+    fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        _init: attn_nn::Init,
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> Result<candle_core::Tensor> {
+        Ok(self.file.dense(self.file_name(name), shape, device)?.to_dtype(dtype)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.file.tensor_info(self.file_name(name)).is_some()
+    }
+
+    fn load_quantized(&self, name: &str, device: &Device) -> Result<Option<Arc<QTensor>>> {
+        let file_name = self.file_name(name);
+        let info =
+            self.file.tensor_info(file_name).ok_or_else(|| Error::MissingTensor { name: file_name.to_string() })?;
+        // Float types (F32, F16, BF16) load dense.
+        if self.file.dequantize || matches!(info.ty.0, 0 | 1 | 30) {
+            return Ok(None);
+        }
+        let q = if info.ty == TensorType(6) {
+            let data = repack_q5_0_as_q8_0(self.file.tensor_data(info));
+            qtensor_from_ggml(GgmlDType::Q8_0, &data, info.shape(), device)?
+        } else {
+            self.file.qtensor(file_name, device)?
+        };
+        Ok(Some(Arc::new(q)))
+    }
+}

@@ -17,8 +17,20 @@ impl HfTokenizer {
     /// Loads `tokenizer.json`, with its own padding switched off and
     /// truncation at `max_len` tokens (special tokens included) when given.
     pub fn from_file(path: &Path, max_len: Option<usize>) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+        Self::from_inner(inner, max_len, path)
+    }
+
+    /// The same from the text of a `tokenizer.json` (kept in a GGUF's
+    /// `tokenizer.huggingface.json`); `origin` names it in errors.
+    pub fn from_json(json: &str, max_len: Option<usize>, origin: &Path) -> Result<Self> {
+        let inner: tokenizers::Tokenizer =
+            json.parse().map_err(|e| Error::format(origin, format!("not a valid tokenizer.json: {e}")))?;
+        Self::from_inner(inner, max_len, origin)
+    }
+
+    fn from_inner(mut inner: tokenizers::Tokenizer, max_len: Option<usize>, path: &Path) -> Result<Self> {
         inner.with_padding(None);
         let trunc = max_len.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() });
         inner.with_truncation(trunc).map_err(|e| Error::format(path, format!("truncation: {e}")))?;

@@ -11,6 +11,7 @@ pub mod hf_tokenizer;
 pub mod inspect;
 pub mod lm;
 pub mod load;
+pub mod quantize;
 pub mod registry;
 pub mod spm;
 pub mod transformer;

@@ -87,9 +87,15 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             let name = f.meta_opt("general.name").and_then(|v| v.as_str()).unwrap_or("gemma3").to_string();
             Ok(AnyModel::Generator(Box::new(Generator { model, tokenizer, chat_template, name })))
         }
-        Some(other) => {
-            Err(Error::Unsupported(format!("{}: GGUF architecture `{other}` (supported: gemma3)", path.display())))
-        }
+        Some("bert") => Ok(AnyModel::Encoder(Box::new(SentenceEncoder::from_gguf(std::sync::Arc::new(f), device)?))),
+        Some(other) if other.starts_with("attn-") => Err(Error::Unsupported(format!(
+            "{}: a `{other}` model trained by attn; `attn generate` runs it",
+            path.display()
+        ))),
+        Some(other) => Err(Error::Unsupported(format!(
+            "{}: GGUF architecture `{other}` (supported: gemma3, bert, and models trained by attn)",
+            path.display()
+        ))),
         None => Err(Error::format(path, "GGUF has no general.architecture")),
     }
 }

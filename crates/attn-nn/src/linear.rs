@@ -63,8 +63,13 @@ impl Linear {
     }
 
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`), initialised
-    /// Xavier-uniform / zeros when a trainable source creates them.
+    /// Xavier-uniform / zeros when a trainable source creates them. A weight
+    /// the source stores quantized (GGUF) stays quantized.
     pub fn load(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        if let Some(q) = w.get_quantized(&[out_features, in_features], "weight")? {
+            let bias = if bias { Some(w.get_with_init(&[out_features], "bias", Init::Zeros)?) } else { None };
+            return Self::from_qtensor(q, bias);
+        }
         let weight =
             w.get_with_init(&[out_features, in_features], "weight", Init::xavier_uniform(out_features, in_features))?;
         let bias = if bias { Some(w.get_with_init(&[out_features], "bias", Init::Zeros)?) } else { None };

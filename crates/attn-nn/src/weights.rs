@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
@@ -65,6 +66,13 @@ pub trait WeightSource: Send + Sync {
 
     /// Whether the source holds a tensor called `name`.
     fn contains(&self, name: &str) -> bool;
+
+    /// The tensor `name` in its quantized block format, when the source
+    /// stores it quantized (a GGUF file): layers that can compute on it
+    /// (see [`crate::Linear::load`]) keep it so. `None` for float sources.
+    fn load_quantized(&self, _name: &str, _device: &Device) -> Result<Option<Arc<QTensor>>> {
+        Ok(None)
+    }
 }
 
 /// Checks that a loaded tensor has the expected shape.
@@ -124,6 +132,17 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.source.contains(&self.path(name))
+    }
+
+    /// `name` in the source's quantized format, if it stores it quantized;
+    /// the shape is checked like [`Weights::get`].
+    pub fn get_quantized(&self, shape: &[usize], name: &str) -> Result<Option<Arc<QTensor>>> {
+        let full = self.path(name);
+        let Some(q) = self.source.load_quantized(&full, &self.device)? else { return Ok(None) };
+        if q.shape().dims() != shape {
+            return Err(Error::TensorShape { name: full, expected: shape.to_vec(), got: q.shape().dims().to_vec() });
+        }
+        Ok(Some(q))
     }
 
     pub fn dtype(&self) -> DType {

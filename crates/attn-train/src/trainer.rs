@@ -594,6 +594,27 @@ pub fn load_net(model_dir: &Path, kind: &ModelKind, device: &Device) -> Result<N
     Net::build(kind, &w)
 }
 
+/// A model trained by attn and its tokenizer, from its exported folder or
+/// from a GGUF file made of it by `attn quantize` (matrices stay
+/// quantized; see [`attn_models::quantize`]).
+pub fn load_exported(path: &Path, device: &Device) -> Result<(Net, attn_models::hf_tokenizer::HfTokenizer)> {
+    use attn_models::hf_tokenizer::HfTokenizer;
+    if path.is_dir() {
+        let cj_path = path.join("config.json");
+        let text = fs::read_to_string(&cj_path).map_err(|e| Error::io(&cj_path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cj_path, e.to_string()))?;
+        let kind = ModelKind::from_json(&v, &cj_path)?;
+        let net = load_net(path, &kind, device)?;
+        return Ok((net, HfTokenizer::from_file(&path.join("tokenizer.json"), None)?));
+    }
+    let f = std::sync::Arc::new(attn_models::gguf::GgufFile::open(path)?);
+    let (cfg, tok) = attn_models::quantize::attn_model_parts(&f)?;
+    let kind = ModelKind::from_json(&cfg, path)?;
+    let source = attn_models::gguf::GgufSource::new(f, Default::default());
+    let w = attn_nn::Weights::new(std::sync::Arc::new(source), candle_core::DType::F32, device);
+    Ok((Net::build(&kind, &w)?, HfTokenizer::from_json(&tok, None, path)?))
+}
+
 /// For tests: parameter tensors by name.
 pub fn param_tensors(model: &Model) -> HashMap<String, Tensor> {
     checkpoint::params_to_tensors(&model.store.vars())
