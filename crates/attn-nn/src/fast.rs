@@ -292,7 +292,9 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
     Ok(())
 }
 
-/// Dot product in eight independent lanes (one vector register).
+/// Dot product in eight independent lanes (one vector register). Plain
+/// multiply and add: `mul_add` without a compile-time FMA target feature is
+/// a libm call per element (measured: 13 ms of a 40 ms decode step).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -300,7 +302,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
@@ -313,7 +315,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = a.mul_add(*xi, *yi);
+        *yi += a * xi;
     }
 }
 
