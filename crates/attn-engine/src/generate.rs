@@ -132,18 +132,7 @@ where
 {
     let mut sampler = Sampler::new(params)?;
     let ctx = model.context_length();
-    if prompt_ids.is_empty() {
-        return Err(Error::input("generate", "the prompt has no tokens"));
-    }
-    if prompt_ids.len() >= ctx {
-        return Err(Error::input(
-            "generate",
-            format!(
-                "the prompt has {} tokens but the model's context holds {ctx}, leaving no room to generate",
-                prompt_ids.len()
-            ),
-        ));
-    }
+    check_prompt(&prompt_ids, ctx)?;
     let eos = tokenizer.eos_ids();
 
     let start = Instant::now();
@@ -272,6 +261,23 @@ impl StopFilter {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// A prompt must hold at least one token and leave room in the context.
+pub(crate) fn check_prompt(prompt_ids: &[u32], ctx: usize) -> Result<()> {
+    if prompt_ids.is_empty() {
+        return Err(Error::input("generate", "the prompt has no tokens"));
+    }
+    if prompt_ids.len() >= ctx {
+        return Err(Error::input(
+            "generate",
+            format!(
+                "the prompt has {} tokens but the model's context holds {ctx}, leaving no room to generate",
+                prompt_ids.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -359,18 +359,7 @@ where
     params.validate()?;
     validate_draft_tokens(k)?;
     let ctx = target.context_length();
-    if prompt_ids.is_empty() {
-        return Err(Error::input("generate", "the prompt has no tokens"));
-    }
-    if prompt_ids.len() >= ctx {
-        return Err(Error::input(
-            "generate",
-            format!(
-                "the prompt has {} tokens but the model's context holds {ctx}, leaving no room to generate",
-                prompt_ids.len()
-            ),
-        ));
-    }
+    crate::generate::check_prompt(&prompt_ids, ctx)?;
     let vocab = target.vocab_size();
     let seed = params.seed.unwrap_or_else(rand::random);
     // One stream for the target's choices, another for the drafter's, so
