@@ -123,17 +123,60 @@ pub fn rope_halves(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], si
     }
 }
 
-/// `g = gelu_tanh(g) * u` element-wise (GeGLU).
+/// `e^x` for `f32` without a libm call, so loops over it vectorize: Cody-
+/// Waite range reduction to `r` in `[-ln2/2, ln2/2]`, Cephes' degree-6
+/// polynomial, and the exponent set directly. Relative error below 2e-7
+/// (tested); 0 below -87.3 (where `e^x` is under f32's normal range) and
+/// +inf above 88.7.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2^23 rounds to an integer (ties to even) in the low bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let t = xc * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    let bits = (t.to_bits() as i32 - SHIFTER.to_bits() as i32 + 127) << 23;
+    let y = e * f32::from_bits(bits as u32);
+    if x < -87.3 {
+        0.0
+    } else if x > 88.7 {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// `g = gelu_tanh(g) * u` element-wise (GeGLU), in parallel for large
+/// inputs. `0.5 (1 + tanh z) = 1 / (1 + e^(-2z))`, so no tanh is needed.
 pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    const CHUNK: usize = 1 << 14;
+    if g.len() >= 2 * CHUNK {
+        g.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(g, u)| gelu_tanh_mul_seq(g, u));
+    } else {
+        gelu_tanh_mul_seq(g, u);
+    }
+}
+
+fn gelu_tanh_mul_seq(g: &mut [f32], u: &[f32]) {
     const S2PI: f32 = 0.797_884_6; // sqrt(2 / pi)
     for (a, b) in g.iter_mut().zip(u) {
         let x = *a;
         let inner = S2PI * (x + 0.044_715 * x * x * x);
-        *a = 0.5 * x * (1.0 + inner.tanh()) * b;
+        *a = x / (1.0 + exp_fast(-2.0 * inner)) * b;
     }
 }
 
-/// Read access to one sequence's cached keys and values by position.
 pub trait KvRows: Sync {
     fn key(&self, pos: usize, kv_head: usize) -> &[f32];
     fn value(&self, pos: usize, kv_head: usize) -> &[f32];
@@ -205,7 +248,7 @@ fn attend_row<K: KvRows>(q: &[f32], kv: &K, g: usize, lo: usize, hi: usize, o: S
     }
     let mut sum = 0f32;
     for s in &mut scores {
-        *s = (*s - max).exp();
+        *s = exp_fast(*s - max);
         sum += *s;
     }
     let inv = 1.0 / sum;
@@ -265,7 +308,7 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
                     }
                     let mut sum = 0f32;
                     for s in &mut srow[a..b] {
-                        *s = (*s - max).exp();
+                        *s = exp_fast(*s - max);
                         sum += *s;
                     }
                     let inv = 1.0 / sum;
@@ -455,6 +498,33 @@ mod tests {
             .unwrap();
             let diff = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-5, "past {past} t {t} window {window:?}: max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn fast_exp_and_gelu_match_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_fast(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.001_7;
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert_eq!(exp_fast(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_fast(-100.0), 0.0);
+        assert_eq!(exp_fast(100.0), f32::INFINITY);
+        assert!(exp_fast(f32::NAN).is_nan());
+        // GeGLU against the tanh formula, in f64.
+        let xs: Vec<f32> = (0..4001).map(|i| -20.0 + i as f32 * 0.01).collect();
+        let mut g = xs.clone();
+        gelu_tanh_mul(&mut g, &vec![1.0; xs.len()]);
+        for (x, got) in xs.iter().zip(&g) {
+            let x = *x as f64;
+            let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044_715 * x.powi(3))).tanh());
+            assert!((*got as f64 - want).abs() < 1e-6 * want.abs().max(1.0), "gelu({x}) = {got}, want {want}");
         }
     }
 

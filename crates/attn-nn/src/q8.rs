@@ -5,16 +5,28 @@
 //! row for several rows as for one (measured on Gemma 3 270M, 2 threads:
 //! the output projection takes 17 ms for 1 row, 89 ms for 4, 221 ms for
 //! 16), so a batch of decoding sequences gained nothing from batching.
-//! Here the weights are 8-bit blocks of 32 with an f32 scale (Q8_0's
-//! layout with a float scale), the activations are quantized the same way
-//! per row, and each weight block, once loaded, is dotted with every
-//! activation row.
+//!
+//! Format: the weights are Q8_0's blocks of 32 `i8` with an f16 scale (34
+//! bytes per 32 weights, the same as the GGUF file), rearranged for SIMD:
+//! sixteen rows form a group, and a group's block `b` is one 512-byte panel
+//! in which each 64-byte line holds 4 consecutive weights of each of the 16
+//! rows. One AVX-512 VNNI `vpdpbusd` multiplies a line by 4 activation bytes
+//! (broadcast) and adds into 16 lanes, one per row, so the inner loop has no
+//! horizontal sums and a block's exact integer dot for 16 rows takes 8
+//! instructions. `vpdpbusd` wants unsigned weights, so they are stored as
+//! `w + 128`; the activation side removes the `128 · Σx` that adds, exactly,
+//! by starting each block's integer sum at `-128 · Σx`.
+//!
+//! Activations are quantized per row to blocks of 32 `i8` with an f32 scale.
 //!
 //! Every output element is computed by the same arithmetic whatever the
-//! number of rows and whichever code path (AVX2 or portable): exact integer
-//! dot products per block, then fused multiply-adds into eight lanes in a
-//! fixed order. So a sequence's logits do not depend on what else is in the
-//! batch, and the AVX2 path equals the portable one bit for bit (tested).
+//! number of rows, the tiling, and the code path (AVX-512 VNNI, AVX2 or
+//! portable): per block the exact integer dot `s`, then
+//! `acc = fma(w_scale · x_scale, s, acc)` over the blocks in order. So a
+//! sequence's logits do not depend on what else is in the batch, and the
+//! SIMD paths equal the portable one bit for bit (tested).
+
+use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -22,6 +34,15 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 const BLOCK: usize = 32;
+/// Weight rows interleaved per group (one AVX-512 lane each).
+const GROUP: usize = 16;
+/// 64-byte lines per (group, block) panel: 4 weights of each of 16 rows.
+const LINES: usize = BLOCK / 4;
+
+/// One 64-byte line of a weight panel, cache-line aligned.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 /// A `[rows, cols]` weight in 8-bit blocks of 32 along `cols`.
 #[derive(Debug, Clone)]
@@ -29,18 +50,26 @@ pub struct Q8Matrix {
     rows: usize,
     cols: usize,
     blocks: usize,
-    scales: Vec<f32>,
-    quants: Vec<i8>,
+    groups: usize,
+    /// `[group][block][line 0..8]`; line `k` byte `4j + t` is weight
+    /// `4k + t` of the block in row `16 group + j`, stored as `w + 128`.
+    quants: Vec<Line>,
+    /// `[group][block][row 0..16]`: f16 bits.
+    scales: Vec<u16>,
 }
 
-/// Activation rows quantized like [`Q8Matrix`] rows; the buffers are kept
-/// for reuse across calls.
+/// Activation rows quantized to blocks of 32 `i8` with an f32 scale; the
+/// buffers are kept for reuse across calls.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Acts {
     m: usize,
     blocks: usize,
+    /// `[m][blocks]`
     scales: Vec<f32>,
+    /// `[m][blocks · 32]`
     quants: Vec<i8>,
+    /// `[m][blocks]`: `-128 · Σ` of the block's quants (see the module docs).
+    corr: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -54,14 +83,26 @@ impl Q8Acts {
         self.blocks = nb;
         self.scales.resize(m * nb, 0.0);
         self.quants.resize(m * nb * BLOCK, 0);
-        let (scales, quants) = (&mut self.scales, &mut self.quants);
-        for i in 0..m {
-            quantize_row(
-                &x[i * cols..(i + 1) * cols],
-                nb,
-                &mut scales[i * nb..(i + 1) * nb],
-                &mut quants[i * nb * BLOCK..(i + 1) * nb * BLOCK],
-            );
+        self.corr.resize(m * nb, 0);
+        let work = |i: usize, s: &mut [f32], q: &mut [i8], c: &mut [i32]| {
+            quantize_row(&x[i * cols..(i + 1) * cols], nb, s, q);
+            for (b, cb) in c.iter_mut().enumerate() {
+                *cb = -128 * q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
+            }
+        };
+        let (scales, quants, corr) = (&mut self.scales, &mut self.quants, &mut self.corr);
+        if m * cols >= 1 << 16 {
+            scales
+                .par_chunks_mut(nb)
+                .zip(quants.par_chunks_mut(nb * BLOCK))
+                .zip(corr.par_chunks_mut(nb))
+                .enumerate()
+                .for_each(|(i, ((s, q), c))| work(i, s, q, c));
+        } else {
+            let rows = scales.chunks_mut(nb).zip(quants.chunks_mut(nb * BLOCK)).zip(corr.chunks_mut(nb));
+            for (i, ((s, q), c)) in rows.enumerate() {
+                work(i, s, q, c);
+            }
         }
         Ok(())
     }
@@ -71,55 +112,193 @@ impl Q8Acts {
     }
 }
 
-/// Quantizes one row into `blocks` blocks (zero-padded past `x.len()`).
+/// Quantizes one row into `blocks` blocks (zero-padded past `x.len()`),
+/// rounding half away from zero. Written without `round` (a libm call) so
+/// that it vectorizes.
 fn quantize_row(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8]) {
     for b in 0..blocks {
         let lo = b * BLOCK;
         let hi = (lo + BLOCK).min(x.len());
         let src = if lo < x.len() { &x[lo..hi] } else { &[][..] };
-        let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let amax = src.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         scales[b] = d;
         let q = &mut quants[lo..lo + BLOCK];
-        for (i, qi) in q.iter_mut().enumerate() {
-            *qi = src.get(i).map_or(0, |v| (v * inv).round().clamp(-127.0, 127.0) as i8);
+        q.fill(0);
+        for (qi, v) in q.iter_mut().zip(src) {
+            let y = (v * inv).clamp(-127.0, 127.0);
+            *qi = (y + 0.5f32.copysign(y)) as i32 as i8;
         }
     }
 }
 
+/// Quantizes one block to an f16 scale (as bits) and 32 `i8`, rounding with
+/// the f16 scale so that the stored scale is the one the quants were made for.
+fn quantize_block_f16(src: &[f32]) -> (u16, [i8; BLOCK]) {
+    let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let h = half::f16::from_f32(amax / 127.0);
+    let d = h.to_f32();
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    for (qi, v) in q.iter_mut().zip(src) {
+        *qi = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    (h.to_bits(), q)
+}
+
+/// Writes row `j` (of 16) of block `b` into one group's panels.
+fn set_block(lines: &mut [Line], scales: &mut [u16], j: usize, b: usize, scale: u16, q: &[i8]) {
+    scales[b * GROUP + j] = scale;
+    for (k, line) in lines[b * LINES..(b + 1) * LINES].iter_mut().enumerate() {
+        for t in 0..4 {
+            line.0[4 * j + t] = (q[4 * k + t] as u8) ^ 0x80;
+        }
+    }
+}
+
+/// The matmul kernel for this CPU, detected once. `ATTN_Q8_KERNEL=portable`
+/// (or `avx2`) picks a slower one, for comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    Vnni,
+}
+
+impl Kernel {
+    /// Every kernel this CPU can run, the portable one first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                v.push(Kernel::Avx2);
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Kernel::Vnni);
+                }
+            }
+        }
+        v
+    }
+
+    /// The kernel `matmul` uses: the fastest available, unless
+    /// `ATTN_Q8_KERNEL` names another available one.
+    pub fn detected() -> Kernel {
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            let avail = Kernel::available();
+            let best = *avail.last().expect("portable is always available");
+            match std::env::var("ATTN_Q8_KERNEL").ok().as_deref() {
+                None | Some("") => best,
+                Some(name) => match avail.iter().find(|k| k.name() == name) {
+                    Some(k) => *k,
+                    None => {
+                        eprintln!("ATTN_Q8_KERNEL={name}: not available on this CPU (have {avail:?}); using {best:?}");
+                        best
+                    }
+                },
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Vnni => "vnni",
+        }
+    }
+
+    /// (weight groups, activation rows) per tile.
+    fn tile(self, m: usize) -> (usize, usize) {
+        match self {
+            Kernel::Vnni if m == 1 => (4, 1),
+            Kernel::Vnni => (2, 6),
+            Kernel::Avx2 => (1, 4),
+            Kernel::Portable => (1, 1),
+        }
+    }
+}
+
+/// The output pointer shared by the tasks of one matmul; each writes its
+/// own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own weight rows).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl Q8Matrix {
+    fn zeroed(rows: usize, cols: usize) -> Self {
+        let blocks = cols.div_ceil(BLOCK);
+        let groups = rows.div_ceil(GROUP);
+        Q8Matrix {
+            rows,
+            cols,
+            blocks,
+            groups,
+            quants: vec![Line([0x80; 64]); groups * blocks * LINES],
+            scales: vec![0; groups * blocks * GROUP],
+        }
+    }
+
+    /// Fills every group in parallel; `row(r, b)` gives row `r`'s block `b`.
+    fn fill(mut self, row: impl Fn(usize, usize) -> (u16, [i8; BLOCK]) + Sync) -> Self {
+        let (nb, rows) = (self.blocks, self.rows);
+        self.quants
+            .par_chunks_mut(nb * LINES)
+            .zip(self.scales.par_chunks_mut(nb * GROUP))
+            .enumerate()
+            .for_each(|(g, (lines, scales))| {
+                for j in 0..GROUP.min(rows - g * GROUP) {
+                    for b in 0..nb {
+                        let (s, q) = row(g * GROUP + j, b);
+                        set_block(lines, scales, j, b, s, &q);
+                    }
+                }
+            });
+        self
+    }
+
     /// From a row-major f32 matrix.
     pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         if w.len() != rows * cols || cols == 0 {
             return Err(Error::input("q8 matrix", format!("{} values for a {rows}x{cols} matrix", w.len())));
         }
-        let blocks = cols.div_ceil(BLOCK);
-        let mut scales = vec![0f32; rows * blocks];
-        let mut quants = vec![0i8; rows * blocks * BLOCK];
-        scales
-            .par_chunks_mut(blocks)
-            .zip(quants.par_chunks_mut(blocks * BLOCK))
-            .enumerate()
-            .for_each(|(r, (s, q))| quantize_row(&w[r * cols..(r + 1) * cols], blocks, s, q));
-        Ok(Q8Matrix { rows, cols, blocks, scales, quants })
+        Ok(Self::zeroed(rows, cols).fill(|r, b| {
+            let lo = b * BLOCK;
+            quantize_block_f16(&w[r * cols + lo..r * cols + (lo + BLOCK).min(cols)])
+        }))
     }
 
     /// From GGUF Q8_0 blocks (34 bytes each: an f16 scale, then 32 `i8`),
-    /// exactly: the blocks are this format with a narrower scale.
+    /// exactly.
     pub fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
         const Q8_0: usize = 34;
         if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q8_0 {
             return Err(Error::input("q8 matrix", format!("{} bytes of Q8_0 for a {rows}x{cols} matrix", data.len())));
         }
-        let blocks = cols / BLOCK;
-        let mut scales = Vec::with_capacity(rows * blocks);
-        let mut quants = Vec::with_capacity(rows * cols);
-        for b in data.chunks_exact(Q8_0) {
-            scales.push(f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
-            quants.extend(b[2..].iter().map(|&q| q as i8));
-        }
-        Ok(Q8Matrix { rows, cols, blocks, scales, quants })
+        let nb = cols / BLOCK;
+        Ok(Self::zeroed(rows, cols).fill(|r, b| {
+            let blk = &data[(r * nb + b) * Q8_0..(r * nb + b + 1) * Q8_0];
+            let mut q = [0i8; BLOCK];
+            for (qi, &v) in q.iter_mut().zip(&blk[2..]) {
+                *qi = v as i8;
+            }
+            (u16::from_le_bytes([blk[0], blk[1]]), q)
+        }))
     }
 
     /// From a 2-D tensor of any float dtype (a dequantized GGUF weight).
@@ -137,6 +316,17 @@ impl Q8Matrix {
         self.cols
     }
 
+    #[inline]
+    fn weight(&self, r: usize, c: usize) -> i8 {
+        let p = (r / GROUP * self.blocks + c / BLOCK) * LINES + (c % BLOCK) / 4;
+        (self.quants[p].0[4 * (r % GROUP) + c % 4] ^ 0x80) as i8
+    }
+
+    #[inline]
+    fn scale(&self, r: usize, b: usize) -> f32 {
+        f16_to_f32(self.scales[(r / GROUP * self.blocks + b) * GROUP + r % GROUP])
+    }
+
     /// `x` `[m, cols]` (row-major) times the transpose: `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if x.len() != m * self.cols {
@@ -152,6 +342,12 @@ impl Q8Matrix {
     /// Rows already quantized (shared by several matrices of the same
     /// input, e.g. q/k/v) times the transpose, into `out` (`[m, rows]`).
     pub fn matmul_acts(&self, a: &Q8Acts, out: &mut [f32]) -> Result<()> {
+        self.matmul_acts_with(a, out, Kernel::detected())
+    }
+
+    /// [`Self::matmul_acts`] with a given kernel (one of
+    /// [`Kernel::available`]).
+    pub fn matmul_acts_with(&self, a: &Q8Acts, out: &mut [f32], kernel: Kernel) -> Result<()> {
         let m = a.m;
         if a.blocks != self.blocks || out.len() < m * self.rows {
             return Err(Error::input(
@@ -159,60 +355,118 @@ impl Q8Matrix {
                 format!("{} activation blocks for a {}x{} matrix", a.blocks, self.rows, self.cols),
             ));
         }
-        let nb = self.blocks;
-        let (xs, xq) = (&a.scales[..m * nb], &a.quants[..m * nb * BLOCK]);
-        let avx2 = has_avx2();
-        const ROWS_PER_TASK: usize = 64;
-        if m == 1 {
-            // One row (decode): each task writes its own range of the output.
-            out[..self.rows].par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
-                let r0 = task * ROWS_PER_TASK;
-                for (k, o) in dst.iter_mut().enumerate() {
-                    let r = r0 + k;
-                    *o = row_dot(
-                        &self.scales[r * nb..(r + 1) * nb],
-                        &self.quants[r * nb * BLOCK..(r + 1) * nb * BLOCK],
-                        xs,
-                        xq,
-                        avx2,
-                    );
-                }
-            });
+        if !Kernel::available().contains(&kernel) {
+            return Err(Error::input("q8 matmul", format!("kernel {kernel:?} is not available on this CPU")));
+        }
+        if m == 0 {
             return Ok(());
         }
-        // Output transposed ([rows, m]) so that each task writes one range.
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, dst)| {
-            let r0 = task * ROWS_PER_TASK;
-            for (k, o) in dst.chunks_mut(m).enumerate() {
-                let r = r0 + k;
-                let ws = &self.scales[r * nb..(r + 1) * nb];
-                let wq = &self.quants[r * nb * BLOCK..(r + 1) * nb * BLOCK];
-                let mut i = 0;
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // Four activation rows per pass over the weight row.
-                    while i + 4 <= m {
-                        // SAFETY: AVX2 and FMA were detected at run time; the
-                        // slices hold rows i..i+4.
-                        let r4 = unsafe { row_dot4_avx2(ws, wq, &xs[i * nb..], &xq[i * nb * BLOCK..], nb) };
-                        o[i..i + 4].copy_from_slice(&r4);
-                        i += 4;
-                    }
-                }
-                for (i, oi) in o.iter_mut().enumerate().skip(i) {
-                    let s = &xs[i * nb..(i + 1) * nb];
-                    let q = &xq[i * nb * BLOCK..(i + 1) * nb * BLOCK];
-                    *oi = row_dot(ws, wq, s, q, avx2);
-                }
-            }
-        });
-        for r in 0..self.rows {
-            for i in 0..m {
-                out[i * self.rows + r] = out_t[r * m + i];
-            }
+        // Tasks of whole groups: for one row at least 4 groups (40 KB of a
+        // 640-wide matrix) each, else about 8 tasks per thread.
+        let threads = rayon::current_num_threads();
+        let per_task = if m == 1 {
+            self.groups.div_ceil(threads * 4).max(4)
+        } else {
+            self.groups.div_ceil(threads * 8).max(1)
+        };
+        let tasks = self.groups.div_ceil(per_task);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let run = |t: usize| {
+            let g1 = ((t + 1) * per_task).min(self.groups);
+            // SAFETY: task `t` writes only rows of groups t·per_task..g1.
+            unsafe { self.run_groups(a, t * per_task, g1, kernel, ptr.get()) }
+        };
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
         }
         Ok(())
+    }
+
+    /// Computes the outputs of weight groups `g0..g1` for every activation
+    /// row.
+    ///
+    /// # Safety
+    /// `out` points to `a.m × self.rows` floats, `kernel` is available, and
+    /// no other thread writes these groups' outputs.
+    unsafe fn run_groups(&self, a: &Q8Acts, g0: usize, g1: usize, kernel: Kernel, out: *mut f32) {
+        let m = a.m;
+        let (gmax, nmax) = kernel.tile(m);
+        let mut res = [[0f32; GROUP]; 12];
+        let mut g = g0;
+        while g < g1 {
+            let gt = gmax.min(g1 - g);
+            let mut n0 = 0;
+            while n0 < m {
+                let nt = nmax.min(m - n0);
+                match kernel {
+                    Kernel::Portable => self.tile_portable(g, gt, a, n0, nt, &mut res),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => match nt {
+                        1 => tile_avx2::<1>(self, g, a, n0, &mut res),
+                        2 => tile_avx2::<2>(self, g, a, n0, &mut res),
+                        3 => tile_avx2::<3>(self, g, a, n0, &mut res),
+                        _ => tile_avx2::<4>(self, g, a, n0, &mut res),
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Vnni => match (gt, nt) {
+                        (4, _) => tile_vnni::<4, 1>(self, g, a, n0, &mut res),
+                        (3, _) => tile_vnni::<3, 1>(self, g, a, n0, &mut res),
+                        (2, 1) => tile_vnni::<2, 1>(self, g, a, n0, &mut res),
+                        (2, 2) => tile_vnni::<2, 2>(self, g, a, n0, &mut res),
+                        (2, 3) => tile_vnni::<2, 3>(self, g, a, n0, &mut res),
+                        (2, 4) => tile_vnni::<2, 4>(self, g, a, n0, &mut res),
+                        (2, 5) => tile_vnni::<2, 5>(self, g, a, n0, &mut res),
+                        (2, _) => tile_vnni::<2, 6>(self, g, a, n0, &mut res),
+                        (_, 1) => tile_vnni::<1, 1>(self, g, a, n0, &mut res),
+                        (_, 2) => tile_vnni::<1, 2>(self, g, a, n0, &mut res),
+                        (_, 3) => tile_vnni::<1, 3>(self, g, a, n0, &mut res),
+                        (_, 4) => tile_vnni::<1, 4>(self, g, a, n0, &mut res),
+                        (_, 5) => tile_vnni::<1, 5>(self, g, a, n0, &mut res),
+                        (_, _) => tile_vnni::<1, 6>(self, g, a, n0, &mut res),
+                    },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => self.tile_portable(g, gt, a, n0, nt, &mut res),
+                }
+                for gi in 0..gt {
+                    let r0 = (g + gi) * GROUP;
+                    let valid = GROUP.min(self.rows - r0);
+                    for ni in 0..nt {
+                        let dst = out.add((n0 + ni) * self.rows + r0);
+                        std::ptr::copy_nonoverlapping(res[gi * nt + ni].as_ptr(), dst, valid);
+                    }
+                }
+                n0 += nt;
+            }
+            g += gt;
+        }
+    }
+
+    /// The reference arithmetic, one output at a time: `res[gi · nt + ni]`
+    /// holds group `g + gi`'s 16 outputs for activation row `n0 + ni`.
+    fn tile_portable(&self, g: usize, gt: usize, a: &Q8Acts, n0: usize, nt: usize, res: &mut [[f32; GROUP]]) {
+        let nb = self.blocks;
+        for gi in 0..gt {
+            for ni in 0..nt {
+                let n = n0 + ni;
+                for j in 0..GROUP {
+                    let r = (g + gi) * GROUP + j;
+                    if r >= self.rows {
+                        res[gi * nt + ni][j] = 0.0;
+                        continue;
+                    }
+                    let mut acc = 0f32;
+                    for b in 0..nb {
+                        let x = &a.quants[(n * nb + b) * BLOCK..(n * nb + b + 1) * BLOCK];
+                        let s: i32 = (0..BLOCK).map(|t| self.weight(r, b * BLOCK + t) as i32 * x[t] as i32).sum();
+                        let d = self.scale(r, b) * a.scales[n * nb + b];
+                        acc = d.mul_add(s as f32, acc);
+                    }
+                    res[gi * nt + ni][j] = acc;
+                }
+            }
+        }
     }
 
     /// Rows `r0..r0 + n` as f32 into `out` (`[n, cols]`).
@@ -220,23 +474,27 @@ impl Q8Matrix {
         if r0 + n > self.rows || out.len() < n * self.cols {
             return Err(Error::input("q8 rows", format!("rows {r0}..{} of {}", r0 + n, self.rows)));
         }
-        let (nb, c) = (self.blocks, self.cols);
-        out[..n * c].par_chunks_mut(c).enumerate().for_each(|(k, dst)| {
+        let c = self.cols;
+        let one = |k: usize, dst: &mut [f32]| {
             let r = r0 + k;
             for (b, chunk) in dst.chunks_mut(BLOCK).enumerate() {
-                let d = self.scales[r * nb + b];
-                let q = &self.quants[(r * nb + b) * BLOCK..];
-                for (j, v) in chunk.iter_mut().enumerate() {
-                    *v = d * q[j] as f32;
+                let d = self.scale(r, b);
+                for (t, v) in chunk.iter_mut().enumerate() {
+                    *v = d * self.weight(r, b * BLOCK + t) as f32;
                 }
             }
-        });
+        };
+        if n == 1 {
+            one(0, &mut out[..c]);
+        } else {
+            out[..n * c].par_chunks_mut(c).enumerate().for_each(|(k, dst)| one(k, dst));
+        }
         Ok(())
     }
 
     /// Bytes of weight data read by one pass over the matrix.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + self.scales.len() * std::mem::size_of::<f32>()
+        self.quants.len() * std::mem::size_of::<Line>() + self.scales.len() * std::mem::size_of::<u16>()
     }
 
     /// `x` `[..., cols]` -> `[..., rows]` (f32).
@@ -269,106 +527,108 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// The dot product of one weight row and one activation row, both in
-/// 8-bit blocks. Lane `j` of a block holds the exact integer sum of its
-/// elements `4j..4j+3` (as AVX2's maddubs + madd produce it); each lane is
-/// accumulated with a fused multiply-add by the product of the two scales,
-/// and the eight lanes are summed in order at the end.
-#[inline]
-fn row_dot(ws: &[f32], wq: &[i8], xs: &[f32], xq: &[i8], avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { row_dot_avx2(ws, wq, xs, xq) };
-    }
-    let _ = avx2;
-    row_dot_portable(ws, wq, xs, xq)
-}
-
-fn row_dot_portable(ws: &[f32], wq: &[i8], xs: &[f32], xq: &[i8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for b in 0..ws.len() {
-        let d = ws[b] * xs[b];
-        let w = &wq[b * BLOCK..(b + 1) * BLOCK];
-        let x = &xq[b * BLOCK..(b + 1) * BLOCK];
-        for (j, a) in acc.iter_mut().enumerate() {
-            let mut s = 0i32;
-            for t in 4 * j..4 * j + 4 {
-                s += w[t] as i32 * x[t] as i32;
-            }
-            *a = d.mul_add(s as f32, *a);
-        }
-    }
-    sum_lanes(&acc)
-}
-
-#[inline]
-fn sum_lanes(acc: &[f32; 8]) -> f32 {
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-}
-
+/// `G` groups × `N` activation rows with AVX-512 VNNI; `res[g · N + n]`.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VNNI, FMA and F16C; groups `g0..g0 + G` and
+/// rows `n0..n0 + N` exist.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot_avx2(ws: &[f32], wq: &[i8], xs: &[f32], xq: &[i8]) -> f32 {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn tile_vnni<const G: usize, const N: usize>(
+    w: &Q8Matrix,
+    g0: usize,
+    a: &Q8Acts,
+    n0: usize,
+    res: &mut [[f32; GROUP]],
+) {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..ws.len() {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i);
-        let x = _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i);
-        // |w| * (x * sign(w)) = w * x, with the unsigned x signed operand
-        // order maddubs needs; |w| <= 127 so the 16-bit pair sums never saturate.
-        let aw = _mm256_sign_epi8(w, w);
-        let sx = _mm256_sign_epi8(x, w);
-        let pairs = _mm256_maddubs_epi16(aw, sx);
-        let quads = _mm256_madd_epi16(pairs, ones);
-        let d = _mm256_set1_ps(ws[b] * xs[b]);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc);
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    sum_lanes(&lanes)
-}
-
-/// [`row_dot_avx2`] for four consecutive activation rows (`xs`, `xq` start
-/// at the first; rows are `nb` blocks apart), loading each weight block once.
-/// Per output the arithmetic is exactly [`row_dot_avx2`]'s.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot4_avx2(ws: &[f32], wq: &[i8], xs: &[f32], xq: &[i8], nb: usize) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let nb = w.blocks;
+    let lines = w.quants.as_ptr().add(g0 * nb * LINES);
+    let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
+    let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
+    let xs = a.scales.as_ptr().add(n0 * nb);
+    let xc = a.corr.as_ptr().add(n0 * nb);
+    let mut facc = [[_mm512_setzero_ps(); N]; G];
     for b in 0..nb {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i);
-        let aw = _mm256_sign_epi8(w, w);
-        let wsb = ws[b];
-        for (r, a) in acc.iter_mut().enumerate() {
-            let x = _mm256_loadu_si256(xq.as_ptr().add((r * nb + b) * BLOCK) as *const __m256i);
-            let sx = _mm256_sign_epi8(x, w);
-            let quads = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-            let d = _mm256_set1_ps(wsb * xs[r * nb + b]);
-            *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), *a);
+        let mut iacc = [[_mm512_setzero_si512(); N]; G];
+        for n in 0..N {
+            let c = _mm512_set1_epi32(*xc.add(n * nb + b));
+            for row in iacc.iter_mut() {
+                row[n] = c;
+            }
+        }
+        for k in 0..LINES {
+            let mut wv = [_mm512_setzero_si512(); G];
+            for (g, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_load_si512(lines.add((g * nb + b) * LINES + k) as *const _);
+            }
+            for n in 0..N {
+                let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                let xb = _mm512_set1_epi32(x4);
+                for g in 0..G {
+                    iacc[g][n] = _mm512_dpbusd_epi32(iacc[g][n], wv[g], xb);
+                }
+            }
+        }
+        for g in 0..G {
+            let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add((g * nb + b) * GROUP) as *const __m256i));
+            for n in 0..N {
+                let d = _mm512_mul_ps(sw, _mm512_set1_ps(*xs.add(n * nb + b)));
+                facc[g][n] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(iacc[g][n]), facc[g][n]);
+            }
         }
     }
-    let mut out = [0f32; 4];
-    for (r, a) in acc.iter().enumerate() {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-        out[r] = sum_lanes(&lanes);
+    for g in 0..G {
+        for n in 0..N {
+            _mm512_storeu_ps(res[g * N + n].as_mut_ptr(), facc[g][n]);
+        }
     }
-    out
+}
+
+/// One group × `N` activation rows with AVX2, eight weight rows at a time:
+/// the 8-bit values are widened to 16 bits, `vpmaddwd` gives pair sums, and
+/// one horizontal add per block makes each row's sum.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usize, res: &mut [[f32; GROUP]]) {
+    use std::arch::x86_64::*;
+    let nb = w.blocks;
+    let lines = w.quants.as_ptr().add(g0 * nb * LINES) as *const u8;
+    let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
+    let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
+    let xs = a.scales.as_ptr().add(n0 * nb);
+    let flip = _mm_set1_epi8(-128);
+    for h in 0..2 {
+        let mut facc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let mut lo = [_mm256_setzero_si256(); N];
+            let mut hi = [_mm256_setzero_si256(); N];
+            for k in 0..LINES {
+                let p = lines.add(((b * LINES + k) * 64) + 32 * h);
+                let wa = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p as *const __m128i), flip));
+                let wb = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p.add(16) as *const __m128i), flip));
+                for n in 0..N {
+                    let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                    let xb = _mm256_cvtepi8_epi16(_mm_set1_epi32(x4));
+                    lo[n] = _mm256_add_epi32(lo[n], _mm256_madd_epi16(wa, xb));
+                    hi[n] = _mm256_add_epi32(hi[n], _mm256_madd_epi16(wb, xb));
+                }
+            }
+            let sw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * GROUP + 8 * h) as *const __m128i));
+            for n in 0..N {
+                // Rows 0,1,4,5 | 2,3,6,7 after the add; the permute orders them.
+                let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(lo[n], hi[n]));
+                let d = _mm256_mul_ps(sw, _mm256_set1_ps(*xs.add(n * nb + b)));
+                facc[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), facc[n]);
+            }
+        }
+        for n in 0..N {
+            _mm256_storeu_ps(res[n].as_mut_ptr().add(8 * h), facc[n]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -383,10 +643,10 @@ mod tests {
 
     #[test]
     fn matches_a_float_reference_and_is_batch_invariant() {
-        let (rows, cols) = (70, 100); // not multiples of the block or task sizes
+        let (rows, cols) = (70, 100); // not multiples of the group, block or task sizes
         let w = rand_vec(rows * cols, 1);
         let q = Q8Matrix::from_f32(&w, rows, cols).unwrap();
-        let m = 9; // two tiles of four and one row
+        let m = 9; // a tile of six and a tail of three
         let x = rand_vec(m * cols, 2);
         let y = q.matmul(&x, m).unwrap();
         for i in 0..m {
@@ -399,6 +659,63 @@ mod tests {
             // The same row alone gives bit-identical outputs.
             let alone = q.matmul(&x[i * cols..(i + 1) * cols], 1).unwrap();
             assert_eq!(alone, y[i * rows..(i + 1) * rows]);
+        }
+    }
+
+    #[test]
+    fn every_kernel_equals_the_portable_one_bit_for_bit() {
+        // 83 rows: six groups, the last partial (tiles of four, two and one
+        // groups); 160 columns: five blocks.
+        let (rows, cols) = (83, 160);
+        let w = rand_vec(rows * cols, 3);
+        let q = Q8Matrix::from_f32(&w, rows, cols).unwrap();
+        let kernels = Kernel::available();
+        for m in [1, 2, 5, 6, 7, 13] {
+            let x = rand_vec(m * cols, 4 + m as u64);
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, m, cols).unwrap();
+            let mut want = vec![0f32; m * rows];
+            q.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+            for &k in &kernels {
+                let mut got = vec![f32::NAN; m * rows];
+                q.matmul_acts_with(&acts, &mut got, k).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{k:?}, {m} rows: differs from the portable kernel");
+            }
+        }
+        println!("kernels checked: {kernels:?}");
+    }
+
+    #[test]
+    fn extreme_weights_and_activations_do_not_overflow() {
+        // -128 weights (possible in a Q8_0 file) against 127 activations,
+        // and the most negative sums, on every kernel.
+        let (rows, cols) = (16, 64);
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            for _ in 0..cols / BLOCK {
+                bytes.extend([0x00, 0x3c]); // scale 1.0
+                bytes.extend((0..BLOCK).map(|t| if (r + t) % 3 == 0 { 0x80u8 } else { 0x7f }));
+            }
+        }
+        let q = Q8Matrix::from_q8_0_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..cols).map(|c| if c % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let mut acts = Q8Acts::default();
+        acts.quantize(&x, 1, cols).unwrap();
+        for k in Kernel::available() {
+            let mut got = vec![0f32; rows];
+            q.matmul_acts_with(&acts, &mut got, k).unwrap();
+            for (r, g) in got.iter().enumerate() {
+                let want: f32 = (0..cols)
+                    .map(|c| {
+                        let wv = if (r + c % BLOCK) % 3 == 0 { -128.0 } else { 127.0 };
+                        wv * x[c]
+                    })
+                    .sum::<f32>()
+                    / 127.0
+                    * 127.0;
+                assert!((g - want).abs() < 1e-3 * want.abs().max(1.0), "{k:?} row {r}: {g} vs {want}");
+            }
         }
     }
 
@@ -425,18 +742,13 @@ mod tests {
     }
 
     #[test]
-    fn avx2_and_portable_paths_agree_bit_for_bit() {
-        let cols = 96;
-        let w = rand_vec(cols, 3);
-        let x = rand_vec(cols, 4);
-        let nb = cols / BLOCK;
-        let (mut ws, mut wq, mut xs, mut xq) = (vec![0f32; nb], vec![0i8; cols], vec![0f32; nb], vec![0i8; cols]);
-        quantize_row(&w, nb, &mut ws, &mut wq);
-        quantize_row(&x, nb, &mut xs, &mut xq);
-        let a = row_dot(&ws, &wq, &xs, &xq, has_avx2());
-        let b = row_dot_portable(&ws, &wq, &xs, &xq);
-        assert_eq!(a.to_bits(), b.to_bits());
+    fn bad_shapes_are_errors() {
+        let w = rand_vec(96, 3);
         assert!(Q8Matrix::from_f32(&w, 2, 7).is_err());
-        assert!(Q8Matrix::from_f32(&w, 1, cols).unwrap().matmul(&x[..5], 1).is_err());
+        let q = Q8Matrix::from_f32(&w, 1, 96).unwrap();
+        assert!(q.matmul(&w[..5], 1).is_err());
+        let mut acts = Q8Acts::default();
+        acts.quantize(&w, 1, 64).unwrap();
+        assert!(q.matmul_acts(&acts, &mut [0f32; 1]).is_err());
     }
 }
