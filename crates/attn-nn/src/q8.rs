@@ -51,11 +51,25 @@ pub struct Q8Matrix {
     cols: usize,
     blocks: usize,
     groups: usize,
-    /// `[group][block][line 0..8]`; line `k` byte `4j + t` is weight
-    /// `4k + t` of the block in row `16 group + j`, stored as `w + 128`.
-    quants: Vec<Line>,
+    quants: Quants,
     /// `[group][block][row 0..16]`: f16 bits.
     scales: Vec<u16>,
+}
+
+/// The weights of a [`Q8Matrix`] by storage width.
+#[derive(Debug, Clone)]
+enum Quants {
+    /// `[group][block][line 0..8]`; line `k` byte `4j + t` is weight
+    /// `4k + t` of the block in row `16 group + j`, stored as `w + 128`.
+    Q8(Vec<Line>),
+    /// Q5_0's 5-bit weights (`-16..=15`, 22 bytes per 32 with the scale),
+    /// stored as `u = w + 16` in two parts. `nib`: `[group][block][line
+    /// 0..4]`, line `i` byte `4j + t` holds the low 4 bits of weight
+    /// `8i + t` (low nibble) and of weight `8i + 4 + t` (high nibble) of row
+    /// `j`, so nibble plane `k` lines up with [`Quants::Q8`]'s line `k`.
+    /// `high`: `[group][block][k 0..8]`, bit `4j + t` is bit 4 of weight
+    /// `4k + t` of row `j`.
+    Q5 { nib: Vec<Line>, high: Vec<u64> },
 }
 
 /// Activation rows quantized to blocks of 32 `i8` with an f32 scale; the
@@ -68,8 +82,9 @@ pub struct Q8Acts {
     scales: Vec<f32>,
     /// `[m][blocks · 32]`
     quants: Vec<i8>,
-    /// `[m][blocks]`: `-128 · Σ` of the block's quants (see the module docs).
-    corr: Vec<i32>,
+    /// `[m][blocks]`: the sum of the block's quants, for the offset of the
+    /// unsigned weights (see the module docs).
+    sums: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -83,14 +98,14 @@ impl Q8Acts {
         self.blocks = nb;
         self.scales.resize(m * nb, 0.0);
         self.quants.resize(m * nb * BLOCK, 0);
-        self.corr.resize(m * nb, 0);
+        self.sums.resize(m * nb, 0);
         let work = |i: usize, s: &mut [f32], q: &mut [i8], c: &mut [i32]| {
             quantize_row(&x[i * cols..(i + 1) * cols], nb, s, q);
             for (b, cb) in c.iter_mut().enumerate() {
-                *cb = -128 * q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
+                *cb = q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
             }
         };
-        let (scales, quants, corr) = (&mut self.scales, &mut self.quants, &mut self.corr);
+        let (scales, quants, corr) = (&mut self.scales, &mut self.quants, &mut self.sums);
         if m * cols >= 1 << 16 {
             scales
                 .par_chunks_mut(nb)
@@ -154,6 +169,25 @@ fn set_block(lines: &mut [Line], scales: &mut [u16], j: usize, b: usize, scale: 
         for t in 0..4 {
             line.0[4 * j + t] = (q[4 * k + t] as u8) ^ 0x80;
         }
+    }
+}
+
+/// Writes row `j` (of 16) of block `b` into one group's 5-bit panels;
+/// `q` is in `-16..=15`.
+fn set_block_q5(nib: &mut [Line], high: &mut [u64], scales: &mut [u16], j: usize, b: usize, scale: u16, q: &[i8]) {
+    scales[b * GROUP + j] = scale;
+    for (c, &w) in q.iter().enumerate() {
+        let u = (w + 16) as u8;
+        let (k, t) = (c / 4, c % 4);
+        let byte = &mut nib[b * 4 + k / 2].0[4 * j + t];
+        if k % 2 == 0 {
+            *byte = (*byte & 0xf0) | (u & 0x0f);
+        } else {
+            *byte = (*byte & 0x0f) | ((u & 0x0f) << 4);
+        }
+        let bit = 1u64 << (4 * j + t);
+        let h = &mut high[b * LINES + k];
+        *h = if u & 0x10 != 0 { *h | bit } else { *h & !bit };
     }
 }
 
@@ -249,26 +283,50 @@ impl Q8Matrix {
             cols,
             blocks,
             groups,
-            quants: vec![Line([0x80; 64]); groups * blocks * LINES],
+            quants: Quants::Q8(vec![Line([0x80; 64]); groups * blocks * LINES]),
             scales: vec![0; groups * blocks * GROUP],
         }
+    }
+
+    fn zeroed_q5(rows: usize, cols: usize) -> Self {
+        let mut m = Self::zeroed(rows, cols);
+        let panels = m.groups * m.blocks;
+        // u = 16 (w = 0): low nibbles 0, high bits set.
+        m.quants = Quants::Q5 { nib: vec![Line([0; 64]); panels * 4], high: vec![u64::MAX; panels * LINES] };
+        m
     }
 
     /// Fills every group in parallel; `row(r, b)` gives row `r`'s block `b`.
     fn fill(mut self, row: impl Fn(usize, usize) -> (u16, [i8; BLOCK]) + Sync) -> Self {
         let (nb, rows) = (self.blocks, self.rows);
-        self.quants
-            .par_chunks_mut(nb * LINES)
-            .zip(self.scales.par_chunks_mut(nb * GROUP))
-            .enumerate()
-            .for_each(|(g, (lines, scales))| {
-                for j in 0..GROUP.min(rows - g * GROUP) {
-                    for b in 0..nb {
-                        let (s, q) = row(g * GROUP + j, b);
-                        set_block(lines, scales, j, b, s, &q);
+        let live = move |g: usize| GROUP.min(rows - g * GROUP);
+        match &mut self.quants {
+            Quants::Q8(quants) => quants
+                .par_chunks_mut(nb * LINES)
+                .zip(self.scales.par_chunks_mut(nb * GROUP))
+                .enumerate()
+                .for_each(|(g, (lines, scales))| {
+                    for j in 0..live(g) {
+                        for b in 0..nb {
+                            let (s, q) = row(g * GROUP + j, b);
+                            set_block(lines, scales, j, b, s, &q);
+                        }
                     }
-                }
-            });
+                }),
+            Quants::Q5 { nib, high } => nib
+                .par_chunks_mut(nb * 4)
+                .zip(high.par_chunks_mut(nb * LINES))
+                .zip(self.scales.par_chunks_mut(nb * GROUP))
+                .enumerate()
+                .for_each(|(g, ((nib, high), scales))| {
+                    for j in 0..live(g) {
+                        for b in 0..nb {
+                            let (s, q) = row(g * GROUP + j, b);
+                            set_block_q5(nib, high, scales, j, b, s, &q);
+                        }
+                    }
+                }),
+        }
         self
     }
 
@@ -301,6 +359,34 @@ impl Q8Matrix {
         }))
     }
 
+    /// From GGUF Q5_0 blocks (22 bytes each: an f16 scale, 32 high bits,
+    /// then 16 bytes of low nibbles), exactly and without widening: 5-bit
+    /// panels read 22 bytes per 32 weights, as the file does.
+    pub fn from_q5_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        const Q5_0: usize = 22;
+        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q5_0 {
+            return Err(Error::input("q5 matrix", format!("{} bytes of Q5_0 for a {rows}x{cols} matrix", data.len())));
+        }
+        let nb = cols / BLOCK;
+        Ok(Self::zeroed_q5(rows, cols).fill(|r, b| {
+            let blk = &data[(r * nb + b) * Q5_0..(r * nb + b + 1) * Q5_0];
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            let mut q = [0i8; BLOCK];
+            for (j, &byte) in blk[6..].iter().enumerate() {
+                let lo = (byte & 0x0f) | ((((qh >> j) << 4) & 0x10) as u8);
+                let hi = (byte >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
+                q[j] = lo as i8 - 16;
+                q[j + 16] = hi as i8 - 16;
+            }
+            (u16::from_le_bytes([blk[0], blk[1]]), q)
+        }))
+    }
+
+    /// Whether the weights are stored in 5 bits (from Q5_0).
+    pub fn is_5bit(&self) -> bool {
+        matches!(self.quants, Quants::Q5 { .. })
+    }
+
     /// From a 2-D tensor of any float dtype (a dequantized GGUF weight).
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
@@ -318,8 +404,32 @@ impl Q8Matrix {
 
     #[inline]
     fn weight(&self, r: usize, c: usize) -> i8 {
-        let p = (r / GROUP * self.blocks + c / BLOCK) * LINES + (c % BLOCK) / 4;
-        (self.quants[p].0[4 * (r % GROUP) + c % 4] ^ 0x80) as i8
+        let panel = r / GROUP * self.blocks + c / BLOCK;
+        let (k, lane) = ((c % BLOCK) / 4, 4 * (r % GROUP) + c % 4);
+        match &self.quants {
+            Quants::Q8(q) => (q[panel * LINES + k].0[lane] ^ 0x80) as i8,
+            Quants::Q5 { nib, high } => {
+                let byte = nib[panel * 4 + k / 2].0[lane];
+                let low = if k % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                let hb = ((high[panel * LINES + k] >> lane) & 1) as u8;
+                (low | (hb << 4)) as i8 - 16
+            }
+        }
+    }
+
+    /// Group `g`'s block `b` as an 8-bit panel (`w + 128`), for kernels
+    /// without a 5-bit path.
+    fn panel_q8(&self, g: usize, b: usize, out: &mut [Line; LINES]) {
+        for (k, line) in out.iter_mut().enumerate() {
+            for lane in 0..64 {
+                let (j, t) = (lane / 4, lane % 4);
+                line.0[lane] = if g * GROUP + j < self.rows {
+                    (self.weight(g * GROUP + j, b * BLOCK + 4 * k + t) as u8) ^ 0x80
+                } else {
+                    0x80
+                };
+            }
+        }
     }
 
     #[inline]
@@ -494,7 +604,11 @@ impl Q8Matrix {
 
     /// Bytes of weight data read by one pass over the matrix.
     pub fn bytes(&self) -> usize {
-        self.quants.len() * std::mem::size_of::<Line>() + self.scales.len() * std::mem::size_of::<u16>()
+        let w = match &self.quants {
+            Quants::Q8(q) => q.len() * std::mem::size_of::<Line>(),
+            Quants::Q5 { nib, high } => nib.len() * std::mem::size_of::<Line>() + high.len() * 8,
+        };
+        w + self.scales.len() * std::mem::size_of::<u16>()
     }
 
     /// `x` `[..., cols]` -> `[..., rows]` (f32).
@@ -528,6 +642,8 @@ fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// `G` groups × `N` activation rows with AVX-512 VNNI; `res[g · N + n]`.
+/// 5-bit panels are widened in registers: the nibble plane masked out, bit
+/// 4 added under a 64-bit mask.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VNNI, FMA and F16C; groups `g0..g0 + G` and
@@ -543,16 +659,26 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 ) {
     use std::arch::x86_64::*;
     let nb = w.blocks;
-    let lines = w.quants.as_ptr().add(g0 * nb * LINES);
+    // Weight pointers per kind; the offset `w + OFF` is removed through the
+    // activation sums.
+    let (q8, nib, high, off) = match &w.quants {
+        Quants::Q8(q) => (q.as_ptr().add(g0 * nb * LINES), std::ptr::null(), std::ptr::null(), 128),
+        Quants::Q5 { nib, high } => {
+            (std::ptr::null(), nib.as_ptr().add(g0 * nb * 4), high.as_ptr().add(g0 * nb * LINES), 16)
+        }
+    };
+    let five = off == 16;
     let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
-    let xc = a.corr.as_ptr().add(n0 * nb);
+    let xsum = a.sums.as_ptr().add(n0 * nb);
+    let low4 = _mm512_set1_epi8(0x0f);
+    let bit4 = _mm512_set1_epi8(0x10);
     let mut facc = [[_mm512_setzero_ps(); N]; G];
     for b in 0..nb {
         let mut iacc = [[_mm512_setzero_si512(); N]; G];
         for n in 0..N {
-            let c = _mm512_set1_epi32(*xc.add(n * nb + b));
+            let c = _mm512_set1_epi32(-off * *xsum.add(n * nb + b));
             for row in iacc.iter_mut() {
                 row[n] = c;
             }
@@ -560,7 +686,15 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
         for k in 0..LINES {
             let mut wv = [_mm512_setzero_si512(); G];
             for (g, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_load_si512(lines.add((g * nb + b) * LINES + k) as *const _);
+                let panel = g * nb + b;
+                *v = if five {
+                    let packed = _mm512_load_si512(nib.add(panel * 4 + k / 2) as *const _);
+                    let plane = if k % 2 == 0 { packed } else { _mm512_srli_epi16::<4>(packed) };
+                    let low = _mm512_and_si512(plane, low4);
+                    _mm512_mask_add_epi8(low, *high.add(panel * LINES + k), low, bit4)
+                } else {
+                    _mm512_load_si512(q8.add(panel * LINES + k) as *const _)
+                };
             }
             for n in 0..N {
                 let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
@@ -587,7 +721,8 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 
 /// One group × `N` activation rows with AVX2, eight weight rows at a time:
 /// the 8-bit values are widened to 16 bits, `vpmaddwd` gives pair sums, and
-/// one horizontal add per block makes each row's sum.
+/// one horizontal add per block makes each row's sum. 5-bit panels are
+/// first expanded to 8-bit ones.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist.
@@ -596,18 +731,25 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usize, res: &mut [[f32; GROUP]]) {
     use std::arch::x86_64::*;
     let nb = w.blocks;
-    let lines = w.quants.as_ptr().add(g0 * nb * LINES) as *const u8;
     let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
     let flip = _mm_set1_epi8(-128);
-    for h in 0..2 {
-        let mut facc = [_mm256_setzero_ps(); N];
-        for b in 0..nb {
+    let mut buf = [Line([0; 64]); LINES];
+    let mut facc = [[_mm256_setzero_ps(); N]; 2];
+    for b in 0..nb {
+        let lines = match &w.quants {
+            Quants::Q8(q) => q.as_ptr().add((g0 * nb + b) * LINES) as *const u8,
+            Quants::Q5 { .. } => {
+                w.panel_q8(g0, b, &mut buf);
+                buf.as_ptr() as *const u8
+            }
+        };
+        for (h, fh) in facc.iter_mut().enumerate() {
             let mut lo = [_mm256_setzero_si256(); N];
             let mut hi = [_mm256_setzero_si256(); N];
             for k in 0..LINES {
-                let p = lines.add(((b * LINES + k) * 64) + 32 * h);
+                let p = lines.add(k * 64 + 32 * h);
                 let wa = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p as *const __m128i), flip));
                 let wb = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p.add(16) as *const __m128i), flip));
                 for n in 0..N {
@@ -622,11 +764,13 @@ unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usi
                 // Rows 0,1,4,5 | 2,3,6,7 after the add; the permute orders them.
                 let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(lo[n], hi[n]));
                 let d = _mm256_mul_ps(sw, _mm256_set1_ps(*xs.add(n * nb + b)));
-                facc[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), facc[n]);
+                fh[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fh[n]);
             }
         }
+    }
+    for (h, fh) in facc.iter().enumerate() {
         for n in 0..N {
-            _mm256_storeu_ps(res[n].as_mut_ptr().add(8 * h), facc[n]);
+            _mm256_storeu_ps(res[n].as_mut_ptr().add(8 * h), fh[n]);
         }
     }
 }
@@ -717,6 +861,58 @@ mod tests {
                 assert!((g - want).abs() < 1e-3 * want.abs().max(1.0), "{k:?} row {r}: {g} vs {want}");
             }
         }
+    }
+
+    /// Random Q5_0 blocks and the same weights as Q8_0 blocks, decoded with
+    /// ggml's formula: element `j < 16` is the low nibble of byte `j` plus
+    /// bit `j` of `qh` as bit 4, element `j + 16` the high nibble plus bit
+    /// `j + 16`; value minus 16.
+    fn q5_and_q8_blocks(blocks: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (mut q5, mut q8) = (Vec::new(), Vec::new());
+        for _ in 0..blocks {
+            let d = half::f16::from_f32(rng.gen_range(0.001..0.1)).to_bits().to_le_bytes();
+            let qh: u32 = rng.gen();
+            let qs: [u8; 16] = rng.gen();
+            q5.extend(d);
+            q5.extend(qh.to_le_bytes());
+            q5.extend(qs);
+            q8.extend(d);
+            for j in 0..32 {
+                let nibble = if j < 16 { qs[j] & 0x0f } else { qs[j - 16] >> 4 };
+                let v = (nibble | (((qh >> j) & 1) as u8) << 4) as i8 - 16;
+                q8.push(v as u8);
+            }
+        }
+        (q5, q8)
+    }
+
+    #[test]
+    fn five_bit_panels_equal_the_same_weights_in_eight_bits() {
+        let (rows, cols) = (37, 96);
+        let (q5b, q8b) = q5_and_q8_blocks(rows * cols / BLOCK, 11);
+        let q5 = Q8Matrix::from_q5_0_bytes(&q5b, rows, cols).unwrap();
+        let q8 = Q8Matrix::from_q8_0_bytes(&q8b, rows, cols).unwrap();
+        assert!(q5.is_5bit() && !q8.is_5bit());
+        assert!(q5.bytes() * 3 < q8.bytes() * 2, "{} vs {}", q5.bytes(), q8.bytes());
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+        q5.dequantize_rows(0, rows, &mut a).unwrap();
+        q8.dequantize_rows(0, rows, &mut b).unwrap();
+        assert_eq!(a, b);
+        for m in [1, 3, 8] {
+            let x = rand_vec(m * cols, 20 + m as u64);
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, m, cols).unwrap();
+            let mut want = vec![0f32; m * rows];
+            q8.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+            for k in Kernel::available() {
+                let mut got = vec![f32::NAN; m * rows];
+                q5.matmul_acts_with(&acts, &mut got, k).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{k:?}, {m} rows: 5-bit differs from 8-bit");
+            }
+        }
+        assert!(Q8Matrix::from_q5_0_bytes(&q5b[..q5b.len() - 1], rows, cols).is_err());
     }
 
     #[test]
