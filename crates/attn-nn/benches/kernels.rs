@@ -1,13 +1,14 @@
 //! Kernel benchmarks: quantized matmul per GGUF type (candle's `QMatMul`)
-//! and attn's 8-bit [`Q8Matrix`], one activation row (decode) and 64 rows
-//! (prefill); attention, the standard path against the tiled kernel.
+//! and attn's [`Q8Matrix`] panels (8-bit and 5-bit, per kernel), one
+//! activation row (decode), 64 and 512 rows (prefill); attention, the
+//! standard path against the tiled kernel.
 //!
 //! `cargo bench -p attn-nn --bench kernels` measures; `cargo test -p attn-nn
 //! --benches` (and so `cargo test --workspace`) runs each benchmark once in
 //! criterion's test mode, only to prove it still runs. Numbers go to
 //! BENCHMARKS.md, never into assertions.
 
-use attn_nn::q8::Q8Matrix;
+use attn_nn::q8::{Kernel, Q8Acts, Q8Matrix};
 use attn_nn::{causal_mask, flash_attention, scaled_dot_product_attention, FlashMask, SdpaOptions};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -22,7 +23,7 @@ fn matmul(c: &mut Criterion) {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 0.05, (D_OUT, D_IN), &dev).expect("weights");
     let mut g = c.benchmark_group("matmul_2048_to_640");
-    for rows in [1usize, 64] {
+    for rows in [1usize, 64, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, D_IN), &dev).expect("activations");
         for (name, dtype) in
             [("q4_k", GgmlDType::Q4K), ("q6_k", GgmlDType::Q6K), ("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)]
@@ -31,10 +32,24 @@ fn matmul(c: &mut Criterion) {
             let mm = QMatMul::from_qtensor(qt).expect("qmatmul");
             g.bench_with_input(BenchmarkId::new(name, rows), &x, |b, x| b.iter(|| mm.forward(x).expect("matmul")));
         }
+        // attn's panels: 8-bit (from f32) and 5-bit (Q5_0's bytes), with
+        // every kernel this CPU has except the slow portable reference.
         let q8 = Q8Matrix::from_f32(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), D_OUT, D_IN).expect("q8");
+        let q5_bytes = QTensor::quantize(&w, GgmlDType::Q5_0).expect("q5_0").data().expect("bytes").to_vec();
+        let q5 = Q8Matrix::from_q5_0_bytes(&q5_bytes, D_OUT, D_IN).expect("q5");
         let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        g.bench_with_input(BenchmarkId::new("attn_q8", rows), &xv, |b, xv| {
-            b.iter(|| q8.matmul(xv, rows).expect("matmul"))
+        let mut acts = Q8Acts::default();
+        acts.quantize(&xv, rows, D_IN).expect("quantize");
+        for k in Kernel::available().into_iter().filter(|&k| k != Kernel::Portable) {
+            for (name, m) in [("attn_q8", &q8), ("attn_q5", &q5)] {
+                let mut out = vec![0f32; rows * D_OUT];
+                g.bench_function(BenchmarkId::new(format!("{name}_{}", k.name()), rows), |b| {
+                    b.iter(|| m.matmul_acts_with(&acts, &mut out, k).expect("matmul"))
+                });
+            }
+        }
+        g.bench_with_input(BenchmarkId::new("attn_q8_quantize_acts", rows), &xv, |b, xv| {
+            b.iter(|| acts.quantize(xv, rows, D_IN).expect("quantize"))
         });
     }
     g.finish();

@@ -99,8 +99,17 @@ impl Q8Acts {
         self.scales.resize(m * nb, 0.0);
         self.quants.resize(m * nb * BLOCK, 0);
         self.sums.resize(m * nb, 0);
+        let simd = Kernel::detected() == Kernel::Vnni;
         let work = |i: usize, s: &mut [f32], q: &mut [i8], c: &mut [i32]| {
-            quantize_row(&x[i * cols..(i + 1) * cols], nb, s, q);
+            let row = &x[i * cols..(i + 1) * cols];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX-512 F/BW were detected with the VNNI kernel.
+                unsafe { quantize_row_avx512(row, nb, s, q, c) };
+                return;
+            }
+            let _ = simd;
+            quantize_row(row, nb, s, q);
             for (b, cb) in c.iter_mut().enumerate() {
                 *cb = q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
             }
@@ -142,8 +151,51 @@ fn quantize_row(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8])
         let q = &mut quants[lo..lo + BLOCK];
         q.fill(0);
         for (qi, v) in q.iter_mut().zip(src) {
-            let y = (v * inv).clamp(-127.0, 127.0);
+            // max then min (not clamp): NaN becomes -127, as in the SIMD path.
+            let y = (v * inv).max(-127.0).min(127.0);
             *qi = (y + 0.5f32.copysign(y)) as i32 as i8;
+        }
+    }
+}
+
+/// [`quantize_row`] and the block sums with AVX-512, bit for bit the same
+/// (tested): full blocks in two registers, a partial last block by the
+/// portable code.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8], sums: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let full = (x.len() / BLOCK).min(blocks);
+    let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
+    let sign = _mm512_set1_epi32(i32::MIN);
+    for b in 0..full {
+        let p = x.as_ptr().add(b * BLOCK);
+        let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        // max(acc, |v|) keeps acc where |v| is NaN, as the portable fold does.
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        scales[b] = d;
+        let iv = _mm512_set1_ps(inv);
+        let mut sum = _mm512_setzero_si512();
+        for (h, v) in [v0, v1].into_iter().enumerate() {
+            // max(y, -127) gives -127 for NaN, as f32::max does.
+            let y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, iv), lo), hi);
+            let r = _mm512_or_ps(half, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(y), sign)));
+            let q = _mm512_cvttps_epi32(_mm512_add_ps(y, r));
+            sum = _mm512_add_epi32(sum, q);
+            _mm_storeu_si128(quants.as_mut_ptr().add(b * BLOCK + 16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+        }
+        sums[b] = _mm512_reduce_add_epi32(sum);
+    }
+    if full < blocks {
+        let lo = full * BLOCK;
+        quantize_row(&x[lo.min(x.len())..], blocks - full, &mut scales[full..], &mut quants[lo..]);
+        for b in full..blocks {
+            sums[b] = quants[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
         }
     }
 }
@@ -913,6 +965,30 @@ mod tests {
             }
         }
         assert!(Q8Matrix::from_q5_0_bytes(&q5b[..q5b.len() - 1], rows, cols).is_err());
+    }
+
+    #[test]
+    fn simd_activation_quantization_equals_the_portable_one() {
+        if !Kernel::available().contains(&Kernel::Vnni) {
+            println!("no AVX-512 on this CPU: only the portable quantization exists");
+            return;
+        }
+        let cols = 100; // three full blocks and a partial one
+        let mut x = rand_vec(cols, 9);
+        x[5] = f32::NAN;
+        x[40] = 0.0;
+        x[41] = -0.0;
+        x[64..96].fill(0.0); // an all-zero block: scale 0
+        let nb = cols.div_ceil(BLOCK);
+        let (mut s1, mut q1) = (vec![0f32; nb], vec![0i8; nb * BLOCK]);
+        quantize_row(&x, nb, &mut s1, &mut q1);
+        let sums1: Vec<i32> = q1.chunks(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+        let (mut s2, mut q2, mut sums2) = (vec![1f32; nb], vec![1i8; nb * BLOCK], vec![0i32; nb]);
+        // SAFETY: AVX-512 was detected above.
+        unsafe { quantize_row_avx512(&x, nb, &mut s2, &mut q2, &mut sums2) };
+        assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(q1, q2);
+        assert_eq!(sums1, sums2);
     }
 
     #[test]
