@@ -50,14 +50,14 @@ pub struct BenchArgs {
 }
 
 /// Read bandwidth of this machine in GB/s: the best of several passes of
-/// every worker thread summing its share of a 512 MiB buffer (far larger
+/// every worker thread summing its share of a 256 MiB buffer (far larger
 /// than the caches), as a decode step streams its weights. Each thread
 /// reads its share as four streams in step (as the matmul kernels read
 /// four weight panels at once): one sequential stream per thread leaves
 /// the hardware prefetchers idle part of the time and measured less.
 pub fn measure_read_bandwidth() -> f64 {
     use rayon::prelude::*;
-    const BYTES: usize = 512 << 20;
+    const BYTES: usize = 256 << 20;
     const STREAMS: usize = 4;
     let buf: Vec<f32> = vec![1.0; BYTES / 4];
     let mut best = 0f64;
@@ -147,6 +147,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repetitions == 0 {
         anyhow::bail!("--prompt-tokens, --gen-tokens and --repetitions must be at least 1");
     }
+    // The bandwidth for MBU is measured before the model loads, so that its
+    // 256 MiB buffer does not count in the peak memory reported below.
+    let bw = measure_read_bandwidth();
     let g = open_generator(&args.model)?;
     let m = &g.model;
     if args.prompt_tokens + args.gen_tokens > m.context_length() {
@@ -204,7 +207,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let kv_per_pos = m.kv_shape().bytes_per_token() as f64;
         let mean_ctx = 1.0 + args.gen_tokens as f64 / 2.0;
         let bytes = w as f64 + kv_per_pos * mean_ctx;
-        let bw = measure_read_bandwidth();
         (bytes, bw, bytes * decode / (bw * 1e9))
     });
     if args.json {

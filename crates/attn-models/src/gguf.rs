@@ -426,6 +426,29 @@ impl GgufFile {
         &self.mmap[start..start + info.size as usize]
     }
 
+    /// Tells the kernel that a tensor's bytes are no longer needed in
+    /// memory, once converted into a model's own buffers: the file's pages
+    /// leave the process's resident set (a later read faults them back in
+    /// from the file). The fused Gemma 3 path holds its weights in its own
+    /// layout, so without this the file stayed resident next to them.
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = (self.header.data_offset + info.offset) as usize;
+            let (lo, hi) = (start.next_multiple_of(PAGE), (start + info.size as usize) / PAGE * PAGE);
+            if hi > lo {
+                // SAFETY: the map is a read-only file mapping; MADV_DONTNEED
+                // drops clean pages, whose contents are read again from the
+                // file on the next access, so no byte any slice sees changes.
+                // A refusal only leaves the pages resident: nothing to report.
+                let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     /// Loads a tensor in its stored (possibly quantized) type.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
@@ -604,11 +627,13 @@ impl GgufFile {
     /// through f32 to 8 bits.
     pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::q8::Q8Matrix> {
         let info = self.checked_info(name, &[rows, cols])?;
-        match info.ty {
-            TensorType(8) => attn_nn::q8::Q8Matrix::from_q8_0_bytes(self.tensor_data(info), rows, cols),
-            TensorType(6) => attn_nn::q8::Q8Matrix::from_q5_0_bytes(self.tensor_data(info), rows, cols),
-            _ => attn_nn::q8::Q8Matrix::from_tensor(&self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?),
-        }
+        let m = match info.ty {
+            TensorType(8) => attn_nn::q8::Q8Matrix::from_q8_0_bytes(self.tensor_data(info), rows, cols)?,
+            TensorType(6) => attn_nn::q8::Q8Matrix::from_q5_0_bytes(self.tensor_data(info), rows, cols)?,
+            _ => attn_nn::q8::Q8Matrix::from_tensor(&self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)?,
+        };
+        self.release(info);
+        Ok(m)
     }
 
     /// A 1-D f32 vector (norm scales).
