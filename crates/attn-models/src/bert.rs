@@ -377,6 +377,11 @@ impl SentenceEncoder {
         self.fast.is_some()
     }
 
+    /// The fused model, when the encoder has one.
+    pub fn fast_model(&self) -> Option<&FastBert> {
+        self.fast.as_ref()
+    }
+
     /// Normalised sentence embeddings `[n, hidden]` of `texts`, run in
     /// batches of `batch_size` (on the fused path when the encoder has one).
     pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {

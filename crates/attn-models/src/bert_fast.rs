@@ -127,7 +127,11 @@ impl FastBert {
             if s.len() > self.cfg.max_position_embeddings {
                 return Err(Error::input(
                     "bert",
-                    format!("{} tokens exceed the {} positions of the model", s.len(), self.cfg.max_position_embeddings),
+                    format!(
+                        "{} tokens exceed the {} positions of the model",
+                        s.len(),
+                        self.cfg.max_position_embeddings
+                    ),
                 ));
             }
             offsets.push(offsets[offsets.len() - 1] + s.len());

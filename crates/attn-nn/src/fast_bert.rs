@@ -110,8 +110,11 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // round to nearest by adding and subtracting 1.5 * 2^23 (no libm call,
+    // so loops over this vectorise)
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E).round();
+    let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     // exp(r) on [-ln2/2, ln2/2] (Cephes expf coefficients)
     let mut p = 1.987_569_1e-4f32;
@@ -302,17 +305,24 @@ fn attend_one(qkv: &[f32], l: usize, a: &EncAttn, scores: &mut Vec<f32>, dst: &m
 /// `s = softmax(s * scale)` in place.
 #[inline]
 pub fn softmax_scaled(s: &mut [f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for v in s.iter() {
-        max = max.max(*v);
+    // Eight lanes for the max and the sum, a plain map for exp: each loop
+    // vectorises (a single running f32 sum or max would not).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = s.chunks_exact(8);
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    for l in lanes {
+        max = max.max(l);
     }
     let m = max * scale;
-    let mut sum = 0f32;
     for v in s.iter_mut() {
         *v = exp(*v * scale - m);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum8(s);
     for v in s.iter_mut() {
         *v *= inv;
     }
@@ -437,7 +447,8 @@ mod tests {
         let a = EncAttn { n_heads: h, head_dim: hd, scale: 0.35 };
         let mut out = vec![f32::NAN; total * hidden];
         attend_packed(&qkv, &offsets, &a, &mut out).unwrap();
-        let at = |r: usize, part: usize, head: usize, c: usize| qkv[r * 3 * hidden + part * hidden + head * hd + c] as f64;
+        let at =
+            |r: usize, part: usize, head: usize, c: usize| qkv[r * 3 * hidden + part * hidden + head * hd + c] as f64;
         for s in 0..lens.len() {
             let (o, l) = (offsets[s], lens[s]);
             for head in 0..h {
