@@ -8,6 +8,7 @@ neither always runs first on a warm or cold machine), after one warm-up each.
 
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py            # 5 rounds
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --rounds 9 --attn target/release/attn
+    ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --wait-idle 0.3 --wait-max 30
 
 What is measured:
   sentence-transformers  `model.encode(sentences, batch_size=32, normalize_embeddings=True)` in
@@ -84,6 +85,24 @@ def busy_jiffies():
         vals = [int(x) for x in f.readline().split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     return sum(vals[:8]) - idle
+
+
+def other_load_now(seconds=1.0):
+    """Cores' worth of CPU used by everything on the machine over a short window."""
+    b0 = busy_jiffies()
+    time.sleep(seconds)
+    return (busy_jiffies() - b0) / HZ / seconds
+
+
+def wait_for_idle(threshold, max_wait):
+    """Wait (at most max_wait s) until the machine uses less than `threshold` cores."""
+    t0 = time.time()
+    load = other_load_now()
+    while load >= threshold and time.time() - t0 < max_wait:
+        log(f"machine busy ({load:.2f} cores in use), waiting ...")
+        time.sleep(4)
+        load = other_load_now()
+    return load
 
 
 def self_cpu():
@@ -163,6 +182,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wait-idle", type=float, metavar="CORES",
+                    help="before each round, wait until the machine uses less than CORES cores")
+    ap.add_argument("--wait-max", type=float, default=60, help="longest wait for --wait-idle, seconds")
     ap.add_argument("--out", help="result JSON (default scripts/bench/results/minilm-embed-b32-t2-DATE.json)")
     a = ap.parse_args()
 
@@ -198,6 +220,8 @@ def main():
     for r in range(a.rounds):
         order = ("st", "attn") if r % 2 == 0 else ("attn", "st")
         for eng in order:
+            if a.wait_idle is not None:
+                wait_for_idle(a.wait_idle, a.wait_max)
             if eng == "st":
                 row, emb = run_st(st, sentences, a)
             else:
@@ -239,7 +263,7 @@ def main():
                      "transformers": version("transformers"), "attn_commit": git_commit()},
         "setup": {"model": a.model, "sentences_file": os.path.relpath(a.sentences, REPO), "sentences": n,
                   "word_pieces": sum(lens), "batch_size": a.batch_size, "threads": a.threads,
-                  "rounds": a.rounds},
+                  "rounds": a.rounds, "wait_idle": a.wait_idle, "wait_max": a.wait_max},
         "summary": summary,
         "rounds": rows,
     }
