@@ -15,10 +15,69 @@ use crate::error::{Error, Result};
 /// Below this many elements a row-wise pass stays on the calling thread.
 const PAR_ELEMS: usize = 1 << 15;
 
+/// How a kernel may use rayon's threads: split its own work (`Inner`), or
+/// run on the calling thread only (`Serial`, for callers that already run
+/// one independent piece of work per thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Par {
+    Inner,
+    Serial,
+}
+
+impl Par {
+    fn split(self, elems: usize) -> bool {
+        self == Par::Inner && elems >= PAR_ELEMS && rayon::current_num_threads() > 1
+    }
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major) with `gemm`, split over
+/// rayon's threads when `par` is [`Par::Inner`] and the product is large.
+pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], par: Par) -> Result<()> {
+    if x.len() < m * k || w.len() < n * k || out.len() < m * n {
+        return Err(Error::input("matmul", format!("buffers too small for [{m}, {k}] x [{n}, {k}]ᵀ")));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if par == Par::Inner && m * n * k >= 1 << 18 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the sizes were checked above; the strides describe row-major
+    // x (m x k), wᵀ (k x n, read from row-major w) and out (m x n).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
 /// `x[r, c] = layer_norm(x[r, :] + bias + residual[r, :])`, row by row:
 /// `(v - mean) / sqrt(var + eps) * w + b` with the biased variance. `bias`
 /// and `residual` are optional (empty slices skip them).
-pub fn add_layer_norm_rows(x: &mut [f32], bias: &[f32], residual: &[f32], w: &[f32], b: &[f32], eps: f32) {
+#[allow(clippy::too_many_arguments)]
+pub fn add_layer_norm_rows(x: &mut [f32], bias: &[f32], residual: &[f32], w: &[f32], b: &[f32], eps: f32, par: Par) {
     let d = w.len();
     let work = |(r, row): (usize, &mut [f32])| {
         if !bias.is_empty() {
@@ -33,7 +92,7 @@ pub fn add_layer_norm_rows(x: &mut [f32], bias: &[f32], residual: &[f32], w: &[f
         }
         layer_norm_row(row, w, b, eps);
     };
-    if x.len() >= PAR_ELEMS {
+    if par.split(x.len()) {
         x.par_chunks_mut(d).enumerate().for_each(work);
     } else {
         x.chunks_mut(d).enumerate().for_each(work);
@@ -156,7 +215,7 @@ impl EncAct {
 }
 
 /// `x[r, :] = act(x[r, :] + bias)` for every `bias.len()`-wide row.
-pub fn bias_act_rows(x: &mut [f32], bias: &[f32], act: EncAct) {
+pub fn bias_act_rows(x: &mut [f32], bias: &[f32], act: EncAct, par: Par) {
     let n = bias.len();
     let work = |row: &mut [f32]| match act {
         // One arm per activation so each loop is a straight vectorisable body.
@@ -165,7 +224,7 @@ pub fn bias_act_rows(x: &mut [f32], bias: &[f32], act: EncAct) {
         EncAct::Relu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0)),
         EncAct::Silu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = EncAct::Silu.apply(*v + b)),
     };
-    if x.len() >= PAR_ELEMS {
+    if par.split(x.len()) {
         x.par_chunks_mut(n).for_each(work);
     } else {
         x.chunks_mut(n).for_each(work);
@@ -240,9 +299,9 @@ pub struct EncAttn {
 /// and value (`hidden = n_heads * head_dim` each, head `h` at columns
 /// `h * head_dim ..`). Sequence `s` is rows `offsets[s] .. offsets[s + 1]`
 /// (`offsets` starts at 0 and ends at `total`). Writes `[total, hidden]`
-/// (heads side by side) to `out`. Sequences run in parallel; each
-/// sequence's result depends only on its own rows.
-pub fn attend_packed(qkv: &[f32], offsets: &[usize], a: &EncAttn, out: &mut [f32]) -> Result<()> {
+/// (heads side by side) to `out`. Sequences run in parallel with
+/// [`Par::Inner`]; each sequence's result depends only on its own rows.
+pub fn attend_packed(qkv: &[f32], offsets: &[usize], a: &EncAttn, out: &mut [f32], par: Par) -> Result<()> {
     let hidden = a.n_heads * a.head_dim;
     let total = *offsets.last().unwrap_or(&0);
     if offsets.first().copied().unwrap_or(0) != 0 || offsets.windows(2).any(|w| w[1] < w[0]) {
@@ -262,11 +321,17 @@ pub fn attend_packed(qkv: &[f32], offsets: &[usize], a: &EncAttn, out: &mut [f32
         parts.push((w[0], w[1] - w[0], head));
         rest = tail;
     }
-    // Longest first, so the big ones do not end up last on one thread.
-    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
-    parts.into_par_iter().for_each_init(Vec::new, |scores, (start, len, dst)| {
+    let work = |scores: &mut Vec<f32>, (start, len, dst): (usize, usize, &mut [f32])| {
         attend_one(&qkv[start * 3 * hidden..(start + len) * 3 * hidden], len, a, scores, dst);
-    });
+    };
+    if par == Par::Inner && parts.len() > 1 && rayon::current_num_threads() > 1 {
+        // Longest first, so the big ones do not end up last on one thread.
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        parts.into_par_iter().for_each_init(Vec::new, work);
+    } else {
+        let mut scores = Vec::new();
+        parts.into_iter().for_each(|p| work(&mut scores, p));
+    }
     Ok(())
 }
 
@@ -408,7 +473,7 @@ mod tests {
             assert_eq!(EncAct::Relu.apply(x), x.max(0.0));
         }
         let mut v = vec![1.0f32, -1.0, 0.5, 2.0];
-        bias_act_rows(&mut v, &[1.0, 1.0], EncAct::Relu);
+        bias_act_rows(&mut v, &[1.0, 1.0], EncAct::Relu, Par::Inner);
         assert_eq!(v, [2.0, 0.0, 1.5, 3.0]);
     }
 
@@ -419,7 +484,7 @@ mod tests {
         let (w, b) = (rand_vec(d, 2, 1.0), rand_vec(d, 3, 1.0));
         let (bias, res) = (rand_vec(d, 4, 1.0), rand_vec(3 * d, 5, 1.0));
         let mut got = x.clone();
-        add_layer_norm_rows(&mut got, &bias, &res, &w, &b, 1e-12);
+        add_layer_norm_rows(&mut got, &bias, &res, &w, &b, 1e-12, Par::Serial);
         for r in 0..3 {
             let row: Vec<f64> = (0..d).map(|j| (x[r * d + j] + bias[j] + res[r * d + j]) as f64).collect();
             let mean = row.iter().sum::<f64>() / d as f64;
@@ -446,7 +511,10 @@ mod tests {
         let qkv = rand_vec(total * 3 * hidden, 9, 2.0);
         let a = EncAttn { n_heads: h, head_dim: hd, scale: 0.35 };
         let mut out = vec![f32::NAN; total * hidden];
-        attend_packed(&qkv, &offsets, &a, &mut out).unwrap();
+        attend_packed(&qkv, &offsets, &a, &mut out, Par::Inner).unwrap();
+        let mut serial = vec![f32::NAN; total * hidden];
+        attend_packed(&qkv, &offsets, &a, &mut serial, Par::Serial).unwrap();
+        assert_eq!(out, serial);
         let at =
             |r: usize, part: usize, head: usize, c: usize| qkv[r * 3 * hidden + part * hidden + head * hd + c] as f64;
         for s in 0..lens.len() {
@@ -467,7 +535,23 @@ mod tests {
                 }
             }
         }
-        assert!(attend_packed(&qkv, &[0, 3], &a, &mut out).is_err());
+        assert!(attend_packed(&qkv, &[0, 3], &a, &mut out, Par::Serial).is_err());
+    }
+
+    #[test]
+    fn matmul_matches_a_plain_loop_serial_and_split() {
+        let (m, k, n) = (70, 90, 80);
+        let (x, w) = (rand_vec(m * k, 11, 1.0), rand_vec(n * k, 12, 1.0));
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matmul_xwt(&x, m, k, &w, n, &mut a, Par::Inner).unwrap();
+        matmul_xwt(&x, m, k, &w, n, &mut b, Par::Serial).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c]).sum();
+                assert!((a[i * n + j] - want).abs() < 1e-4 && (b[i * n + j] - want).abs() < 1e-4);
+            }
+        }
+        assert!(matmul_xwt(&x, m, k, &w[..10], n, &mut a, Par::Serial).is_err());
     }
 
     #[test]
