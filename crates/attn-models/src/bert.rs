@@ -15,6 +15,7 @@ use attn_nn::{
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::bert_fast::FastBert;
 use crate::gguf::{GgufFile, GgufSource};
 use crate::hf_tokenizer::HfTokenizer;
 
@@ -247,11 +248,17 @@ pub fn mean_pool_normalize(hidden: &Tensor, lengths: &[usize]) -> Result<Tensor>
 }
 
 /// A sentence-transformers model: BERT, tokenizer and the truncation length.
+///
+/// [`SentenceEncoder::embed`] runs the fused path ([`FastBert`]) when the
+/// encoder has one (float weights from safetensors, CPU), else the candle
+/// model; [`SentenceEncoder::embed_candle`] always runs the candle model
+/// (the reference).
 pub struct SentenceEncoder {
     pub model: Bert,
     pub tokenizer: HfTokenizer,
     pub max_seq_length: usize,
     device: Device,
+    fast: Option<FastBert>,
 }
 
 #[derive(Deserialize)]
@@ -286,13 +293,15 @@ impl SentenceEncoder {
         };
         let files = crate::inspect::safetensors_files(dir)?;
         let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(&files)?);
-        let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
+        let weights = Weights::new(source, DType::F32, device);
+        let model = Bert::load(&weights, &cfg)?;
+        let fast = if device.is_cpu() { FastBert::load(&weights, &cfg)? } else { None };
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
             return Err(Error::format(&tok_path, "missing: the folder needs a tokenizer.json"));
         }
         let tokenizer = HfTokenizer::from_file(&tok_path, Some(max_seq_length))?;
-        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone() })
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), fast })
     }
 
     /// Loads a BERT GGUF as `attn quantize` writes it: llama.cpp's tensor
@@ -344,19 +353,56 @@ impl SentenceEncoder {
         let source: Arc<dyn WeightSource> =
             Arc::new(GgufSource::new(f.clone(), crate::quantize::bert_rename_map(cfg.num_hidden_layers)));
         let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
-        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone() })
+        // Quantized weights: candle's kernels (no fused path).
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), fast: None })
     }
 
     /// The same encoder with every linear layer in 8-bit blocks
     /// ([`attn_nn::q8`]): weight-only int8, activations quantized per row.
     pub fn into_q8(mut self) -> Result<Self> {
         self.model = self.model.to_q8()?;
+        self.fast = None;
         Ok(self)
     }
 
+    /// The same encoder without the fused path: [`SentenceEncoder::embed`]
+    /// runs candle's kernels (`ATTN_KERNELS=candle`).
+    pub fn with_candle_kernels(mut self) -> Self {
+        self.fast = None;
+        self
+    }
+
+    /// Whether [`SentenceEncoder::embed`] runs the fused path.
+    pub fn is_fused(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The fused model, when the encoder has one.
+    pub fn fast_model(&self) -> Option<&FastBert> {
+        self.fast.as_ref()
+    }
+
     /// Normalised sentence embeddings `[n, hidden]` of `texts`, run in
-    /// batches of `batch_size`.
+    /// batches of `batch_size` (on the fused path when the encoder has one).
     pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+        let Some(fast) = &self.fast else {
+            return self.embed_candle(texts, batch_size);
+        };
+        if texts.is_empty() {
+            return Err(Error::input("embed", "no texts"));
+        }
+        let d = self.model.config().hidden_size;
+        let mut out = Vec::with_capacity(texts.len() * d);
+        for chunk in texts.chunks(batch_size.max(1)) {
+            let ids = self.tokenizer.encode_batch(chunk)?;
+            out.extend(fast.embed_ids(&ids)?);
+        }
+        Ok(Tensor::from_vec(out, (texts.len(), d), &self.device)?)
+    }
+
+    /// [`SentenceEncoder::embed`] on candle's kernels (padded batches): the
+    /// reference path.
+    pub fn embed_candle(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
         if texts.is_empty() {
             return Err(Error::input("embed", "no texts"));
         }

@@ -2,6 +2,7 @@
 //! readers of the weight formats they load from.
 
 pub mod bert;
+pub mod bert_fast;
 pub mod chat;
 pub mod gemma3;
 pub mod gemma3_fast;

@@ -41,8 +41,9 @@ impl AnyModel {
     }
 }
 
-/// `ATTN_KERNELS=candle` computes GGUF models with candle's kernels (the
-/// reference path) instead of attn's fused ones (`fused`, the default).
+/// `ATTN_KERNELS=candle` computes GGUF models and float BERT encoders with
+/// candle's kernels (the reference path) instead of attn's fused ones
+/// (`fused`, the default).
 pub fn candle_kernels_requested() -> Result<bool> {
     match std::env::var("ATTN_KERNELS") {
         Err(_) => Ok(false),
@@ -57,7 +58,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
     load_model_with(path, device, candle_kernels_requested()?)
 }
 
-/// [`load_model`], computing GGUF models with candle's kernels when asked.
+/// [`load_model`], computing with candle's kernels when asked.
 pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Result<AnyModel> {
     if path.is_dir() {
         let cfg = path.join("config.json");
@@ -66,7 +67,10 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             serde_json::from_str(&text).map_err(|e| Error::format(&cfg, format!("invalid JSON: {e}")))?;
         let kind = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("unknown");
         return match kind {
-            "bert" => Ok(AnyModel::Encoder(Box::new(SentenceEncoder::load(path, device)?))),
+            "bert" => {
+                let enc = SentenceEncoder::load(path, device)?;
+                Ok(AnyModel::Encoder(Box::new(if candle_kernels { enc.with_candle_kernels() } else { enc })))
+            }
             other => Err(Error::Unsupported(format!(
                 "{}: model_type `{other}` in an HF folder (supported: bert; decoder-only models load from GGUF)",
                 path.display()

@@ -189,6 +189,76 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
 }
 
+fn minilm() -> &'static SentenceEncoder {
+    static E: OnceLock<SentenceEncoder> = OnceLock::new();
+    E.get_or_init(|| {
+        set_threads();
+        let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
+        SentenceEncoder::load(&path, &Device::Cpu).unwrap()
+    })
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max)
+}
+
+/// The fused path (plain buffers, packed batches, gemm) against candle's
+/// padded path and against sentence-transformers' per-token encoder output.
+#[test]
+fn minilm_fused_path_matches_candle_and_reference_hidden_states() {
+    let enc = minilm();
+    assert!(enc.is_fused(), "a float safetensors encoder loads with the fused path");
+    let reference = fixture("minilm_reference.json");
+    let texts: Vec<&str> =
+        reference["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let fused = enc.embed(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
+    let candle = enc.embed_candle(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
+    let diff = max_abs_diff(&fused, &candle);
+    assert!(diff < 2e-6, "fused vs candle embeddings: max diff {diff}");
+    // Per-token last hidden state of one sentence (values ~1, fixture rounded to 7 digits).
+    let dbg = &reference["token_embeddings_debug"];
+    let ids = ids(&dbg["ids"]);
+    let want: Vec<Vec<f32>> = dbg["last_hidden_state"].as_array().unwrap().iter().map(floats).collect();
+    let fast = enc.fast_model().unwrap();
+    let (hidden, offsets) = fast.forward_packed(&[vec![101, 2023, 102], ids.clone()]).unwrap();
+    assert_eq!(offsets, [0, 3, 3 + ids.len()]);
+    let got: Vec<Vec<f32>> = hidden[3 * 384..].chunks(384).map(<[f32]>::to_vec).collect();
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "hidden states vs sentence-transformers: max diff {diff}");
+    assert!(fast.forward_packed(&[vec![101, 999_999]]).unwrap_err().to_string().contains("outside the vocabulary"));
+    assert!(fast.forward_packed(&[vec![101; 513]]).unwrap_err().to_string().contains("positions"));
+}
+
+/// A sentence's embedding on the fused path does not depend on the batch it
+/// is in: alone, in batches of 32, all in one batch, in reverse order.
+#[test]
+fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
+    let enc = minilm();
+    let p = format!("{}/../../fixtures/embed_bench_sentences.txt", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(p).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    // the short and the long ones: every length class, truncated inputs included
+    let mut texts: Vec<&str> = all.iter().copied().take(40).collect();
+    texts.extend(all.iter().copied().filter(|t| t.len() > 400));
+    assert!(texts.len() > 42);
+    let b32 = enc.embed(&texts, 32).unwrap().to_vec2::<f32>().unwrap();
+    let one_batch = enc.embed(&texts, texts.len()).unwrap().to_vec2::<f32>().unwrap();
+    let alone: Vec<Vec<f32>> =
+        texts.iter().map(|t| enc.embed(&[t], 1).unwrap().to_vec2::<f32>().unwrap().remove(0)).collect();
+    let rev: Vec<&str> = texts.iter().rev().copied().collect();
+    let mut reversed = enc.embed(&rev, 7).unwrap().to_vec2::<f32>().unwrap();
+    reversed.reverse();
+    for (name, other) in [("one batch", &one_batch), ("alone", &alone), ("reversed, batches of 7", &reversed)] {
+        let diff = max_abs_diff(&b32, other);
+        assert!(diff < 1e-6, "{name} vs batches of 32: max diff {diff}");
+    }
+    for e in &b32 {
+        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+}
+
 /// The paged KV cache (scattered blocks, attention through the block table)
 /// gives the logits of the contiguous cache, across the 512-token sliding
 /// window, for a chunked prefill and then single-token steps. Dequantized
