@@ -623,13 +623,14 @@ impl GgufFile {
     }
 
     /// A matrix `[rows, cols]` in the block format of the fused inference
-    /// path: Q8_0 and Q5_0 exactly (Q5_0 kept in 5 bits), other types
-    /// through f32 to 8 bits.
+    /// path: Q8_0, Q5_0 and Q4_0 exactly and at their stored width, other
+    /// types through f32 to 8 bits.
     pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::q8::Q8Matrix> {
         let info = self.checked_info(name, &[rows, cols])?;
         let m = match info.ty {
             TensorType(8) => attn_nn::q8::Q8Matrix::from_q8_0_bytes(self.tensor_data(info), rows, cols)?,
             TensorType(6) => attn_nn::q8::Q8Matrix::from_q5_0_bytes(self.tensor_data(info), rows, cols)?,
+            TensorType(2) => attn_nn::q8::Q8Matrix::from_q4_0_bytes(self.tensor_data(info), rows, cols)?,
             _ => attn_nn::q8::Q8Matrix::from_tensor(&self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)?,
         };
         self.release(info);

@@ -17,6 +17,11 @@
 //! `w + 128`; the activation side removes the `128 · Σx` that adds, exactly,
 //! by starting each block's integer sum at `-128 · Σx`.
 //!
+//! Q5_0 and Q4_0 weights keep their width (22 and 18 bytes per 32, as in
+//! the file): the same panels hold 4-bit planes (and, for 5 bits, one
+//! 64-bit mask of high bits per line), widened to a line of bytes in
+//! registers just before the `vpdpbusd`, with offsets 16 and 8.
+//!
 //! Activations are quantized per row to blocks of 32 `i8` with an f32 scale.
 //!
 //! Every output element is computed by the same arithmetic whatever the
@@ -70,6 +75,9 @@ enum Quants {
     /// `high`: `[group][block][k 0..8]`, bit `4j + t` is bit 4 of weight
     /// `4k + t` of row `j`.
     Q5 { nib: Vec<Line>, high: Vec<u64> },
+    /// Q4_0's 4-bit weights (`-8..=7`, 18 bytes per 32 with the scale),
+    /// stored as `u = w + 8` in [`Quants::Q5`]'s nibble planes.
+    Q4 { nib: Vec<Line> },
 }
 
 /// Activation rows quantized to blocks of 32 `i8` with an f32 scale; the
@@ -224,12 +232,20 @@ fn set_block(lines: &mut [Line], scales: &mut [u16], j: usize, b: usize, scale: 
     }
 }
 
-/// Writes row `j` (of 16) of block `b` into one group's 5-bit panels;
-/// `q` is in `-16..=15`.
-fn set_block_q5(nib: &mut [Line], high: &mut [u64], scales: &mut [u16], j: usize, b: usize, scale: u16, q: &[i8]) {
+/// Writes row `j` (of 16) of block `b` into one group's nibble panels
+/// (5-bit with `high`, offset 16; 4-bit without, offset 8).
+fn set_block_nib(
+    nib: &mut [Line],
+    mut high: Option<&mut [u64]>,
+    scales: &mut [u16],
+    (j, b): (usize, usize),
+    scale: u16,
+    q: &[i8],
+) {
     scales[b * GROUP + j] = scale;
+    let off = if high.is_some() { 16 } else { 8 };
     for (c, &w) in q.iter().enumerate() {
-        let u = (w + 16) as u8;
+        let u = (w + off) as u8;
         let (k, t) = (c / 4, c % 4);
         let byte = &mut nib[b * 4 + k / 2].0[4 * j + t];
         if k % 2 == 0 {
@@ -237,9 +253,11 @@ fn set_block_q5(nib: &mut [Line], high: &mut [u64], scales: &mut [u16], j: usize
         } else {
             *byte = (*byte & 0x0f) | ((u & 0x0f) << 4);
         }
-        let bit = 1u64 << (4 * j + t);
-        let h = &mut high[b * LINES + k];
-        *h = if u & 0x10 != 0 { *h | bit } else { *h & !bit };
+        if let Some(high) = high.as_deref_mut() {
+            let bit = 1u64 << (4 * j + t);
+            let h = &mut high[b * LINES + k];
+            *h = if u & 0x10 != 0 { *h | bit } else { *h & !bit };
+        }
     }
 }
 
@@ -348,6 +366,13 @@ impl Q8Matrix {
         m
     }
 
+    fn zeroed_q4(rows: usize, cols: usize) -> Self {
+        let mut m = Self::zeroed(rows, cols);
+        // u = 8 (w = 0) in both nibbles.
+        m.quants = Quants::Q4 { nib: vec![Line([0x88; 64]); m.groups * m.blocks * 4] };
+        m
+    }
+
     /// Fills every group in parallel; `row(r, b)` gives row `r`'s block `b`.
     fn fill(mut self, row: impl Fn(usize, usize) -> (u16, [i8; BLOCK]) + Sync) -> Self {
         let (nb, rows) = (self.blocks, self.rows);
@@ -374,10 +399,20 @@ impl Q8Matrix {
                     for j in 0..live(g) {
                         for b in 0..nb {
                             let (s, q) = row(g * GROUP + j, b);
-                            set_block_q5(nib, high, scales, j, b, s, &q);
+                            set_block_nib(nib, Some(&mut *high), scales, (j, b), s, &q);
                         }
                     }
                 }),
+            Quants::Q4 { nib } => nib.par_chunks_mut(nb * 4).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
+                |(g, (nib, scales))| {
+                    for j in 0..live(g) {
+                        for b in 0..nb {
+                            let (s, q) = row(g * GROUP + j, b);
+                            set_block_nib(nib, None, scales, (j, b), s, &q);
+                        }
+                    }
+                },
+            ),
         }
         self
     }
@@ -434,9 +469,33 @@ impl Q8Matrix {
         }))
     }
 
-    /// Whether the weights are stored in 5 bits (from Q5_0).
-    pub fn is_5bit(&self) -> bool {
-        matches!(self.quants, Quants::Q5 { .. })
+    /// From GGUF Q4_0 blocks (18 bytes each: an f16 scale, then 16 bytes of
+    /// nibbles, element `j` low and `j + 16` high, value minus 8), exactly,
+    /// in 4 bits.
+    pub fn from_q4_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        const Q4_0: usize = 18;
+        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q4_0 {
+            return Err(Error::input("q4 matrix", format!("{} bytes of Q4_0 for a {rows}x{cols} matrix", data.len())));
+        }
+        let nb = cols / BLOCK;
+        Ok(Self::zeroed_q4(rows, cols).fill(|r, b| {
+            let blk = &data[(r * nb + b) * Q4_0..(r * nb + b + 1) * Q4_0];
+            let mut q = [0i8; BLOCK];
+            for (j, &byte) in blk[2..].iter().enumerate() {
+                q[j] = (byte & 0x0f) as i8 - 8;
+                q[j + 16] = (byte >> 4) as i8 - 8;
+            }
+            (u16::from_le_bytes([blk[0], blk[1]]), q)
+        }))
+    }
+
+    /// Bits per stored weight: 8, 5 (from Q5_0) or 4 (from Q4_0).
+    pub fn weight_bits(&self) -> u32 {
+        match self.quants {
+            Quants::Q8(_) => 8,
+            Quants::Q5 { .. } => 5,
+            Quants::Q4 { .. } => 4,
+        }
     }
 
     /// From a 2-D tensor of any float dtype (a dequantized GGUF weight).
@@ -465,6 +524,10 @@ impl Q8Matrix {
                 let low = if k % 2 == 0 { byte & 0x0f } else { byte >> 4 };
                 let hb = ((high[panel * LINES + k] >> lane) & 1) as u8;
                 (low | (hb << 4)) as i8 - 16
+            }
+            Quants::Q4 { nib } => {
+                let byte = nib[panel * 4 + k / 2].0[lane];
+                (if k % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i8 - 8
             }
         }
     }
@@ -659,6 +722,7 @@ impl Q8Matrix {
         let w = match &self.quants {
             Quants::Q8(q) => q.len() * std::mem::size_of::<Line>(),
             Quants::Q5 { nib, high } => nib.len() * std::mem::size_of::<Line>() + high.len() * 8,
+            Quants::Q4 { nib } => nib.len() * std::mem::size_of::<Line>(),
         };
         w + self.scales.len() * std::mem::size_of::<u16>()
     }
@@ -694,8 +758,8 @@ fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// `G` groups × `N` activation rows with AVX-512 VNNI; `res[g · N + n]`.
-/// 5-bit panels are widened in registers: the nibble plane masked out, bit
-/// 4 added under a 64-bit mask.
+/// 5-bit and 4-bit panels are widened in registers: the nibble plane
+/// masked out, and for 5 bits bit 4 added under a 64-bit mask.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VNNI, FMA and F16C; groups `g0..g0 + G` and
@@ -718,7 +782,9 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
         Quants::Q5 { nib, high } => {
             (std::ptr::null(), nib.as_ptr().add(g0 * nb * 4), high.as_ptr().add(g0 * nb * LINES), 16)
         }
+        Quants::Q4 { nib } => (std::ptr::null(), nib.as_ptr().add(g0 * nb * 4), std::ptr::null(), 8),
     };
+    let packed = off != 128;
     let five = off == 16;
     let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
@@ -739,11 +805,15 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
             let mut wv = [_mm512_setzero_si512(); G];
             for (g, v) in wv.iter_mut().enumerate() {
                 let panel = g * nb + b;
-                *v = if five {
-                    let packed = _mm512_load_si512(nib.add(panel * 4 + k / 2) as *const _);
-                    let plane = if k % 2 == 0 { packed } else { _mm512_srli_epi16::<4>(packed) };
+                *v = if packed {
+                    let two = _mm512_load_si512(nib.add(panel * 4 + k / 2) as *const _);
+                    let plane = if k % 2 == 0 { two } else { _mm512_srli_epi16::<4>(two) };
                     let low = _mm512_and_si512(plane, low4);
-                    _mm512_mask_add_epi8(low, *high.add(panel * LINES + k), low, bit4)
+                    if five {
+                        _mm512_mask_add_epi8(low, *high.add(panel * LINES + k), low, bit4)
+                    } else {
+                        low
+                    }
                 } else {
                     _mm512_load_si512(q8.add(panel * LINES + k) as *const _)
                 };
@@ -773,8 +843,8 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 
 /// One group × `N` activation rows with AVX2, eight weight rows at a time:
 /// the 8-bit values are widened to 16 bits, `vpmaddwd` gives pair sums, and
-/// one horizontal add per block makes each row's sum. 5-bit panels are
-/// first expanded to 8-bit ones.
+/// one horizontal add per block makes each row's sum. 5-bit and 4-bit
+/// panels are first expanded to 8-bit ones.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist.
@@ -792,7 +862,7 @@ unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usi
     for b in 0..nb {
         let lines = match &w.quants {
             Quants::Q8(q) => q.as_ptr().add((g0 * nb + b) * LINES) as *const u8,
-            Quants::Q5 { .. } => {
+            Quants::Q5 { .. } | Quants::Q4 { .. } => {
                 w.panel_q8(g0, b, &mut buf);
                 buf.as_ptr() as *const u8
             }
@@ -945,7 +1015,7 @@ mod tests {
         let (q5b, q8b) = q5_and_q8_blocks(rows * cols / BLOCK, 11);
         let q5 = Q8Matrix::from_q5_0_bytes(&q5b, rows, cols).unwrap();
         let q8 = Q8Matrix::from_q8_0_bytes(&q8b, rows, cols).unwrap();
-        assert!(q5.is_5bit() && !q8.is_5bit());
+        assert_eq!((q5.weight_bits(), q8.weight_bits()), (5, 8));
         assert!(q5.bytes() * 3 < q8.bytes() * 2, "{} vs {}", q5.bytes(), q8.bytes());
         let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
         q5.dequantize_rows(0, rows, &mut a).unwrap();
@@ -989,6 +1059,44 @@ mod tests {
         assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         assert_eq!(q1, q2);
         assert_eq!(sums1, sums2);
+    }
+
+    #[test]
+    fn four_bit_panels_equal_the_same_weights_in_eight_bits() {
+        let (rows, cols) = (37, 96);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let (mut q4b, mut q8b) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols / BLOCK {
+            let d = half::f16::from_f32(rng.gen_range(0.001..0.1)).to_bits().to_le_bytes();
+            let qs: [u8; 16] = rng.gen();
+            q4b.extend(d);
+            q4b.extend(qs);
+            q8b.extend(d);
+            // ggml: element j < 16 is the low nibble of byte j, j + 16 the high one; minus 8.
+            q8b.extend((0..32).map(|j| (if j < 16 { qs[j] & 0x0f } else { qs[j - 16] >> 4 } as i8 - 8) as u8));
+        }
+        let q4 = Q8Matrix::from_q4_0_bytes(&q4b, rows, cols).unwrap();
+        let q8 = Q8Matrix::from_q8_0_bytes(&q8b, rows, cols).unwrap();
+        assert_eq!(q4.weight_bits(), 4);
+        assert!(q4.bytes() * 9 < q8.bytes() * 5, "{} vs {}", q4.bytes(), q8.bytes());
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+        q4.dequantize_rows(0, rows, &mut a).unwrap();
+        q8.dequantize_rows(0, rows, &mut b).unwrap();
+        assert_eq!(a, b);
+        for m in [1, 3, 8] {
+            let x = rand_vec(m * cols, 30 + m as u64);
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, m, cols).unwrap();
+            let mut want = vec![0f32; m * rows];
+            q8.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+            for k in Kernel::available() {
+                let mut got = vec![f32::NAN; m * rows];
+                q4.matmul_acts_with(&acts, &mut got, k).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{k:?}, {m} rows: 4-bit differs from 8-bit");
+            }
+        }
+        assert!(Q8Matrix::from_q4_0_bytes(&q4b[..q4b.len() - 1], rows, cols).is_err());
     }
 
     #[test]
