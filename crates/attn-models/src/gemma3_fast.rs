@@ -57,6 +57,39 @@ pub(crate) struct FastGemma3 {
     /// `[vocab, hidden]`: embedding rows and the output projection.
     embed: Q8Matrix,
     final_norm: Vec<f32>,
+    /// Activation buffers of finished calls, reused by the next ones, so a
+    /// decode step allocates nothing but the logits it returns (one set per
+    /// concurrent caller).
+    scratch: std::sync::Mutex<Vec<Scratch>>,
+}
+
+/// The buffers of one forward pass; grown as needed, never shrunk.
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    hr: Vec<f32>,
+    /// f32 weight rows, for the expansion path without VNNI.
+    wide: Vec<f32>,
+    positions: Vec<u32>,
+    cos_l: Vec<f32>,
+    sin_l: Vec<f32>,
+    cos_g: Vec<f32>,
+    sin_g: Vec<f32>,
+    acts: Q8Acts,
+}
+
+/// `v` holding exactly `n` elements, reusing its allocation.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
 }
 
 /// Where the fused path's attention keeps one sequence's keys and values.
@@ -82,12 +115,13 @@ struct Input<'a> {
     x: &'a [f32],
     m: usize,
     cols: usize,
-    acts: Option<Q8Acts>,
+    acts: &'a mut Q8Acts,
+    quantized: bool,
 }
 
 impl<'a> Input<'a> {
-    fn new(x: &'a [f32], m: usize, cols: usize) -> Self {
-        Input { x, m, cols, acts: None }
+    fn new(x: &'a [f32], m: usize, cols: usize, acts: &'a mut Q8Acts) -> Self {
+        Input { x, m, cols, acts, quantized: false }
     }
 
     /// `out[m, w.rows] = x · wᵀ`.
@@ -105,12 +139,11 @@ impl<'a> Input<'a> {
             }
             return Ok(());
         }
-        if self.acts.is_none() {
-            let mut a = Q8Acts::default();
-            a.quantize(self.x, m, k)?;
-            self.acts = Some(a);
+        if !self.quantized {
+            self.acts.quantize(self.x, m, k)?;
+            self.quantized = true;
         }
-        w.matmul_acts(self.acts.as_ref().expect("quantized above"), &mut out[..m * n])
+        w.matmul_acts(self.acts, &mut out[..m * n])
     }
 }
 
@@ -146,6 +179,7 @@ impl FastGemma3 {
             layers,
             embed: f.q8_matrix("token_embd.weight", cfg.vocab_size, d)?,
             final_norm: f.vector("output_norm.weight", d)?,
+            scratch: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -189,10 +223,28 @@ impl FastGemma3 {
         caches: &mut [&mut C],
         rows: &[usize],
     ) -> Result<Vec<f32>> {
+        let mut sc = self.scratch.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
+        let logits = self.forward_with(cfg, ids, spans, caches, rows, &mut sc)?;
+        if let Ok(mut pool) = self.scratch.lock() {
+            pool.push(sc);
+        }
+        Ok(logits)
+    }
+
+    fn forward_with<C: SliceKvStore>(
+        &self,
+        cfg: &Gemma3Config,
+        ids: &[u32],
+        spans: &[(usize, usize, usize)],
+        caches: &mut [&mut C],
+        rows: &[usize],
+        sc: &mut Scratch,
+    ) -> Result<Vec<f32>> {
         let (d, hd, nh, nkv, ff) = (cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size);
         let t = ids.len();
         let eps = cfg.rms_norm_eps as f32;
-        let mut x = vec![0f32; t * d];
+        let Scratch { x, h, q, k, v, att, o, g, u, hr, wide, positions, cos_l, sin_l, cos_g, sin_g, acts } = sc;
+        let x = sized(x, t * d);
         let scale = (d as f32).sqrt();
         for (i, &id) in ids.iter().enumerate() {
             let row = &mut x[i * d..(i + 1) * d];
@@ -201,32 +253,31 @@ impl FastGemma3 {
                 *v *= scale;
             }
         }
-        let positions: Vec<u32> =
-            spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)).collect();
-        let (cos_l, sin_l) = fast::rope_tables(cfg.rope_local_base, 1.0, hd, &positions);
-        let (cos_g, sin_g) = fast::rope_tables(cfg.rope_global_base, cfg.rope_global_scale, hd, &positions);
+        positions.clear();
+        positions.extend(spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)));
+        fast::rope_tables_into(cfg.rope_local_base, 1.0, hd, positions, cos_l, sin_l);
+        fast::rope_tables_into(cfg.rope_global_base, cfg.rope_global_scale, hd, positions, cos_g, sin_g);
         let sdpa = SdpaOptions { scale: cfg.query_pre_attn_scalar.powf(-0.5), softcap: cfg.attn_logit_softcap };
 
-        let mut h = vec![0f32; t * d];
-        let mut q = vec![0f32; t * nh * hd];
-        let mut k = vec![0f32; t * nkv * hd];
-        let mut v = vec![0f32; t * nkv * hd];
-        let mut att = vec![0f32; t * nh * hd];
-        let mut o = vec![0f32; t * d];
-        let mut g = vec![0f32; t * ff];
-        let mut u = vec![0f32; t * ff];
-        let mut scratch = Vec::new();
+        let h = sized(h, t * d);
+        let q = sized(q, t * nh * hd);
+        let k = sized(k, t * nkv * hd);
+        let v = sized(v, t * nkv * hd);
+        let att = sized(att, t * nh * hd);
+        let o = sized(o, t * d);
+        let g = sized(g, t * ff);
+        let u = sized(u, t * ff);
         for (li, l) in self.layers.iter().enumerate() {
-            fast::rms_norm_rows_to(&x, &l.attn_norm, eps, &mut h);
-            let mut inp = Input::new(&h, t, d);
-            inp.times(&l.wq, &mut q, &mut scratch)?;
-            inp.times(&l.wk, &mut k, &mut scratch)?;
-            inp.times(&l.wv, &mut v, &mut scratch)?;
-            fast::rms_norm_rows(&mut q, &l.q_norm, eps);
-            fast::rms_norm_rows(&mut k, &l.k_norm, eps);
-            let (cos, sin) = if l.global { (&cos_g, &sin_g) } else { (&cos_l, &sin_l) };
-            fast::rope_halves(&mut q, nh, hd, cos, sin);
-            fast::rope_halves(&mut k, nkv, hd, cos, sin);
+            fast::rms_norm_rows_to(x, &l.attn_norm, eps, h);
+            let mut inp = Input::new(h, t, d, acts);
+            inp.times(&l.wq, q, wide)?;
+            inp.times(&l.wk, k, wide)?;
+            inp.times(&l.wv, v, wide)?;
+            fast::rms_norm_rows(q, &l.q_norm, eps);
+            fast::rms_norm_rows(k, &l.k_norm, eps);
+            let (cos, sin) = if l.global { (&*cos_g, &*sin_g) } else { (&*cos_l, &*sin_l) };
+            fast::rope_halves(q, nh, hd, cos, sin);
+            fast::rope_halves(k, nkv, hd, cos, sin);
             let window = (!l.global).then_some(cfg.sliding_window);
             let call = AttnCall { n_heads: nh, n_kv_heads: nkv, head_dim: hd, past: 0, sdpa, window };
             for (c, &(s, len, _)) in caches.iter_mut().zip(spans) {
@@ -240,26 +291,26 @@ impl FastGemma3 {
                     &mut att[s * nh * hd..(s + len) * nh * hd],
                 )?;
             }
-            Input::new(&att, t, nh * hd).times(&l.wo, &mut o, &mut scratch)?;
-            fast::add_rms_normed(&mut x, &mut o, &l.post_attn_norm, eps);
+            Input::new(att, t, nh * hd, acts).times(&l.wo, o, wide)?;
+            fast::add_rms_normed(x, o, &l.post_attn_norm, eps);
 
-            fast::rms_norm_rows_to(&x, &l.ffn_norm, eps, &mut h);
-            let mut inp = Input::new(&h, t, d);
-            inp.times(&l.wg, &mut g, &mut scratch)?;
-            inp.times(&l.wu, &mut u, &mut scratch)?;
-            fast::gelu_tanh_mul(&mut g, &u);
-            Input::new(&g, t, ff).times(&l.wd, &mut o, &mut scratch)?;
-            fast::add_rms_normed(&mut x, &mut o, &l.post_ffw_norm, eps);
+            fast::rms_norm_rows_to(x, &l.ffn_norm, eps, h);
+            let mut inp = Input::new(h, t, d, acts);
+            inp.times(&l.wg, g, wide)?;
+            inp.times(&l.wu, u, wide)?;
+            fast::gelu_tanh_mul(g, u);
+            Input::new(g, t, ff, acts).times(&l.wd, o, wide)?;
+            fast::add_rms_normed(x, o, &l.post_ffw_norm, eps);
         }
         // Only the wanted rows go through the final norm and the head.
-        let mut hr = Vec::with_capacity(rows.len() * d);
+        hr.clear();
         for &r in rows {
             hr.extend_from_slice(&x[r * d..(r + 1) * d]);
         }
-        fast::rms_norm_rows(&mut hr, &self.final_norm, eps);
+        fast::rms_norm_rows(hr, &self.final_norm, eps);
         let vocab = self.embed.rows();
         let mut logits = vec![0f32; rows.len() * vocab];
-        Input::new(&hr, rows.len(), d).times(&self.embed, &mut logits, &mut scratch)?;
+        Input::new(hr, rows.len(), d, acts).times(&self.embed, &mut logits, wide)?;
         if let Some(cap) = cfg.final_logit_softcap {
             let cap = cap as f32;
             for z in &mut logits {

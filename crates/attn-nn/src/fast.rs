@@ -92,18 +92,34 @@ pub fn add_rms_normed(x: &mut [f32], y: &mut [f32], w: &[f32], eps: f32) {
 /// `[positions.len(), head_dim / 2]` each), with the rounding of
 /// [`crate::RotaryEmbedding`]: inverse frequencies and products in f32.
 pub fn rope_tables(base: f64, scale: f64, head_dim: usize, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    rope_tables_into(base, scale, head_dim, positions, &mut cos, &mut sin);
+    (cos, sin)
+}
+
+/// [`rope_tables`] into buffers kept by the caller (no allocation once they
+/// are large enough).
+pub fn rope_tables_into(base: f64, scale: f64, head_dim: usize, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half).map(|i| (1.0 / base.powf((2 * i) as f64 / head_dim as f64) / scale) as f32).collect();
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
+    cos.clear();
+    sin.clear();
+    let freq = |i: usize| (1.0 / base.powf((2 * i) as f64 / head_dim as f64) / scale) as f32;
+    let mut small = [0f32; 256];
+    let inv: std::borrow::Cow<[f32]> = if half <= small.len() {
+        for (i, f) in small[..half].iter_mut().enumerate() {
+            *f = freq(i);
+        }
+        std::borrow::Cow::Borrowed(&small[..half])
+    } else {
+        std::borrow::Cow::Owned((0..half).map(freq).collect())
+    };
     for &p in positions {
-        for f in &inv {
+        for f in inv.iter() {
             let a = p as f32 * f;
             cos.push(a.cos());
             sin.push(a.sin());
         }
     }
-    (cos, sin)
 }
 
 /// Rotates every head of every token of `x` (`[t, heads, head_dim]`) by its
@@ -234,9 +250,27 @@ pub fn attend<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut
 }
 
 fn attend_row<K: KvRows>(q: &[f32], kv: &K, g: usize, lo: usize, hi: usize, o: SdpaOptions, out: &mut [f32]) {
+    thread_local! {
+        // Score rows reused across calls: no allocation per head and token.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCORES.with_borrow_mut(|scores| attend_row_in(q, kv, g, lo, hi, o, out, scores));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_row_in<K: KvRows>(
+    q: &[f32],
+    kv: &K,
+    g: usize,
+    lo: usize,
+    hi: usize,
+    o: SdpaOptions,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     let scale = o.scale as f32;
     let cap = o.softcap.map(|c| c as f32);
-    let mut scores = Vec::with_capacity(hi - lo);
+    scores.clear();
     let mut max = f32::NEG_INFINITY;
     for p in lo..hi {
         let mut s = dot(q, kv.key(p, g)) * scale;
@@ -247,13 +281,13 @@ fn attend_row<K: KvRows>(q: &[f32], kv: &K, g: usize, lo: usize, hi: usize, o: S
         scores.push(s);
     }
     let mut sum = 0f32;
-    for s in &mut scores {
+    for s in scores.iter_mut() {
         *s = exp_fast(*s - max);
         sum += *s;
     }
     let inv = 1.0 / sum;
     out.fill(0.0);
-    for (p, s) in (lo..hi).zip(&scores) {
+    for (p, s) in (lo..hi).zip(scores.iter()) {
         axpy(s * inv, kv.value(p, g), out);
     }
 }
