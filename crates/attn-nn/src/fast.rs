@@ -99,7 +99,14 @@ pub fn rope_tables(base: f64, scale: f64, head_dim: usize, positions: &[u32]) ->
 
 /// [`rope_tables`] into buffers kept by the caller (no allocation once they
 /// are large enough).
-pub fn rope_tables_into(base: f64, scale: f64, head_dim: usize, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+pub fn rope_tables_into(
+    base: f64,
+    scale: f64,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
     let half = head_dim / 2;
     cos.clear();
     sin.clear();

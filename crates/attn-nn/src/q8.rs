@@ -378,18 +378,18 @@ impl Q8Matrix {
         let (nb, rows) = (self.blocks, self.rows);
         let live = move |g: usize| GROUP.min(rows - g * GROUP);
         match &mut self.quants {
-            Quants::Q8(quants) => quants
-                .par_chunks_mut(nb * LINES)
-                .zip(self.scales.par_chunks_mut(nb * GROUP))
-                .enumerate()
-                .for_each(|(g, (lines, scales))| {
-                    for j in 0..live(g) {
-                        for b in 0..nb {
-                            let (s, q) = row(g * GROUP + j, b);
-                            set_block(lines, scales, j, b, s, &q);
+            Quants::Q8(quants) => {
+                quants.par_chunks_mut(nb * LINES).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
+                    |(g, (lines, scales))| {
+                        for j in 0..live(g) {
+                            for b in 0..nb {
+                                let (s, q) = row(g * GROUP + j, b);
+                                set_block(lines, scales, j, b, s, &q);
+                            }
                         }
-                    }
-                }),
+                    },
+                )
+            }
             Quants::Q5 { nib, high } => nib
                 .par_chunks_mut(nb * 4)
                 .zip(high.par_chunks_mut(nb * LINES))
@@ -403,16 +403,18 @@ impl Q8Matrix {
                         }
                     }
                 }),
-            Quants::Q4 { nib } => nib.par_chunks_mut(nb * 4).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
-                |(g, (nib, scales))| {
-                    for j in 0..live(g) {
-                        for b in 0..nb {
-                            let (s, q) = row(g * GROUP + j, b);
-                            set_block_nib(nib, None, scales, (j, b), s, &q);
+            Quants::Q4 { nib } => {
+                nib.par_chunks_mut(nb * 4).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
+                    |(g, (nib, scales))| {
+                        for j in 0..live(g) {
+                            for b in 0..nb {
+                                let (s, q) = row(g * GROUP + j, b);
+                                set_block_nib(nib, None, scales, (j, b), s, &q);
+                            }
                         }
-                    }
-                },
-            ),
+                    },
+                )
+            }
         }
         self
     }
@@ -589,11 +591,8 @@ impl Q8Matrix {
         // Tasks of whole groups: for one row at least 4 groups (40 KB of a
         // 640-wide matrix) each, else about 8 tasks per thread.
         let threads = rayon::current_num_threads();
-        let per_task = if m == 1 {
-            self.groups.div_ceil(threads * 4).max(4)
-        } else {
-            self.groups.div_ceil(threads * 8).max(1)
-        };
+        let per_task =
+            if m == 1 { self.groups.div_ceil(threads * 4).max(4) } else { self.groups.div_ceil(threads * 8).max(1) };
         let tasks = self.groups.div_ceil(per_task);
         let ptr = OutPtr(out.as_mut_ptr());
         let run = |t: usize| {
@@ -1056,7 +1055,10 @@ mod tests {
         let (mut s2, mut q2, mut sums2) = (vec![1f32; nb], vec![1i8; nb * BLOCK], vec![0i32; nb]);
         // SAFETY: AVX-512 was detected above.
         unsafe { quantize_row_avx512(&x, nb, &mut s2, &mut q2, &mut sums2) };
-        assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         assert_eq!(q1, q2);
         assert_eq!(sums1, sums2);
     }
