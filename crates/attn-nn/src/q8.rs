@@ -304,7 +304,12 @@ impl Kernel {
                 Some(name) => match avail.iter().find(|k| k.name() == name) {
                     Some(k) => *k,
                     None => {
-                        eprintln!("ATTN_Q8_KERNEL={name}: not available on this CPU (have {avail:?}); using {best:?}");
+                        let names: Vec<&str> = avail.iter().map(|k| k.name()).collect();
+                        eprintln!(
+                            "ATTN_Q8_KERNEL={name}: not one of this CPU's kernels ({}); using {}",
+                            names.join(", "),
+                            best.name()
+                        );
                         best
                     }
                 },
