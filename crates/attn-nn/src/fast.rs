@@ -25,6 +25,20 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
 /// [`matmul_xwt`] into columns `0..n` of rows `ld` apart: a block of
 /// columns of a wider output.
 pub fn matmul_xwt_ld(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], ld: usize) -> Result<()> {
+    matmul_xwt_par(x, (m, k), w, n, out, ld, true)
+}
+
+/// [`matmul_xwt_ld`], split over rayon's threads only when `threaded` (and
+/// the product is large enough to gain from it).
+pub fn matmul_xwt_par(
+    x: &[f32],
+    (m, k): (usize, usize),
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+    threaded: bool,
+) -> Result<()> {
     if x.len() < m * k || w.len() < n * k || ld < n || (m > 0 && out.len() < (m - 1) * ld + n) {
         return Err(Error::input("matmul", format!("buffers too small for [{m}, {k}] x [{n}, {k}]ᵀ")));
     }
@@ -32,8 +46,11 @@ pub fn matmul_xwt_ld(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &m
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    let par =
-        if m * n * k >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threaded && m * n * k >= 1 << 18 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the sizes were checked above; the strides describe row-major
     // x (m x k), wᵀ (k x n, read from row-major w) and out (m x n).
     unsafe {

@@ -33,44 +33,7 @@ impl Par {
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major) with `gemm`, split over
 /// rayon's threads when `par` is [`Par::Inner`] and the product is large.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], par: Par) -> Result<()> {
-    if x.len() < m * k || w.len() < n * k || out.len() < m * n {
-        return Err(Error::input("matmul", format!("buffers too small for [{m}, {k}] x [{n}, {k}]ᵀ")));
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism = if par == Par::Inner && m * n * k >= 1 << 18 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the sizes were checked above; the strides describe row-major
-    // x (m x k), wᵀ (k x n, read from row-major w) and out (m x n).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
+    crate::fast::matmul_xwt_par(x, (m, k), w, n, out, n, par == Par::Inner)
 }
 
 /// `x[r, c] = layer_norm(x[r, :] + bias + residual[r, :])`, row by row:

@@ -1026,6 +1026,34 @@ mod tests {
         (q5, q8)
     }
 
+    /// `packed` (nibble panels) and `widened` (the same file bytes widened at
+    /// load) against `q8` (the same weights as Q8_0): equal dequantized
+    /// weights, and matmuls bit for bit on every kernel.
+    fn check_against_eight_bits(packed: &Q8Matrix, widened: &Q8Matrix, q8: &Q8Matrix, seed: u64) {
+        let (rows, cols) = (q8.rows(), q8.cols());
+        assert_eq!(widened.weight_bits(), 8);
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+        packed.dequantize_rows(0, rows, &mut a).unwrap();
+        q8.dequantize_rows(0, rows, &mut b).unwrap();
+        assert_eq!(a, b);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for m in [1, 3, 8] {
+            let x = rand_vec(m * cols, seed + m as u64);
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, m, cols).unwrap();
+            let mut want = vec![0f32; m * rows];
+            q8.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+            for k in Kernel::available() {
+                let mut got = vec![f32::NAN; m * rows];
+                packed.matmul_acts_with(&acts, &mut got, k).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{k:?}, {m} rows: {}-bit differs from 8-bit", packed.weight_bits());
+            }
+            let mut got = vec![f32::NAN; m * rows];
+            widened.matmul_acts(&acts, &mut got).unwrap();
+            assert_eq!(bits(&got), bits(&want), "widened at load");
+        }
+    }
+
     #[test]
     fn five_bit_panels_equal_the_same_weights_in_eight_bits() {
         let (rows, cols) = (37, 96);
@@ -1033,30 +1061,10 @@ mod tests {
         // Nibble panels whatever the CPU, so every kernel is checked on them.
         let q5 = Q8Matrix::from_q5_0_bytes_packed(&q5b, rows, cols, true).unwrap();
         let widened = Q8Matrix::from_q5_0_bytes_packed(&q5b, rows, cols, false).unwrap();
-        assert_eq!(widened.weight_bits(), 8);
         let q8 = Q8Matrix::from_q8_0_bytes(&q8b, rows, cols).unwrap();
         assert_eq!((q5.weight_bits(), q8.weight_bits()), (5, 8));
         assert!(q5.bytes() * 3 < q8.bytes() * 2, "{} vs {}", q5.bytes(), q8.bytes());
-        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
-        q5.dequantize_rows(0, rows, &mut a).unwrap();
-        q8.dequantize_rows(0, rows, &mut b).unwrap();
-        assert_eq!(a, b);
-        for m in [1, 3, 8] {
-            let x = rand_vec(m * cols, 20 + m as u64);
-            let mut acts = Q8Acts::default();
-            acts.quantize(&x, m, cols).unwrap();
-            let mut want = vec![0f32; m * rows];
-            q8.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
-            for k in Kernel::available() {
-                let mut got = vec![f32::NAN; m * rows];
-                q5.matmul_acts_with(&acts, &mut got, k).unwrap();
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{k:?}, {m} rows: 5-bit differs from 8-bit");
-            }
-            let mut got = vec![f32::NAN; m * rows];
-            widened.matmul_acts(&acts, &mut got).unwrap();
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "widened at load");
-        }
+        check_against_eight_bits(&q5, &widened, &q8, 20);
         assert!(Q8Matrix::from_q5_0_bytes(&q5b[..q5b.len() - 1], rows, cols).is_err());
     }
 
@@ -1103,30 +1111,10 @@ mod tests {
         }
         let q4 = Q8Matrix::from_q4_0_bytes_packed(&q4b, rows, cols, true).unwrap();
         let widened = Q8Matrix::from_q4_0_bytes_packed(&q4b, rows, cols, false).unwrap();
-        assert_eq!(widened.weight_bits(), 8);
         let q8 = Q8Matrix::from_q8_0_bytes(&q8b, rows, cols).unwrap();
         assert_eq!(q4.weight_bits(), 4);
         assert!(q4.bytes() * 9 < q8.bytes() * 5, "{} vs {}", q4.bytes(), q8.bytes());
-        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
-        q4.dequantize_rows(0, rows, &mut a).unwrap();
-        q8.dequantize_rows(0, rows, &mut b).unwrap();
-        assert_eq!(a, b);
-        for m in [1, 3, 8] {
-            let x = rand_vec(m * cols, 30 + m as u64);
-            let mut acts = Q8Acts::default();
-            acts.quantize(&x, m, cols).unwrap();
-            let mut want = vec![0f32; m * rows];
-            q8.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
-            for k in Kernel::available() {
-                let mut got = vec![f32::NAN; m * rows];
-                q4.matmul_acts_with(&acts, &mut got, k).unwrap();
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{k:?}, {m} rows: 4-bit differs from 8-bit");
-            }
-            let mut got = vec![f32::NAN; m * rows];
-            widened.matmul_acts(&acts, &mut got).unwrap();
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "widened at load");
-        }
+        check_against_eight_bits(&q4, &widened, &q8, 30);
         assert!(Q8Matrix::from_q4_0_bytes(&q4b[..q4b.len() - 1], rows, cols).is_err());
     }
 
