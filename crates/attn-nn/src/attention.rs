@@ -80,7 +80,9 @@ pub fn combine_masks(a: Option<&Tensor>, b: Option<&Tensor>) -> Result<Option<Te
 /// Softmax over the last dimension: the fused kernel when no gradient is
 /// being tracked, the differentiable composition otherwise.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
+    if x.track_op() && crate::grad_ops::fusable(x) {
+        crate::grad_ops::softmax_last_dim(x)
+    } else if x.track_op() {
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
@@ -441,6 +443,12 @@ impl MultiHeadAttention {
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let opts = self.sdpa_options();
+        if q.track_op() && opts.softcap.is_none() && [q, k, v].iter().all(|t| crate::grad_ops::fusable(t)) {
+            // Training: one fused node with its own backward.
+            let p = if train { self.dropout.p() } else { 0.0 };
+            return self.o_proj.forward(&crate::grad_ops::attention(q, k, v, mask, opts.scale, p)?);
+        }
         let out = scaled_dot_product_attention(q, k, v, mask, self.sdpa_options(), Some((&self.dropout, train)))?;
         self.o_proj.forward(&self.merge_heads(&out)?)
     }

@@ -29,6 +29,12 @@ impl Dropout {
         }
         // The mask comes from attn's seeded stream so training runs are
         // reproducible (see `crate::rng`).
+        if crate::grad_ops::fusable(x) {
+            let (p, scale) = (self.p, 1.0 / (1.0 - self.p));
+            let mask =
+                crate::rng::uniform(x.elem_count()).into_iter().map(|u| if u >= p { scale } else { 0.0 }).collect();
+            return crate::grad_ops::mask_mul(x, mask);
+        }
         let u = Tensor::from_vec(crate::rng::uniform(x.elem_count()), x.shape(), x.device())?;
         let keep = u.ge(self.p as f64)?.to_dtype(x.dtype())?;
         Ok((x * (keep * (1.0 / (1.0 - self.p as f64)))?)?)

@@ -65,6 +65,11 @@ pub fn cross_entropy(
     if count == 0.0 {
         return Err(Error::input("cross entropy", "every target is ignored"));
     }
+    if crate::grad_ops::fusable(logits) {
+        let rows = ids.iter().map(|&t| (Some(t) != ignore_index).then_some(t)).collect();
+        let per_token = crate::grad_ops::cross_entropy_rows(logits, rows, label_smoothing)?;
+        return Ok((per_token.sum_all()? / count as f64)?);
+    }
     // Ignored positions gather a valid index (0) and are then zeroed.
     let safe: Vec<u32> = ids.iter().map(|&t| if (t as usize) < v { t } else { 0 }).collect();
     let safe = Tensor::from_vec(safe, (n, 1), logits.device())?;

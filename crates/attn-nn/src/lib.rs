@@ -14,6 +14,7 @@ pub mod fast;
 pub mod fast_bert;
 pub mod ffn;
 pub mod flash;
+pub mod grad_ops;
 pub mod head;
 pub mod linear;
 pub mod moe;

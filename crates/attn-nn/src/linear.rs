@@ -123,6 +123,9 @@ impl Linear {
             ));
         }
         let y = match &self.weight {
+            LinearWeight::Dense(l) if crate::grad_ops::fusable(x) && crate::grad_ops::fusable(l.weight()) => {
+                return crate::grad_ops::linear(x, l.weight(), self.bias.as_ref());
+            }
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => {
                 // Quantized kernels take f32 activations.
@@ -133,7 +136,7 @@ impl Linear {
             LinearWeight::Q8(q) => q.forward(x)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
-            Some(b) => Ok(y.broadcast_add(b)?),
+            Some(b) => crate::grad_ops::bias_add(&y, b),
             None => Ok(y),
         }
     }

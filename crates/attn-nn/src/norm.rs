@@ -28,6 +28,9 @@ impl LayerNorm {
         // Statistics in f32 whatever the activation dtype; written out with
         // differentiable ops (candle's fused layer_norm has no backward).
         let dtype = x.dtype();
+        if crate::grad_ops::fusable(x) && crate::grad_ops::fusable(&self.weight) {
+            return crate::grad_ops::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps);
+        }
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;

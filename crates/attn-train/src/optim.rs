@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use attn_nn::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 
@@ -103,26 +105,37 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = self.eps as f32;
         for (i, (name, var)) in self.params.iter().enumerate() {
-            let g = &grads[i];
-            let shape = var.shape().clone();
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            if g.len() != p.len() {
+            if grads[i].len() != var.elem_count() {
                 return Err(Error::input(
                     "adamw",
-                    format!("gradient of `{name}` has {} values, not {}", g.len(), p.len()),
+                    format!("gradient of `{name}` has {} values, not {}", grads[i].len(), var.elem_count()),
                 ));
             }
-            let decay = if self.decay[i] { (lr * self.weight_decay) as f32 } else { 0.0 };
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                let gj = g[j];
-                m[j] = b1 * m[j] + (1.0 - b1) * gj;
-                v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                // Decoupled weight decay (Loshchilov & Hutter), then the Adam step.
-                p[j] -= decay * p[j];
-                p[j] -= step * m[j] / (v[j].sqrt() / bc2_sqrt + eps);
-            }
-            var.set(&Tensor::from_vec(p, shape, var.device())?)?;
+        }
+        // Every element is updated independently, so splitting the work over
+        // threads changes nothing in the result.
+        let decay_rate = (lr * self.weight_decay) as f32;
+        let updated: Vec<Vec<f32>> = self
+            .params
+            .par_iter()
+            .zip(grads.par_iter())
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .zip(self.decay.par_iter())
+            .map(|((((_, var), g), (m, v)), &decays)| -> Result<Vec<f32>> {
+                let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                let decay = if decays { decay_rate } else { 0.0 };
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    // Decoupled weight decay (Loshchilov & Hutter), then the Adam step.
+                    *p -= decay * *p;
+                    *p -= step * *m / (v.sqrt() / bc2_sqrt + eps);
+                }
+                Ok(p)
+            })
+            .collect::<Result<_>>()?;
+        for ((_, var), p) in self.params.iter().zip(updated) {
+            var.set(&Tensor::from_vec(p, var.shape().clone(), var.device())?)?;
         }
         Ok(())
     }

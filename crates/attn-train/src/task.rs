@@ -396,22 +396,11 @@ fn token_losses(
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v && Some(t) != ignore) {
         return Err(Error::input("loss", format!("target id {bad} outside a vocabulary of {v}")));
     }
-    let dev = logits.device();
-    let safe: Vec<u32> = targets.iter().map(|&t| if (t as usize) < v { t } else { 0 }).collect();
-    let safe = Tensor::from_vec(safe, (n, 1), dev)?;
-    let keep_t = Tensor::from_vec(keep.clone(), n, dev)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let nll = logp.gather(&safe, 1)?.squeeze(1)?.neg()?;
-    let per = if smoothing > 0.0 {
-        let smooth = logp.mean(D::Minus1)?.neg()?;
-        ((&nll * (1.0 - smoothing))? + (smooth * smoothing)?)?
-    } else {
-        nll.clone()
-    };
-    let loss_sum = (per * &keep_t)?.sum_all()?;
-    let nll_sum = (nll.detach() * &keep_t)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let pred = logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
-    let correct = pred.iter().zip(targets).zip(&keep).filter(|((p, t), k)| **k > 0.0 && p == t).count();
+    let rows = targets.iter().map(|&t| (Some(t) != ignore).then_some(t)).collect();
+    let (per, stats) = attn_nn::grad_ops::cross_entropy_rows_with_stats(logits, rows, smoothing)?;
+    let loss_sum = per.sum_all()?;
+    let nll_sum = stats.nll.iter().map(|&x| x as f64).sum();
+    let correct = stats.argmax.iter().zip(targets).zip(&keep).filter(|((p, t), k)| **k > 0.0 && p == t).count();
     Ok((loss_sum, nll_sum, count, correct))
 }
 
