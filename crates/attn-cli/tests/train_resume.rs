@@ -19,6 +19,8 @@ fn config(dir: &Path) -> PathBuf {
             "max_steps" => "max_steps = 240".into(),
             "eval_every" => "eval_every = 80".into(),
             "checkpoint_every" => "checkpoint_every = 20".into(),
+            // The weight average is part of the state a resume must restore.
+            "[train]" => "[train]\nema_decay = 0.99".into(),
             _ => l.to_string(),
         })
         .collect::<Vec<_>>()
@@ -36,6 +38,15 @@ fn attn() -> Command {
 
 fn final_weights(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("checkpoints/step-00000240/model.safetensors")).unwrap()
+}
+
+/// Moments and weight average of the last checkpoint, and the exported
+/// (averaged) best model.
+fn final_state(run: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(run.join("checkpoints/step-00000240/optimizer.safetensors")).unwrap(),
+        std::fs::read(run.join("model/model.safetensors")).unwrap(),
+    )
 }
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {
@@ -88,6 +99,9 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     assert_eq!(losses(&full), losses(&killed), "per-step training losses");
     assert_eq!(losses(&full).len(), 240);
     assert!(final_weights(&full) == final_weights(&killed), "final weights differ");
+    let (full_state, killed_state) = (final_state(&full), final_state(&killed));
+    assert!(full_state.0 == killed_state.0, "optimiser state and weight average differ");
+    assert!(full_state.1 == killed_state.1, "exported (averaged) models differ");
     std::fs::remove_dir_all(&dir).ok();
 }
 

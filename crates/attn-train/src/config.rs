@@ -234,6 +234,11 @@ pub struct TrainerConfig {
     pub clip_grad_norm: Option<f64>,
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Keep an exponential moving average of the weights with this decay
+    /// (warmed up as `min(decay, (1 + t) / (10 + t))`); evaluation and the
+    /// exported model then use the averaged weights. Absent = off.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
     #[serde(default = "d_precision")]
     pub precision: Precision,
     #[serde(default = "d_eval_every")]
@@ -530,6 +535,11 @@ impl TrainConfig {
         if let Some(c) = t.clip_grad_norm {
             if !(c > 0.0) {
                 return Err(Error::config("train.clip_grad_norm", "must be positive"));
+            }
+        }
+        if let Some(d) = t.ema_decay {
+            if !(d > 0.0 && d < 1.0) {
+                return Err(Error::config("train.ema_decay", format!("must be in (0, 1), got {d}")));
             }
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {

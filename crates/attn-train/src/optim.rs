@@ -64,6 +64,8 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    /// Decay and the moving average of every parameter, when on.
+    ema: Option<(f64, Vec<Vec<f32>>)>,
 }
 
 impl AdamW {
@@ -82,7 +84,40 @@ impl AdamW {
             beta2: cfg.beta2,
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
+            ema: None,
         }
+    }
+
+    /// Keeps an exponential moving average of the weights, starting from
+    /// their present values.
+    pub fn with_ema(mut self, decay: Option<f64>) -> Result<Self> {
+        self.ema = match decay {
+            None => None,
+            Some(d) => Some((
+                d,
+                self.params
+                    .iter()
+                    .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+                    .collect::<Result<_>>()?,
+            )),
+        };
+        Ok(self)
+    }
+
+    pub fn has_ema(&self) -> bool {
+        self.ema.is_some()
+    }
+
+    /// Exchanges the model's weights and their moving average (a second
+    /// call swaps them back, bit for bit). Does nothing without an average.
+    pub fn swap_ema(&mut self) -> Result<()> {
+        let Some((_, ema)) = &mut self.ema else { return Ok(()) };
+        for ((_, var), avg) in self.params.iter().zip(ema.iter_mut()) {
+            let now = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            var.set(&Tensor::from_slice(avg, var.shape(), var.device())?)?;
+            *avg = now;
+        }
+        Ok(())
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -134,26 +169,44 @@ impl AdamW {
                 Ok(p)
             })
             .collect::<Result<_>>()?;
+        if let Some((d, ema)) = &mut self.ema {
+            let t = self.t as f64;
+            let d = d.min((1.0 + t) / (10.0 + t)) as f32;
+            ema.par_iter_mut().zip(updated.par_iter()).for_each(|(a, p)| {
+                for (a, &p) in a.iter_mut().zip(p) {
+                    *a = d * *a + (1.0 - d) * p;
+                }
+            });
+        }
         for ((_, var), p) in self.params.iter().zip(updated) {
             var.set(&Tensor::from_vec(p, var.shape().clone(), var.device())?)?;
         }
         Ok(())
     }
 
-    /// Moments as named tensors (`m.{name}`, `v.{name}`) for a checkpoint.
+    /// Moments as named tensors (`m.{name}`, `v.{name}`, and `ema.{name}`
+    /// with a weight average) for a checkpoint.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, var)) in self.params.iter().enumerate() {
             out.insert(format!("m.{name}"), Tensor::from_slice(&self.m[i], var.shape(), &Device::Cpu)?);
             out.insert(format!("v.{name}"), Tensor::from_slice(&self.v[i], var.shape(), &Device::Cpu)?);
+            if let Some((_, ema)) = &self.ema {
+                out.insert(format!("ema.{name}"), Tensor::from_slice(&ema[i], var.shape(), &Device::Cpu)?);
+            }
         }
         Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        let per_param = if self.ema.is_some() { 3 } else { 2 };
         for (i, (name, var)) in self.params.iter().enumerate() {
-            for (which, dst) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+            let mut slots = vec![("m", &mut self.m[i]), ("v", &mut self.v[i])];
+            if let Some((_, ema)) = &mut self.ema {
+                slots.push(("ema", &mut ema[i]));
+            }
+            for (which, dst) in slots {
                 let key = format!("{which}.{name}");
                 let src = tensors.get(&key).ok_or_else(|| Error::MissingTensor { name: key.clone() })?;
                 if src.dims() != var.dims() {
@@ -166,10 +219,15 @@ impl AdamW {
                 *dst = src.flatten_all()?.to_vec1::<f32>()?;
             }
         }
-        if tensors.len() != 2 * self.params.len() {
+        if tensors.len() != per_param * self.params.len() {
             return Err(Error::input(
                 "adamw",
-                format!("optimiser state has {} tensors, the model needs {}", tensors.len(), 2 * self.params.len()),
+                format!(
+                    "optimiser state has {} tensors, the model needs {}{}",
+                    tensors.len(),
+                    per_param * self.params.len(),
+                    if self.ema.is_some() { " (moments and weight averages)" } else { "" }
+                ),
             ));
         }
         self.t = t;
@@ -218,5 +276,39 @@ mod tests {
         let n = clip_grad_norm(&mut grads, Some(1.0));
         assert!((n - 5.0).abs() < 1e-9);
         assert!((grads[0][0] - 0.6).abs() < 1e-5 && (grads[0][1] - 0.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn weight_average_follows_the_steps_and_swaps_back_exactly() {
+        let c = cfg(Schedule::Constant);
+        let p = Var::from_tensor(&Tensor::new(&[0.5f32, -1.5, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), p.clone())], &c).with_ema(Some(0.9)).unwrap();
+        let read = |p: &Var| p.as_tensor().to_vec1::<f32>().unwrap();
+        let mut avg = read(&p);
+        for t in 1..=30u64 {
+            opt.step(&[vec![0.3, -0.2, 0.1]], 0.05).unwrap();
+            let d = 0.9f64.min((1.0 + t as f64) / (10.0 + t as f64)) as f32;
+            for (a, w) in avg.iter_mut().zip(read(&p)) {
+                *a = d * *a + (1.0 - d) * w;
+            }
+        }
+        let raw = read(&p);
+        opt.swap_ema().unwrap();
+        assert_eq!(read(&p), avg, "the swapped-in weights are the average");
+        assert_ne!(read(&p), raw);
+        opt.swap_ema().unwrap();
+        assert_eq!(read(&p), raw, "a second swap restores the raw weights bit for bit");
+        // The average travels with the optimiser state.
+        let state = opt.state_tensors().unwrap();
+        assert_eq!(state.len(), 3);
+        let mut other = AdamW::new(vec![("w".into(), p.clone())], &c).with_ema(Some(0.9)).unwrap();
+        other.load_state(&state, opt.t).unwrap();
+        other.swap_ema().unwrap();
+        assert_eq!(read(&p), avg);
+        // A state without the average is refused when the average is on.
+        let mut plain = state.clone();
+        plain.remove("ema.w");
+        let mut third = AdamW::new(vec![("w".into(), p)], &c).with_ema(Some(0.9)).unwrap();
+        assert!(third.load_state(&plain, 1).is_err());
     }
 }

@@ -283,7 +283,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let model = Model::new(kind, &cfg, cfg.train.precision, &device)?;
     let params = model.store.vars();
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(params.clone(), &cfg.train);
+    let mut opt = AdamW::new(params.clone(), &cfg.train).with_ema(cfg.train.ema_decay)?;
     checkpoint::clean_temporaries(&ckpt_dir)?;
     // Half-written model exports of a killed run.
     if let Ok(rd) = fs::read_dir(&run_dir) {
@@ -422,38 +422,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         pb.set_position(state.step as u64);
 
         if state.step % t.eval_every == 0 || state.step == t.max_steps {
-            let net = model.eval_net()?;
-            let ev = evaluate(&net, &prepared, &cfg, false, t.eval_batches, t.eval_decode, 1, &device)?;
-            log.write(&ev.to_json(state.step, "valid"))?;
+            let ev = evaluate_and_keep_best(&mut Evaluation {
+                model: &model,
+                opt: &mut opt,
+                prepared: &prepared,
+                cfg: &cfg,
+                device: &device,
+                run_dir: &run_dir,
+                log: &mut log,
+                pb: &pb,
+                state: &mut state,
+            })?;
             evaluated_at = Some(state.step);
-            let value = metric_value(metric, &ev);
-            say(&pb, format!("step {}: {}", state.step, describe(&ev)));
-            if let Some(v) = value {
-                let better = match state.best_metric {
-                    None => true,
-                    Some(b) => {
-                        if metric.higher_is_better() {
-                            v > b
-                        } else {
-                            v < b
-                        }
-                    }
-                };
-                if better {
-                    state.best_metric = Some(v);
-                    state.best_step = Some(state.step);
-                    state.evals_without_improvement = 0;
-                    export(
-                        &run_dir,
-                        &model,
-                        &prepared.tokenizer,
-                        &cfg,
-                        json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}),
-                    )?;
-                } else {
-                    state.evals_without_improvement += 1;
-                }
-            }
             last_valid = Some(ev);
         }
         if state.step % t.checkpoint_every == 0 || state.step == t.max_steps {
@@ -476,33 +456,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     pb.finish_and_clear();
     drop(loader);
     if evaluated_at != Some(state.step) {
-        let net = model.eval_net()?;
-        let ev = evaluate(&net, &prepared, &cfg, false, t.eval_batches, t.eval_decode, 1, &device)?;
-        log.write(&ev.to_json(state.step, "valid"))?;
-        say(&pb, format!("step {}: {}", state.step, describe(&ev)));
-        if let Some(v) = metric_value(metric, &ev) {
-            let better = match state.best_metric {
-                None => true,
-                Some(b) => {
-                    if metric.higher_is_better() {
-                        v > b
-                    } else {
-                        v < b
-                    }
-                }
-            };
-            if better {
-                state.best_metric = Some(v);
-                state.best_step = Some(state.step);
-                export(
-                    &run_dir,
-                    &model,
-                    &prepared.tokenizer,
-                    &cfg,
-                    json!({"step": state.step, "valid": ev.to_json(state.step, "valid")}),
-                )?;
-            }
-        }
+        let ev = evaluate_and_keep_best(&mut Evaluation {
+            model: &model,
+            opt: &mut opt,
+            prepared: &prepared,
+            cfg: &cfg,
+            device: &device,
+            run_dir: &run_dir,
+            log: &mut log,
+            pb: &pb,
+            state: &mut state,
+        })?;
         last_valid = Some(ev);
     }
     if last_ckpt.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string())
@@ -511,7 +475,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         checkpoint::save(&ckpt_dir, &state, &model_json, &params, &opt.state_tensors()?, t.keep_checkpoints)?;
     }
     if !run_dir.join("model").exists() {
-        export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step}))?;
+        opt.swap_ema()?;
+        let exported = export(&run_dir, &model, &prepared.tokenizer, &cfg, json!({"step": state.step}));
+        opt.swap_ema()?;
+        exported?;
     }
     let title = run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     if let Err(e) = crate::plot::plot_metrics(log.path(), &run_dir.join("curves.png"), &title) {
@@ -531,6 +498,67 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         "valid": summary.valid.as_ref().map(|v| v.to_json(state.step, "valid"))});
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&sj).unwrap_or_default().as_bytes())?;
     Ok(summary)
+}
+
+/// What one validation pass needs from the training loop.
+struct Evaluation<'a> {
+    model: &'a Model,
+    opt: &'a mut AdamW,
+    prepared: &'a Prepared,
+    cfg: &'a TrainConfig,
+    device: &'a Device,
+    run_dir: &'a Path,
+    log: &'a mut MetricsLog,
+    pb: &'a ProgressBar,
+    state: &'a mut TrainState,
+}
+
+/// Evaluates on the validation split, logs it, tracks the best value of the
+/// metric (and the early-stopping count), and exports the model when it is
+/// the best so far. With a weight average (`train.ema_decay`) the averaged
+/// weights are the ones evaluated and exported; training resumes on the
+/// raw weights, restored bit for bit.
+fn evaluate_and_keep_best(e: &mut Evaluation) -> Result<EvalResult> {
+    e.opt.swap_ema()?;
+    let result = evaluate_and_export(e);
+    e.opt.swap_ema()?;
+    result
+}
+
+fn evaluate_and_export(e: &mut Evaluation) -> Result<EvalResult> {
+    let (t, step) = (&e.cfg.train, e.state.step);
+    let net = e.model.eval_net()?;
+    let ev = evaluate(&net, e.prepared, e.cfg, false, t.eval_batches, t.eval_decode, 1, e.device)?;
+    e.log.write(&ev.to_json(step, "valid"))?;
+    say(e.pb, format!("step {step}: {}", describe(&ev)));
+    let metric = e.cfg.metric();
+    if let Some(v) = metric_value(metric, &ev) {
+        let better = match e.state.best_metric {
+            None => true,
+            Some(b) => {
+                if metric.higher_is_better() {
+                    v > b
+                } else {
+                    v < b
+                }
+            }
+        };
+        if better {
+            e.state.best_metric = Some(v);
+            e.state.best_step = Some(step);
+            e.state.evals_without_improvement = 0;
+            export(
+                e.run_dir,
+                e.model,
+                &e.prepared.tokenizer,
+                e.cfg,
+                json!({"step": step, "valid": ev.to_json(step, "valid"), "weights": if e.opt.has_ema() { "ema" } else { "raw" }}),
+            )?;
+        } else {
+            e.state.evals_without_improvement += 1;
+        }
+    }
+    Ok(ev)
 }
 
 pub fn describe(ev: &EvalResult) -> String {
