@@ -20,6 +20,10 @@ pub enum Activation {
 
 impl Activation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() && crate::grad_ops::fusable(x) {
+            // Training: one node with its own backward.
+            return crate::grad_ops::activation(x, *self);
+        }
         Ok(match self {
             Activation::Relu => x.relu()?,
             Activation::GeluErf => x.gelu_erf()?,

@@ -65,6 +65,41 @@ fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
     out
 }
 
+/// `f(row of x, row of out)` over the rows (`d` wide) of `x`, in parallel chunks.
+fn map_rows(x: &[f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d * CHUNK_ROWS).zip(x.par_chunks(d * CHUNK_ROWS)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+            f(xr, yr);
+        }
+    });
+    y
+}
+
+/// `f(row of a, row of b, row of out)` over rows of two same-shaped inputs.
+fn zip_rows(a: &[f32], b: &[f32], d: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    let n = d * CHUNK_ROWS;
+    y.par_chunks_mut(n).zip(a.par_chunks(n)).zip(b.par_chunks(n)).for_each(|((yc, ac), bc)| {
+        for ((yr, ar), br) in yc.chunks_exact_mut(d).zip(ac.chunks_exact(d)).zip(bc.chunks_exact(d)) {
+            f(ar, br, yr);
+        }
+    });
+    y
+}
+
+/// `f(a[i], b[i])` elementwise over two same-length inputs, in parallel chunks.
+fn zip_elems(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    let n = 16 * 1024;
+    y.par_chunks_mut(n).zip(a.par_chunks(n)).zip(b.par_chunks(n)).for_each(|((y, a), b)| {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = f(a, b);
+        }
+    });
+    y
+}
+
 // ---------------------------------------------------------------- bias add
 
 struct BiasAdd;
@@ -87,12 +122,9 @@ impl CustomOp2 for BiasAdd {
         if b.len() != d {
             candle_core::bail!("bias of {} for rows of {d}", b.len());
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * CHUNK_ROWS).zip(x.par_chunks(d * CHUNK_ROWS)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                    *y = x + b;
-                }
+        let y = map_rows(x, d, |xr, yr| {
+            for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
+                *y = x + b;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -172,13 +204,10 @@ impl CustomOp3 for LayerNormOp {
             candle_core::bail!("layer norm over {d} with weight {} and bias {}", w.len(), b.len());
         }
         let eps = self.eps;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * CHUNK_ROWS).zip(x.par_chunks(d * CHUNK_ROWS)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, rstd) = row_stats(xr, eps);
-                for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                    *y = (x - mean) * rstd * w + b;
-                }
+        let y = map_rows(x, d, |xr, yr| {
+            let (mean, rstd) = row_stats(xr, eps);
+            for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *y = (x - mean) * rstd * w + b;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -318,13 +347,7 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let d = last_dim(l);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * CHUNK_ROWS).zip(x.par_chunks(d * CHUNK_ROWS)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                softmax_row(xr, yr);
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(map_rows(x, d, softmax_row)), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -350,17 +373,12 @@ impl CustomOp2 for SoftmaxBwd {
         let y = slice(s1, l1, self.name())?;
         let g = slice(s2, l2, self.name())?;
         let d = last_dim(l1);
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(d * CHUNK_ROWS).zip(y.par_chunks(d * CHUNK_ROWS)).zip(g.par_chunks(d * CHUNK_ROWS)).for_each(
-            |((dc, yc), gc)| {
-                for ((dr, yr), gr) in dc.chunks_exact_mut(d).zip(yc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                    let dot: f32 = yr.iter().zip(gr).map(|(&y, &g)| y * g).sum();
-                    for ((dx, &y), &g) in dr.iter_mut().zip(yr).zip(gr) {
-                        *dx = y * (g - dot);
-                    }
-                }
-            },
-        );
+        let dx = zip_rows(y, g, d, |yr, gr, dr| {
+            let dot: f32 = yr.iter().zip(gr).map(|(&y, &g)| y * g).sum();
+            for ((dx, &y), &g) in dr.iter_mut().zip(yr).zip(gr) {
+                *dx = y * (g - dot);
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -389,14 +407,7 @@ impl CustomOp1 for MaskMul {
         if x.len() != self.mask.len() {
             candle_core::bail!("dropout mask of {} for {} elements", self.mask.len(), x.len());
         }
-        let mut y = vec![0f32; x.len()];
-        let chunk = 16 * 1024;
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).zip(self.mask.par_chunks(chunk)).for_each(|((y, x), m)| {
-            for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
-                *y = x * m;
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(zip_elems(x, &self.mask, |x, m| x * m)), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -1088,4 +1099,98 @@ pub fn attention(
     });
     let op = AttentionOp { shape: AttnShape { b, h, hkv, tq, tk, d }, scale: scale as f32, mask, dropout };
     Ok(unit(q)?.apply_op3(&unit(k)?, &unit(v)?, op)?)
+}
+
+// ---------------------------------------------------------------- activations
+
+/// An activation and its derivative in one node each way.
+struct ActivationOp {
+    act: crate::ffn::Activation,
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+impl ActivationOp {
+    #[inline]
+    fn value(&self, x: f32) -> f32 {
+        use crate::ffn::Activation::*;
+        match self.act {
+            Relu => x.max(0.0),
+            GeluErf => 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
+            GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
+            Silu => x / (1.0 + crate::fast::exp_fast(-x)),
+        }
+    }
+
+    #[inline]
+    fn derivative(&self, x: f32) -> f32 {
+        use crate::ffn::Activation::*;
+        match self.act {
+            Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            GeluErf => {
+                let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = crate::fast::exp_fast(-0.5 * x * x) * 0.398_942_3; // 1/sqrt(2 pi)
+                cdf + x * pdf
+            }
+            GeluTanh => {
+                let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+                let t = inner.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            Silu => {
+                let s = 1.0 / (1.0 + crate::fast::exp_fast(-x));
+                s * (1.0 + x * (1.0 - s))
+            }
+        }
+    }
+}
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "attn-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        Ok((CpuStorage::F32(zip_elems(x, x, |x, _| self.value(x))), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBwd { act: self.act })?))
+    }
+}
+
+/// `grad * act'(x)`.
+struct ActivationBwd {
+    act: crate::ffn::Activation,
+}
+
+impl CustomOp2 for ActivationBwd {
+    fn name(&self) -> &'static str {
+        "attn-activation-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
+        let op = ActivationOp { act: self.act };
+        Ok((CpuStorage::F32(zip_elems(x, g, |x, g| g * op.derivative(x))), l1.shape().clone()))
+    }
+}
+
+/// `act(x)` with a fused backward.
+pub fn activation(x: &Tensor, act: crate::ffn::Activation) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(ActivationOp { act })?)
 }

@@ -188,3 +188,22 @@ fn dropout_mask_is_its_own_backward() {
         |x| (&x[0] * Tensor::from_vec(mask.clone(), (6, 50), &Device::Cpu).unwrap()).unwrap(),
     );
 }
+
+#[test]
+fn activations_match_candle() {
+    use attn_nn::Activation::*;
+    for act in [Relu, GeluErf, GeluTanh, Silu] {
+        let vars = [var(&[5, 300], 15)];
+        check(
+            &format!("{act:?}"),
+            &vars,
+            |x| grad_ops::activation(&x[0], act).unwrap(),
+            |x| match act {
+                Relu => x[0].relu().unwrap(),
+                GeluErf => x[0].gelu_erf().unwrap(),
+                GeluTanh => x[0].gelu().unwrap(),
+                Silu => x[0].silu().unwrap(),
+            },
+        );
+    }
+}
