@@ -239,6 +239,12 @@ pub struct TrainerConfig {
     /// exported model then use the averaged weights. Absent = off.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// Layer-wise learning-rate decay for fine-tuning: a parameter of
+    /// numbered layer `i` of `n` (a `layer.{i}.` or `layers.{i}.` segment of
+    /// its name) trains at `lr * decay^(n - i)`, the embeddings at
+    /// `lr * decay^(n + 1)`, the rest (heads, final norms) at `lr`. Absent = off.
+    #[serde(default)]
+    pub layer_lr_decay: Option<f64>,
     #[serde(default = "d_precision")]
     pub precision: Precision,
     #[serde(default = "d_eval_every")]
@@ -535,6 +541,11 @@ impl TrainConfig {
         if let Some(c) = t.clip_grad_norm {
             if !(c > 0.0) {
                 return Err(Error::config("train.clip_grad_norm", "must be positive"));
+            }
+        }
+        if let Some(d) = t.layer_lr_decay {
+            if !(d > 0.0 && d <= 1.0) {
+                return Err(Error::config("train.layer_lr_decay", format!("must be in (0, 1], got {d}")));
             }
         }
         if let Some(d) = t.ema_decay {

@@ -66,6 +66,30 @@ pub struct AdamW {
     weight_decay: f64,
     /// Decay and the moving average of every parameter, when on.
     ema: Option<(f64, Vec<Vec<f32>>)>,
+    /// Learning-rate multiplier of every parameter (layer-wise decay).
+    lr_scale: Vec<f64>,
+}
+
+/// The number of the layer a parameter belongs to: the `i` of a
+/// `layer.{i}.` or `layers.{i}.` segment of its name.
+fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find(|w| w[0] == "layer" || w[0] == "layers").and_then(|w| w[1].parse().ok())
+}
+
+/// Learning-rate multipliers for layer-wise decay (see
+/// `TrainerConfig::layer_lr_decay`): numbered layer `i` of `n` gets
+/// `decay^(n - i)`, embeddings `decay^(n + 1)`, everything else 1.
+pub fn layer_lr_scales(names: &[&str], decay: f64) -> Vec<f64> {
+    let n = names.iter().filter_map(|n| layer_index(n)).max().map_or(0, |m| m + 1);
+    names
+        .iter()
+        .map(|name| match layer_index(name) {
+            Some(i) => decay.powi((n - i) as i32),
+            None if name.contains("embed") => decay.powi(n as i32 + 1),
+            None => 1.0,
+        })
+        .collect()
 }
 
 impl AdamW {
@@ -74,6 +98,11 @@ impl AdamW {
         let m = params.iter().map(|(_, p)| vec![0f32; p.elem_count()]).collect();
         let v = params.iter().map(|(_, p)| vec![0f32; p.elem_count()]).collect();
         let decay = params.iter().map(|(_, p)| p.rank() >= 2).collect();
+        let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        let lr_scale = match cfg.layer_lr_decay {
+            Some(d) => layer_lr_scales(&names, d),
+            None => vec![1.0; params.len()],
+        };
         AdamW {
             params,
             m,
@@ -85,6 +114,7 @@ impl AdamW {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             ema: None,
+            lr_scale,
         }
     }
 
@@ -136,7 +166,6 @@ impl AdamW {
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        let step = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = self.eps as f32;
         for (i, (name, var)) in self.params.iter().enumerate() {
@@ -149,16 +178,18 @@ impl AdamW {
         }
         // Every element is updated independently, so splitting the work over
         // threads changes nothing in the result.
-        let decay_rate = (lr * self.weight_decay) as f32;
+        let weight_decay = self.weight_decay;
         let updated: Vec<Vec<f32>> = self
             .params
             .par_iter()
             .zip(grads.par_iter())
             .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
-            .zip(self.decay.par_iter())
-            .map(|((((_, var), g), (m, v)), &decays)| -> Result<Vec<f32>> {
+            .zip(self.decay.par_iter().zip(self.lr_scale.par_iter()))
+            .map(|((((_, var), g), (m, v)), (&decays, &scale))| -> Result<Vec<f32>> {
                 let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                let decay = if decays { decay_rate } else { 0.0 };
+                let lr = lr * scale;
+                let step = (lr / bc1) as f32;
+                let decay = if decays { (lr * weight_decay) as f32 } else { 0.0 };
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                     *m = b1 * *m + (1.0 - b1) * g;
                     *v = b2 * *v + (1.0 - b2) * g * g;
@@ -276,6 +307,31 @@ mod tests {
         let n = clip_grad_norm(&mut grads, Some(1.0));
         assert!((n - 5.0).abs() < 1e-9);
         assert!((grads[0][0] - 0.6).abs() < 1e-5 && (grads[0][1] - 0.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn layer_wise_learning_rates() {
+        let names = [
+            "embeddings.word_embeddings.weight",
+            "encoder.layer.0.dense.weight",
+            "encoder.layer.2.dense.bias",
+            "classifier.weight",
+        ];
+        let s = layer_lr_scales(&names, 0.5);
+        assert_eq!(s, vec![0.0625, 0.125, 0.5, 1.0]);
+        // In a step, a parameter with scale s moves as with learning rate lr * s.
+        let mut c = cfg(Schedule::Constant);
+        c.layer_lr_decay = Some(0.5);
+        let vars: Vec<(String, Var)> = names
+            .iter()
+            .map(|n| (n.to_string(), Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap()))
+            .collect();
+        let mut opt = AdamW::new(vars.clone(), &c);
+        opt.step(&vec![vec![1.0f32]; 4], 0.1).unwrap();
+        for ((_, v), want) in vars.iter().zip(s) {
+            let got = v.as_tensor().to_vec1::<f32>().unwrap()[0];
+            assert!((got - (1.0 - 0.1 * want as f32)).abs() < 1e-6, "{got} vs scale {want}");
+        }
     }
 
     #[test]

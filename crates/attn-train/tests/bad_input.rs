@@ -38,6 +38,7 @@ fn configs_are_validated_with_named_fields() {
         (b.replace("format = \"text_dir\"", "format = \"ding\""), "data.format"),
         (b.replace("[train]", "[train]\nmetric = \"bleu\""), "train.metric"),
         (b.replace("[train]", "[train]\nema_decay = 1.0"), "train.ema_decay"),
+        (b.replace("[train]", "[train]\nlayer_lr_decay = 0.0"), "train.layer_lr_decay"),
         (b.replace("warmup_steps = 5", "warmup_steps = 0").replace("\"cosine\"", "\"inverse_sqrt\""), "warmup_steps"),
     ];
     for (text, want) in cases {
