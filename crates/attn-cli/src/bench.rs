@@ -6,7 +6,7 @@ use attn_engine::sampler::argmax;
 use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep};
 use serde_json::json;
 
-use crate::common::{open_generator, set_threads, threads_in_use, DEFAULT_GENERATOR};
+use crate::common::{open_generator, set_threads, set_training_threads, threads_in_use, DEFAULT_GENERATOR};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -131,10 +131,11 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    set_threads(args.threads)?;
     if let Some(cfg) = &args.train {
+        set_training_threads(args.threads)?;
         return run_train_bench(args, cfg);
     }
+    set_threads(args.threads)?;
     if args.memory_bandwidth {
         let bw = measure_read_bandwidth();
         if args.json {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use attn_train::trainer::{describe, evaluate_model};
 use attn_train::{train, TrainOptions};
 
-use crate::common::set_threads;
+use crate::common::{set_threads, set_training_threads};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -29,7 +29,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
-    set_threads(a.threads)?;
+    set_training_threads(a.threads)?;
     let (run_dir, resume) = match (&a.resume, &a.out, &a.config) {
         (Some(r), _, _) => (r.clone(), true),
         (None, Some(o), _) => (o.clone(), false),

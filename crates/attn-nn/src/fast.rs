@@ -45,38 +45,63 @@ pub fn matmul_xwt_par(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    // SAFETY: the sizes were checked above; the strides describe row-major
+    // x (m x k), wᵀ (k x n, read from row-major w) and out (m x n).
+    unsafe { gemm_raw((m, n, k), out.as_mut_ptr(), ld, x.as_ptr(), (k, 1), w.as_ptr(), (1, k), threaded) };
+    Ok(())
+}
+
+/// `dst[m, n] = a[m, k] · b[k, n]` on strided views (`gemm`, AVX-512 where
+/// the CPU has it): the one place the crate calls `gemm`. Strides are in
+/// elements, (row, column): element `(i, j)` of `a` is
+/// `a[i * a_rs + j * a_cs]`; `dst` rows are `dst_rs` apart with unit column
+/// stride. Split over rayon's threads when `threaded` and the product is
+/// large enough to gain from it.
+///
+/// # Safety
+/// Every element the sizes and strides address must lie inside its buffer,
+/// and `dst` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    threaded: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     let threads = rayon::current_num_threads();
     let par = if threaded && m * n * k >= 1 << 18 && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the sizes were checked above; the strides describe row-major
-    // x (m x k), wᵀ (k x n, read from row-major w) and out (m x n).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            ld as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// RMSNorm of each `d`-wide row of `x` in place: `x / rms(x) * w`.

@@ -200,27 +200,7 @@ unsafe fn gemm_view(
     b_rs: usize,
     b_cs: usize,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    crate::fast::gemm_raw((m, n, k), dst, dst_rs, a, (a_rs, a_cs), b, (b_rs, b_cs), false);
 }
 
 /// The shape of a packed encoder self-attention call.

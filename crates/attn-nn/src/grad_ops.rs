@@ -575,39 +575,13 @@ fn gemm_strided(
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let threads = rayon::current_num_threads();
-    let par =
-        if m * n * k >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    debug_assert!(m == 0 || n == 0 || dst.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     // SAFETY: the callers derive every size and stride from the operands'
     // checked shapes; the debug assertions restate the bounds.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        crate::fast::gemm_raw((m, n, k), dst.as_mut_ptr(), n, a.as_ptr(), (a_rs, a_cs), b.as_ptr(), (b_rs, b_cs), true)
     }
 }
 

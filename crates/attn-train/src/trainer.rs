@@ -355,6 +355,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut last_valid: Option<EvalResult> = None;
     let mut evaluated_at = None;
     let use_scale = t.precision == Precision::F16;
+    // Evaluate on validation, log, keep the best, export: in the loop and after it.
+    macro_rules! evaluate {
+        () => {
+            evaluate_and_keep_best(&mut Evaluation {
+                model: &model,
+                opt: &mut opt,
+                prepared: &prepared,
+                cfg: &cfg,
+                device: &device,
+                run_dir: &run_dir,
+                log: &mut log,
+                pb: &pb,
+                state: &mut state,
+            })?
+        };
+    }
 
     while state.step < t.max_steps {
         if let Some(m) = t.max_minutes {
@@ -433,17 +449,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         pb.set_position(state.step as u64);
 
         if state.step % t.eval_every == 0 || state.step == t.max_steps {
-            let ev = evaluate_and_keep_best(&mut Evaluation {
-                model: &model,
-                opt: &mut opt,
-                prepared: &prepared,
-                cfg: &cfg,
-                device: &device,
-                run_dir: &run_dir,
-                log: &mut log,
-                pb: &pb,
-                state: &mut state,
-            })?;
+            let ev = evaluate!();
             evaluated_at = Some(state.step);
             last_valid = Some(ev);
         }
@@ -467,17 +473,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     pb.finish_and_clear();
     drop(loader);
     if evaluated_at != Some(state.step) {
-        let ev = evaluate_and_keep_best(&mut Evaluation {
-            model: &model,
-            opt: &mut opt,
-            prepared: &prepared,
-            cfg: &cfg,
-            device: &device,
-            run_dir: &run_dir,
-            log: &mut log,
-            pb: &pb,
-            state: &mut state,
-        })?;
+        let ev = evaluate!();
         last_valid = Some(ev);
     }
     if last_ckpt.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string())
