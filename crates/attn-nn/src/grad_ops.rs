@@ -170,14 +170,18 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- layer norm
 
+/// Layer norm, or with `center: false` RMSNorm: the same maths without the
+/// mean (`x / sqrt(mean(x²) + eps) * w`), whose backward drops the mean term.
 struct LayerNormOp {
     eps: f32,
+    center: bool,
 }
 
-/// Mean and `1 / sqrt(var + eps)` of one row, two-pass.
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+/// Mean (0 when not `center`ing) and `1 / sqrt(var + eps)` of one row,
+/// two-pass; without centring, `var` is the mean square.
+fn row_stats(x: &[f32], eps: f32, center: bool) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
+    let mean = if center { x.iter().sum::<f32>() / n } else { 0.0 };
     let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
@@ -203,9 +207,9 @@ impl CustomOp3 for LayerNormOp {
         if w.len() != d || b.len() != d {
             candle_core::bail!("layer norm over {d} with weight {} and bias {}", w.len(), b.len());
         }
-        let eps = self.eps;
+        let (eps, center) = (self.eps, self.center);
         let y = map_rows(x, d, |xr, yr| {
-            let (mean, rstd) = row_stats(xr, eps);
+            let (mean, rstd) = row_stats(xr, eps, center);
             for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                 *y = (x - mean) * rstd * w + b;
             }
@@ -223,7 +227,8 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = x.elem_count();
         let d = w.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps, center: self.center })?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
         let db = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
@@ -234,6 +239,7 @@ impl CustomOp3 for LayerNormOp {
 /// The layer-norm backward: `[dx (n), dw (d), db (d)]` in one buffer.
 struct LayerNormBwd {
     eps: f32,
+    center: bool,
 }
 
 impl CustomOp3 for LayerNormBwd {
@@ -255,7 +261,7 @@ impl CustomOp3 for LayerNormBwd {
         let g = slice(s3, l3, self.name())?;
         let d = last_dim(l1);
         let n = x.len();
-        let eps = self.eps;
+        let (eps, center) = (self.eps, self.center);
         let mut out = vec![0f32; n + 2 * d];
         let (dx, rest) = out.split_at_mut(n);
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -267,7 +273,7 @@ impl CustomOp3 for LayerNormBwd {
                 let mut db = vec![0f32; d];
                 let mut xhat = vec![0f32; d];
                 for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                    let (mean, rstd) = row_stats(xr, eps);
+                    let (mean, rstd) = row_stats(xr, eps, center);
                     let (mut m1, mut m2) = (0f32, 0f32);
                     for j in 0..d {
                         let xh = (xr[j] - mean) * rstd;
@@ -278,7 +284,8 @@ impl CustomOp3 for LayerNormBwd {
                         dw[j] += gr[j] * xh;
                         db[j] += gr[j];
                     }
-                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    // Without centring, the mean's gradient term is absent.
+                    let (m1, m2) = (if center { m1 / d as f32 } else { 0.0 }, m2 / d as f32);
                     for j in 0..d {
                         dxr[j] = rstd * (gr[j] * w[j] - m1 - xhat[j] * m2);
                     }
@@ -312,7 +319,18 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
             zeros.clone()
         }
     };
-    Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, LayerNormOp { eps: eps as f32 })?)
+    Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, LayerNormOp { eps: eps as f32, center: true })?)
+}
+
+/// RMSNorm over the last dimension (`x / sqrt(mean(x²) + eps) * weight`)
+/// with a fused backward.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    if weight.dims() != [d] {
+        return Err(Error::input("rms norm", format!("weight {:?} for input {:?}", weight.dims(), x.dims())));
+    }
+    let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+    Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &zeros, LayerNormOp { eps: eps as f32, center: false })?)
 }
 
 // ---------------------------------------------------------------- softmax
@@ -1073,6 +1091,84 @@ pub fn attention(
     });
     let op = AttentionOp { shape: AttnShape { b, h, hkv, tq, tk, d }, scale: scale as f32, mask, dropout };
     Ok(unit(q)?.apply_op3(&unit(k)?, &unit(v)?, op)?)
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// Rotary position embedding of a contiguous `[b, h, t, d]` input by angles
+/// given as `cs` `[b, t, d]`: the `d / 2` cosines, then the `d / 2` sines.
+/// `inverse` rotates the other way, which is also the backward.
+struct RopeOp {
+    interleaved: bool,
+    inverse: bool,
+}
+
+impl CustomOp2 for RopeOp {
+    fn name(&self) -> &'static str {
+        "attn-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let cs = slice(s2, l2, self.name())?;
+        let (b, h, t, d) = l1.shape().dims4()?;
+        if l2.dims() != [b, t, d] || d % 2 != 0 {
+            candle_core::bail!("rope: angles {:?} for input {:?}", l2.dims(), l1.dims());
+        }
+        let half = d / 2;
+        let sign = if self.inverse { -1f32 } else { 1.0 };
+        let interleaved = self.interleaved;
+        let mut y = vec![0f32; x.len()];
+        // One chunk per (batch, head): `t` rows of `d`.
+        y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (yc, xc))| {
+            let bi = bh / h;
+            for ((ti, yr), xr) in yc.chunks_exact_mut(d).enumerate().zip(xc.chunks_exact(d)) {
+                let row = &cs[(bi * t + ti) * d..][..d];
+                let (cos, sin) = row.split_at(half);
+                for j in 0..half {
+                    let (c, sn) = (cos[j], sign * sin[j]);
+                    let (i1, i2) = if interleaved { (2 * j, 2 * j + 1) } else { (j, j + half) };
+                    let (x1, x2) = (xr[i1], xr[i2]);
+                    yr[i1] = x1 * c - x2 * sn;
+                    yr[i2] = x1 * sn + x2 * c;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cs: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = RopeOp { interleaved: self.interleaved, inverse: !self.inverse };
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(cs, &op)?), None))
+    }
+}
+
+/// Rotates `x` (`[b, h, t, d]`, f32) by the angles whose cosines and sines
+/// are `cos` and `sin` (`[b, t, d / 2]` each), pairing element `j` with
+/// `j + d / 2` (halves) or `2j` with `2j + 1` (interleaved). One node whose
+/// backward is the inverse rotation; the angles get no gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    if cos.dims() != [b, t, d / 2] || sin.dims() != cos.dims() || d % 2 != 0 {
+        return Err(Error::input(
+            "rope",
+            format!("cos {:?} and sin {:?} for input {:?}", cos.dims(), sin.dims(), x.dims()),
+        ));
+    }
+    let cs = Tensor::cat(&[cos, sin], 2)?.detach();
+    Ok(x.contiguous()?.apply_op2(&cs, RopeOp { interleaved, inverse: false })?)
 }
 
 // ---------------------------------------------------------------- activations

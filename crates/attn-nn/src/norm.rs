@@ -65,6 +65,10 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if crate::grad_ops::fusable(x) && crate::grad_ops::fusable(&self.weight) {
+            let scale = if self.add_one { (&self.weight + 1.0)? } else { self.weight.clone() };
+            return crate::grad_ops::rms_norm(x, &scale, self.eps);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;

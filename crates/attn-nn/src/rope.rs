@@ -103,6 +103,11 @@ impl RotaryEmbedding {
             }
         }
         let half = d / 2;
+        if crate::grad_ops::fusable(x) && self.cos.dtype() == DType::F32 {
+            let cos = self.cos.index_select(&flat, 0)?.reshape((b, t, half))?;
+            let sin = self.sin.index_select(&flat, 0)?.reshape((b, t, half))?;
+            return crate::grad_ops::rope(x, &cos, &sin, self.layout == RopeLayout::Interleaved);
+        }
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, half))?.to_dtype(x.dtype())?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, half))?.to_dtype(x.dtype())?;
         match self.layout {

@@ -65,6 +65,74 @@ fn layer_norm_matches_composition() {
 }
 
 #[test]
+fn rms_norm_matches_composition() {
+    for rows in [1, 5, 70] {
+        let vars = [var(&[rows, 3, 24], 4), var(&[24], 5)];
+        check(
+            "rms norm",
+            &vars,
+            |x| grad_ops::rms_norm(&x[0], &x[1], 1e-6).unwrap(),
+            |x| {
+                let ms = x[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xn = x[0].broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap();
+                xn.broadcast_mul(&x[1]).unwrap()
+            },
+        );
+    }
+    // The module takes the fused path for f32 and keeps Gemma's `1 + w`.
+    let x = rand(&[4, 16], 6);
+    let w = rand(&[16], 7);
+    for add_one in [false, true] {
+        let got = attn_nn::RmsNorm::new(w.clone(), 1e-6, add_one).forward(&x).unwrap();
+        let scale = if add_one { (&w + 1.0).unwrap() } else { w.clone() };
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let want = x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
+        assert_close("RmsNorm module", &got, &want, 2e-6);
+    }
+}
+
+#[test]
+fn rope_matches_composition() {
+    use attn_nn::{RopeLayout, RotaryEmbedding};
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let half = d / 2;
+    // Positions that differ per row, as in a batch with offsets.
+    let pos: Vec<u32> = (0..b * t).map(|i| (i * 3 % 11) as u32).collect();
+    let positions = Tensor::from_vec(pos.clone(), (b, t), &Device::Cpu).unwrap();
+    let angles = |p: u32, i: usize| p as f32 / 10000f32.powf((2 * i) as f32 / d as f32);
+    let table = |f: fn(f32) -> f32| {
+        let v: Vec<f32> = pos.iter().flat_map(|&p| (0..half).map(move |i| f(angles(p, i)))).collect();
+        Tensor::from_vec(v, (b, 1, t, half), &Device::Cpu).unwrap()
+    };
+    let (cos, sin) = (table(f32::cos), table(f32::sin));
+    for layout in [RopeLayout::Halves, RopeLayout::Interleaved] {
+        let rot = RotaryEmbedding::new(10000.0, d, 16, layout, DType::F32, &Device::Cpu).unwrap();
+        let vars = [var(&[b, h, t, d], 8)];
+        check(
+            "rope",
+            &vars,
+            |x| rot.forward(&x[0], &positions).unwrap(),
+            |x| {
+                // The rotation written with tensor ops on the two halves of each pair.
+                let (x1, x2) = match layout {
+                    RopeLayout::Halves => (x[0].narrow(3, 0, half).unwrap(), x[0].narrow(3, half, half).unwrap()),
+                    RopeLayout::Interleaved => {
+                        let p = x[0].reshape((b, h, t, half, 2)).unwrap();
+                        (p.narrow(4, 0, 1).unwrap().squeeze(4).unwrap(), p.narrow(4, 1, 1).unwrap().squeeze(4).unwrap())
+                    }
+                };
+                let r1 = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+                let r2 = (x1.broadcast_mul(&sin).unwrap() + x2.broadcast_mul(&cos).unwrap()).unwrap();
+                match layout {
+                    RopeLayout::Halves => Tensor::cat(&[r1, r2], 3).unwrap(),
+                    RopeLayout::Interleaved => Tensor::stack(&[r1, r2], 4).unwrap().reshape((b, h, t, d)).unwrap(),
+                }
+            },
+        );
+    }
+}
+
+#[test]
 fn linear_and_bias_add_match_composition() {
     for rows in [1, 7, 65] {
         let vars = [var(&[rows, 2, 20], 4), var(&[12, 20], 5), var(&[12], 6)];
