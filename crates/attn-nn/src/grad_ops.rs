@@ -1167,6 +1167,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
             format!("cos {:?} and sin {:?} for input {:?}", cos.dims(), sin.dims(), x.dims()),
         ));
     }
+    if x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
     let cs = Tensor::cat(&[cos, sin], 2)?.detach();
     Ok(x.contiguous()?.apply_op2(&cs, RopeOp { interleaved, inverse: false })?)
 }

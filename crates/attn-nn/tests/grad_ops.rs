@@ -79,15 +79,20 @@ fn rms_norm_matches_composition() {
             },
         );
     }
-    // The module takes the fused path for f32 and keeps Gemma's `1 + w`.
-    let x = rand(&[4, 16], 6);
-    let w = rand(&[16], 7);
+    // The module (the fused path for f32) keeps Gemma's `1 + w`, and the
+    // weight's gradient flows through it.
     for add_one in [false, true] {
-        let got = attn_nn::RmsNorm::new(w.clone(), 1e-6, add_one).forward(&x).unwrap();
-        let scale = if add_one { (&w + 1.0).unwrap() } else { w.clone() };
-        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let want = x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
-        assert_close("RmsNorm module", &got, &want, 2e-6);
+        let vars = [var(&[4, 16], 6), var(&[16], 7)];
+        check(
+            "RmsNorm module",
+            &vars,
+            |x| attn_nn::RmsNorm::new(x[1].clone(), 1e-6, add_one).forward(&x[0]).unwrap(),
+            |x| {
+                let scale = if add_one { (&x[1] + 1.0).unwrap() } else { x[1].clone() };
+                let ms = x[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                x[0].broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&scale).unwrap()
+            },
+        );
     }
 }
 
@@ -107,6 +112,10 @@ fn rope_matches_composition() {
     let (cos, sin) = (table(f32::cos), table(f32::sin));
     for layout in [RopeLayout::Halves, RopeLayout::Interleaved] {
         let rot = RotaryEmbedding::new(10000.0, d, 16, layout, DType::F32, &Device::Cpu).unwrap();
+        // No positions: an empty result, not an error.
+        let empty = Tensor::zeros((b, h, 0, d), DType::F32, &Device::Cpu).unwrap();
+        let none = Tensor::zeros((b, 0), DType::U32, &Device::Cpu).unwrap();
+        assert_eq!(rot.forward(&empty, &none).unwrap().dims(), [b, h, 0, d]);
         let vars = [var(&[b, h, t, d], 8)];
         check(
             "rope",
