@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::fast::gemm_raw;
 
 /// Below this many elements a row-wise pass stays on the calling thread.
 const PAR_ELEMS: usize = 1 << 15;
@@ -179,30 +180,6 @@ pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `dst[m, n] = a[m, k] · b[k, n]` on strided views, single-threaded
-/// (`gemm`, AVX-512 where the CPU has it). Strides are in elements:
-/// element `(i, j)` of `a` is `a[i * a_rs + j * a_cs]`, and so on.
-///
-/// # Safety
-/// Every element the strides address must lie inside its buffer, and `dst`
-/// must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_view(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-) {
-    crate::fast::gemm_raw((m, n, k), dst, dst_rs, a, (a_rs, a_cs), b, (b_rs, b_cs), false);
-}
-
 /// The shape of a packed encoder self-attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct EncAttn {
@@ -274,14 +251,14 @@ fn attend_one(qkv: &[f32], l: usize, a: &EncAttn, scores: &mut Vec<f32>, dst: &m
         // scores and dst are separate buffers from qkv.
         unsafe {
             // scores[i, j] = q_i · k_j: b = kᵀ, element (c, j) at j*row + c
-            gemm_view(l, l, hd, scores.as_mut_ptr(), l, q, row, 1, k, 1, row);
+            gemm_raw((l, l, hd), scores.as_mut_ptr(), l, q, (row, 1), k, (1, row), false);
         }
         for srow in scores.chunks_exact_mut(l) {
             softmax_scaled(srow, a.scale);
         }
         unsafe {
             // dst[i, h] = sum_j p[i, j] v_j
-            gemm_view(l, hd, l, dst[h * hd..].as_mut_ptr(), hidden, scores.as_ptr(), l, 1, v, row, 1);
+            gemm_raw((l, hd, l), dst[h * hd..].as_mut_ptr(), hidden, scores.as_ptr(), (l, 1), v, (row, 1), false);
         }
     }
 }

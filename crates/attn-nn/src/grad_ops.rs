@@ -584,7 +584,6 @@ pub fn cross_entropy_rows_with_stats(
 
 /// `dst (m x n) = a (m x k) * b (k x n)` for strided row-major-or-not
 /// operands; strides are (row, column) in elements.
-#[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
