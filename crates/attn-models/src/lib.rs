@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod bert_fast;
+pub mod bpe;
 pub mod chat;
 pub mod gemma3;
 pub mod gemma3_fast;
