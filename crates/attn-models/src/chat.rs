@@ -54,6 +54,10 @@ impl ChatTemplate {
 
     fn env(&self) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
+        // HF transformers renders chat templates with jinja2's `trim_blocks`
+        // and `lstrip_blocks`: a block tag's own line leaves no whitespace.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -77,5 +81,26 @@ impl ChatTemplate {
             eos_token => self.eos,
         })
         .map_err(|e| Error::input("chat template", format!("rendering failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_tags_leave_no_whitespace_as_in_hf() {
+        // Expected output from jinja2 3.1.6 with trim_blocks and lstrip_blocks (HF's settings).
+        let src = "{% for m in messages %}\n    {% if m.role == \"user\" %}\n<user>{{ m.content }}</user>\n    {% else %}\n<bot>{{ m.content }}</bot>\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n<bot>\n{% endif %}\n";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let got = t.render(&[Message::new("user", "hi"), Message::new("assistant", "yo")], true).unwrap();
+        assert_eq!(got, "<user>hi</user>\n<bot>yo</bot>\n<bot>\n");
+    }
+
+    #[test]
+    fn gemma_default_template_is_unchanged() {
+        let t = ChatTemplate::new(GEMMA3_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let got = t.render(&[Message::new("system", "Be brief."), Message::new("user", " Hi ")], true).unwrap();
+        assert_eq!(got, "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n");
     }
 }
