@@ -231,7 +231,8 @@ fn tiny_gguf_loads() {
 
 #[test]
 fn metadata_errors_name_the_key() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, GValue>)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut BTreeMap<String, GValue>)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "no-merges",
             Box::new(|m| {
