@@ -623,16 +623,48 @@ impl GgufFile {
     }
 
     /// A matrix `[rows, cols]` in the block format of the fused inference
-    /// path: Q8_0, Q5_0 and Q4_0 exactly and at their stored width, other
-    /// types through f32 to 8 bits.
+    /// path, converted straight from the file's bytes: Q8_0, Q5_0, Q4_0,
+    /// Q4_1, Q4_K and Q6_K exactly (at their stored width with the VNNI
+    /// kernel); any other type dequantized by candle sixteen rows at a time
+    /// and quantized to 8 bits (never a whole f32 copy of the tensor).
     pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::q8::Q8Matrix> {
+        use attn_nn::q8::Q8Matrix;
         let info = self.checked_info(name, &[rows, cols])?;
+        let data = self.tensor_data(info);
+        let context = |e: Error| Error::format(self.path(), format!("tensor `{name}` ({}): {e}", info.ty.name()));
         let m = match info.ty {
-            TensorType(8) => attn_nn::q8::Q8Matrix::from_q8_0_bytes(self.tensor_data(info), rows, cols)?,
-            TensorType(6) => attn_nn::q8::Q8Matrix::from_q5_0_bytes(self.tensor_data(info), rows, cols)?,
-            TensorType(2) => attn_nn::q8::Q8Matrix::from_q4_0_bytes(self.tensor_data(info), rows, cols)?,
-            _ => attn_nn::q8::Q8Matrix::from_tensor(&self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)?,
-        };
+            TensorType(8) => Q8Matrix::from_q8_0_bytes(data, rows, cols),
+            TensorType(6) => Q8Matrix::from_q5_0_bytes(data, rows, cols),
+            TensorType(2) => Q8Matrix::from_q4_0_bytes(data, rows, cols),
+            TensorType(3) => Q8Matrix::from_q4_1_bytes(data, rows, cols),
+            TensorType(12) => Q8Matrix::from_q4_k_bytes(data, rows, cols),
+            TensorType(14) => Q8Matrix::from_q6_k_bytes(data, rows, cols),
+            ty => {
+                let unsupported = || {
+                    Error::Unsupported(format!(
+                        "tensor `{name}` has GGML type {}, which attn cannot compute with",
+                        ty.name()
+                    ))
+                };
+                let dtype = ty.ggml_dtype().ok_or_else(unsupported)?;
+                let (per, size) = ty.block().ok_or_else(unsupported)?;
+                let (per, size) = (per as usize, size as usize);
+                let row_bytes = if cols % per == 0 { cols / per * size } else { 0 };
+                if row_bytes == 0 || rows.checked_mul(row_bytes) != Some(data.len()) {
+                    return Err(context(Error::input(
+                        "q8 matrix",
+                        format!("{} bytes for a {rows}x{cols} matrix in blocks of {per}", data.len()),
+                    )));
+                }
+                Q8Matrix::from_f32_rows(rows, cols, |r0, n, out| {
+                    let part = &data[r0 * row_bytes..(r0 + n) * row_bytes];
+                    let t = qtensor_from_ggml(dtype, part, vec![n, cols], &Device::Cpu)?.dequantize(&Device::Cpu)?;
+                    out.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+                    Ok(())
+                })
+            }
+        }
+        .map_err(context)?;
         self.release(info);
         Ok(m)
     }

@@ -1,7 +1,7 @@
 //! Kernel benchmarks: quantized matmul per GGUF type (candle's `QMatMul`)
-//! and attn's [`Q8Matrix`] panels (8-bit and 5-bit, per kernel), one
-//! activation row (decode), 64 and 512 rows (prefill); attention, the
-//! standard path against the tiled kernel.
+//! and attn's [`Q8Matrix`] panels (Q8_0, Q6_K, Q5_0, Q4_K, Q4_1, Q4_0, per
+//! kernel), one activation row (decode), 64 and 512 rows (prefill);
+//! attention, the standard path against the tiled kernel.
 //!
 //! `cargo bench -p attn-nn --bench kernels` measures; `cargo test -p attn-nn
 //! --benches` (and so `cargo test --workspace`) runs each benchmark once in
@@ -25,23 +25,39 @@ fn matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul_2048_to_640");
     for rows in [1usize, 64, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, D_IN), &dev).expect("activations");
-        for (name, dtype) in
-            [("q4_k", GgmlDType::Q4K), ("q6_k", GgmlDType::Q6K), ("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)]
-        {
+        for (name, dtype) in [
+            ("q4_k", GgmlDType::Q4K),
+            ("q6_k", GgmlDType::Q6K),
+            ("q8_0", GgmlDType::Q8_0),
+            ("q4_0", GgmlDType::Q4_0),
+            ("q4_1", GgmlDType::Q4_1),
+        ] {
             let qt = QTensor::quantize(&w, dtype).expect("quantize");
             let mm = QMatMul::from_qtensor(qt).expect("qmatmul");
             g.bench_with_input(BenchmarkId::new(name, rows), &x, |b, x| b.iter(|| mm.forward(x).expect("matmul")));
         }
-        // attn's panels: 8-bit (from f32) and 5-bit (Q5_0's bytes), with
-        // every kernel this CPU has except the slow portable reference.
-        let q8 = Q8Matrix::from_f32(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), D_OUT, D_IN).expect("q8");
-        let q5_bytes = QTensor::quantize(&w, GgmlDType::Q5_0).expect("q5_0").data().expect("bytes").to_vec();
-        let q5 = Q8Matrix::from_q5_0_bytes(&q5_bytes, D_OUT, D_IN).expect("q5");
+        // attn's panels from each type's bytes (as candle quantizes them),
+        // with every kernel this CPU has except the slow portable reference:
+        // at the file's width with VNNI, widened to 8 bits for AVX2.
+        let attn: Vec<(&str, Q8Matrix)> = [
+            ("attn_q8", GgmlDType::Q8_0, Q8Matrix::from_q8_0_bytes as fn(&[u8], usize, usize) -> _),
+            ("attn_q6_k", GgmlDType::Q6K, Q8Matrix::from_q6_k_bytes),
+            ("attn_q5", GgmlDType::Q5_0, Q8Matrix::from_q5_0_bytes),
+            ("attn_q4_k", GgmlDType::Q4K, Q8Matrix::from_q4_k_bytes),
+            ("attn_q4_1", GgmlDType::Q4_1, Q8Matrix::from_q4_1_bytes),
+            ("attn_q4_0", GgmlDType::Q4_0, Q8Matrix::from_q4_0_bytes),
+        ]
+        .into_iter()
+        .map(|(name, dtype, load)| {
+            let bytes = QTensor::quantize(&w, dtype).expect("quantize").data().expect("bytes").to_vec();
+            (name, load(&bytes, D_OUT, D_IN).expect(name))
+        })
+        .collect();
         let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut acts = Q8Acts::default();
         acts.quantize(&xv, rows, D_IN).expect("quantize");
         for k in Kernel::available().into_iter().filter(|&k| k != Kernel::Portable) {
-            for (name, m) in [("attn_q8", &q8), ("attn_q5", &q5)] {
+            for (name, m) in &attn {
                 let mut out = vec![0f32; rows * D_OUT];
                 g.bench_function(BenchmarkId::new(format!("{name}_{}", k.name()), rows), |b| {
                     b.iter(|| m.matmul_acts_with(&acts, &mut out, k).expect("matmul"))

@@ -1,4 +1,4 @@
-//! 8-bit block matrices and a batched matmul that reads each weight once
+//! Block-quantized matrices and a batched matmul that reads each weight once
 //! per call, however many rows it multiplies.
 //!
 //! Why: candle 0.11's quantized matmul costs about as much per activation
@@ -6,30 +6,59 @@
 //! the output projection takes 17 ms for 1 row, 89 ms for 4, 221 ms for
 //! 16), so a batch of decoding sequences gained nothing from batching.
 //!
-//! Format: the weights are Q8_0's blocks of 32 `i8` with an f16 scale (34
-//! bytes per 32 weights, the same as the GGUF file), rearranged for SIMD:
-//! sixteen rows form a group, and a group's block `b` is one 512-byte panel
-//! in which each 64-byte line holds 4 consecutive weights of each of the 16
-//! rows. One AVX-512 VNNI `vpdpbusd` multiplies a line by 4 activation bytes
-//! (broadcast) and adds into 16 lanes, one per row, so the inner loop has no
-//! horizontal sums and a block's exact integer dot for 16 rows takes 8
-//! instructions. `vpdpbusd` wants unsigned weights, so they are stored as
-//! `w + 128`; the activation side removes the `128 · Σx` that adds, exactly,
-//! by starting each block's integer sum at `-128 · Σx`.
+//! Layout: the integer weights are cut in blocks of 32 along `cols` and
+//! rearranged for SIMD: sixteen rows form a group, and a group's block `b`
+//! is one 512-byte panel in which each 64-byte line holds 4 consecutive
+//! weights of each of the 16 rows. One AVX-512 VNNI `vpdpbusd` multiplies a
+//! line by 4 activation bytes (broadcast) and adds into 16 lanes, one per
+//! row, so the inner loop has no horizontal sums and a block's exact
+//! integer dot for 16 rows takes 8 instructions. `vpdpbusd` wants unsigned
+//! weights, so they are stored as `u = w + off`; the activation side
+//! removes the `off · Σx` that adds, exactly, by starting each block's
+//! integer sum at `-off · Σx`.
 //!
-//! Q5_0 and Q4_0 weights keep their width (22 and 18 bytes per 32, as in
-//! the file): the same panels hold 4-bit planes (and, for 5 bits, one
-//! 64-bit mask of high bits per line), widened to a line of bytes in
-//! registers just before the `vpdpbusd`, with offsets 16 and 8.
+//! Formats (GGUF type, stored width with the VNNI kernel, bytes per 32
+//! weights as kept here against the file's):
 //!
-//! Activations are quantized per row to blocks of 32 `i8` with an f32 scale.
+//! - Q8_0 (and any float or other GGUF type, quantized to it): 8-bit
+//!   lines, `off` 128, an f16 scale per block (34 = 34).
+//! - Q5_0: 4-bit planes (a line of two nibbles holds two lines of weights)
+//!   plus one 64-bit mask of bit 4 per line, `off` 16 (22 = 22).
+//! - Q4_0: 4-bit planes, `off` 8 (18 = 18).
+//! - Q4_1: 4-bit planes of `q` in `0..=15` (`off` 0), an f16 scale `d` and
+//!   f16 min `m` per block: `w = d·q + m` (20 = 20).
+//! - Q4_K: as Q4_1 with the per-block scale `d·sc` and min `-dmin·mn`
+//!   kept as the file has them: 6-bit `sc`, `mn` (one byte each) per block,
+//!   f16 `d`, `dmin` per super-block of 256 (18.5 against 18).
+//! - Q6_K: 4-bit planes plus a 2-bit plane (bits 4 and 5), `u = q` in
+//!   `0..=63`, `off` 32; an `i8` scale per 16 weights and an f16 `d` per
+//!   super-block: `w = d·sc·(q - 32)` (26.25 = 26.25).
+//!
+//! The narrow planes are widened to a line of bytes in registers just
+//! before the `vpdpbusd`. The other kernels (AVX2, portable) get the
+//! weights widened to 8-bit lines at load (with the same scales), since
+//! expanding planes block by block made them slow.
+//!
+//! Activations are quantized per row to blocks of 32 `i8` with an f32 scale
+//! `sx`, keeping each block's sum `Σx` and the sum of its first 16 values.
 //!
 //! Every output element is computed by the same arithmetic whatever the
 //! number of rows, the tiling, and the code path (AVX-512 VNNI, AVX2 or
-//! portable): per block the exact integer dot `s`, then
-//! `acc = fma(w_scale · x_scale, s, acc)` over the blocks in order. So a
-//! sequence's logits do not depend on what else is in the batch, and the
-//! SIMD paths equal the portable one bit for bit (tested).
+//! portable). Per block, with `a` and `c` the weight row's two factors:
+//!
+//! - one scale (Q8_0, Q5_0, Q4_0): `s = Σ w·x`, `acc = fma(a·sx, s, acc)`;
+//! - scale and min (Q4_1: `a = d`, `c = m`; Q4_K: `a = d·sc`,
+//!   `c = -(dmin·mn)`, each product rounded to f32 as ggml's
+//!   `dequantize_row_q4_K` does): `s = Σ q·x`, `acc = fma(a·sx, s, acc)`,
+//!   then `acc = fma(c·sx, Σx, acc)`;
+//! - two halves (Q6_K: `a = d·sc₀`, `c = d·sc₁`): `s₀`, `s₁` the dots of
+//!   the block's two 16-weight halves, `acc = fma(a·sx, s₀, acc)` then
+//!   `acc = fma(c·sx, s₁, acc)`;
+//!
+//! over the blocks in order. So a sequence's logits do not depend on what
+//! else is in the batch, and the SIMD paths equal the portable one bit for
+//! bit (tested). [`Q8Matrix::dequantize_rows`] gives ggml's dequantized
+//! values exactly (`d·q`, `q·d + m`, `d·sc·q - dmin·mn`, `d·sc·(q-32)`).
 
 use std::sync::OnceLock;
 
@@ -43,13 +72,16 @@ const BLOCK: usize = 32;
 const GROUP: usize = 16;
 /// 64-byte lines per (group, block) panel: 4 weights of each of 16 rows.
 const LINES: usize = BLOCK / 4;
+/// Blocks of 32 per k-quant super-block (256 weights: Q4_K, Q6_K).
+const SUPER_BLOCKS: usize = 8;
+const SUPER: usize = SUPER_BLOCKS * BLOCK;
 
 /// One 64-byte line of a weight panel, cache-line aligned.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
-/// A `[rows, cols]` weight in 8-bit blocks of 32 along `cols`.
+/// A `[rows, cols]` weight in integer blocks of 32 along `cols`.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     rows: usize,
@@ -57,27 +89,86 @@ pub struct Q8Matrix {
     blocks: usize,
     groups: usize,
     quants: Quants,
-    /// `[group][block][row 0..16]`: f16 bits.
-    scales: Vec<u16>,
+    scales: Scales,
 }
 
-/// The weights of a [`Q8Matrix`] by storage width.
+/// The integer weights of a [`Q8Matrix`] by storage width. `w` below is
+/// the integer a block's dot uses (see the module docs).
 #[derive(Debug, Clone)]
 enum Quants {
     /// `[group][block][line 0..8]`; line `k` byte `4j + t` is weight
     /// `4k + t` of the block in row `16 group + j`, stored as `w + 128`.
     Q8(Vec<Line>),
-    /// Q5_0's 5-bit weights (`-16..=15`, 22 bytes per 32 with the scale),
-    /// stored as `u = w + 16` in two parts. `nib`: `[group][block][line
-    /// 0..4]`, line `i` byte `4j + t` holds the low 4 bits of weight
-    /// `8i + t` (low nibble) and of weight `8i + 4 + t` (high nibble) of row
-    /// `j`, so nibble plane `k` lines up with [`Quants::Q8`]'s line `k`.
-    /// `high`: `[group][block][k 0..8]`, bit `4j + t` is bit 4 of weight
-    /// `4k + t` of row `j`.
+    /// Q5_0's 5-bit weights (`-16..=15`), stored as `u = w + 16` in two
+    /// parts. `nib`: `[group][block][line 0..4]`, line `i` byte `4j + t`
+    /// holds the low 4 bits of weight `8i + t` (low nibble) and of weight
+    /// `8i + 4 + t` (high nibble) of row `j`, so nibble plane `k` lines up
+    /// with [`Quants::Q8`]'s line `k`. `high`: `[group][block][k 0..8]`, bit
+    /// `4j + t` is bit 4 of weight `4k + t` of row `j`.
     Q5 { nib: Vec<Line>, high: Vec<u64> },
-    /// Q4_0's 4-bit weights (`-8..=7`, 18 bytes per 32 with the scale),
-    /// stored as `u = w + 8` in [`Quants::Q5`]'s nibble planes.
-    Q4 { nib: Vec<Line> },
+    /// 4-bit weights stored as `u = w + off` in [`Quants::Q5`]'s nibble
+    /// planes: Q4_0 (`w` in `-8..=7`, `off` 8), Q4_1 and Q4_K (`w = q` in
+    /// `0..=15`, `off` 0).
+    Q4 { nib: Vec<Line>, off: u8 },
+    /// Q6_K's 6-bit weights (`-32..=31`) stored as `u = w + 32`: the low 4
+    /// bits in [`Quants::Q5`]'s nibble planes, bits 4 and 5 in `crumbs`:
+    /// `[group][block][line 0..2]`, line `i` byte `4j + t` holds them for
+    /// weight `4k + t` of row `j` at bits `2(k % 4)` and `2(k % 4) + 1`,
+    /// `k = 4i + k % 4`.
+    Q6 { nib: Vec<Line>, crumbs: Vec<Line> },
+}
+
+impl Quants {
+    /// The offset `u - w` of the stored unsigned weights.
+    fn offset(&self) -> i32 {
+        match self {
+            Quants::Q8(_) => 128,
+            Quants::Q5 { .. } => 16,
+            Quants::Q4 { off, .. } => *off as i32,
+            Quants::Q6 { .. } => 32,
+        }
+    }
+}
+
+/// The float factors of a [`Q8Matrix`]'s blocks. Tables are `[group]
+/// [block or super-block][word][row 0..16]`.
+#[derive(Debug, Clone)]
+enum Scales {
+    /// One f16 scale per block (Q8_0, Q5_0, Q4_0): one word.
+    Plain(Vec<u16>),
+    /// Q4_1: f16 scale `d` and min `m` per block: two words.
+    Min(Vec<u16>),
+    /// Q4_K: `sm` the 6-bit scale `sc` and min `mn` per block (two words);
+    /// `d` the f16 `d` and `dmin` per super-block (two words).
+    K4 { sm: Vec<u8>, d: Vec<u16> },
+    /// Q6_K: `sc` the `i8` scales of the block's two halves (two words);
+    /// `d` the f16 `d` per super-block (one word).
+    K6 { sc: Vec<i8>, d: Vec<u16> },
+}
+
+/// How a block's integer dots are scaled (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    One,
+    Min,
+    Halves,
+}
+
+/// Storage kinds, for [`Q8Matrix::zeroed`].
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Q8,
+    Q5,
+    Q4(u8),
+    Q6,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ScaleKind {
+    Plain,
+    Min,
+    K4,
+    K6,
 }
 
 /// Activation rows quantized to blocks of 32 `i8` with an f32 scale; the
@@ -91,8 +182,11 @@ pub struct Q8Acts {
     /// `[m][blocks · 32]`
     quants: Vec<i8>,
     /// `[m][blocks]`: the sum of the block's quants, for the offset of the
-    /// unsigned weights (see the module docs).
+    /// unsigned weights and for the min of Q4_1/Q4_K (see the module docs).
     sums: Vec<i32>,
+    /// `[m][blocks]`: the sum of the block's first 16 quants (Q6_K's
+    /// halves).
+    lows: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -107,33 +201,37 @@ impl Q8Acts {
         self.scales.resize(m * nb, 0.0);
         self.quants.resize(m * nb * BLOCK, 0);
         self.sums.resize(m * nb, 0);
+        self.lows.resize(m * nb, 0);
         let simd = Kernel::detected() == Kernel::Vnni;
-        let work = |i: usize, s: &mut [f32], q: &mut [i8], c: &mut [i32]| {
+        let work = |i: usize, s: &mut [f32], q: &mut [i8], c: &mut [i32], l: &mut [i32]| {
             let row = &x[i * cols..(i + 1) * cols];
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: AVX-512 F/BW were detected with the VNNI kernel.
-                unsafe { quantize_row_avx512(row, nb, s, q, c) };
+                unsafe { quantize_row_avx512(row, nb, s, q, c, l) };
                 return;
             }
             let _ = simd;
             quantize_row(row, nb, s, q);
-            for (b, cb) in c.iter_mut().enumerate() {
-                *cb = q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
-            }
+            block_sums(q, c, l);
         };
-        let (scales, quants, corr) = (&mut self.scales, &mut self.quants, &mut self.sums);
+        let (scales, quants, sums, lows) = (&mut self.scales, &mut self.quants, &mut self.sums, &mut self.lows);
         if m * cols >= 1 << 16 {
             scales
                 .par_chunks_mut(nb)
                 .zip(quants.par_chunks_mut(nb * BLOCK))
-                .zip(corr.par_chunks_mut(nb))
+                .zip(sums.par_chunks_mut(nb))
+                .zip(lows.par_chunks_mut(nb))
                 .enumerate()
-                .for_each(|(i, ((s, q), c))| work(i, s, q, c));
+                .for_each(|(i, (((s, q), c), l))| work(i, s, q, c, l));
         } else {
-            let rows = scales.chunks_mut(nb).zip(quants.chunks_mut(nb * BLOCK)).zip(corr.chunks_mut(nb));
-            for (i, ((s, q), c)) in rows.enumerate() {
-                work(i, s, q, c);
+            let rows = scales
+                .chunks_mut(nb)
+                .zip(quants.chunks_mut(nb * BLOCK))
+                .zip(sums.chunks_mut(nb))
+                .zip(lows.chunks_mut(nb));
+            for (i, (((s, q), c), l)) in rows.enumerate() {
+                work(i, s, q, c, l);
             }
         }
         Ok(())
@@ -141,6 +239,14 @@ impl Q8Acts {
 
     pub fn rows(&self) -> usize {
         self.m
+    }
+}
+
+/// Each block's sum and the sum of its first half.
+fn block_sums(quants: &[i8], sums: &mut [i32], lows: &mut [i32]) {
+    for ((q, s), l) in quants.chunks(BLOCK).zip(sums.iter_mut()).zip(lows.iter_mut()) {
+        *l = q[..BLOCK / 2].iter().map(|&v| v as i32).sum::<i32>();
+        *s = *l + q[BLOCK / 2..].iter().map(|&v| v as i32).sum::<i32>();
     }
 }
 
@@ -166,7 +272,7 @@ fn quantize_row(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8])
     }
 }
 
-/// [`quantize_row`] and the block sums with AVX-512, bit for bit the same
+/// [`quantize_row`] and [`block_sums`] with AVX-512, bit for bit the same
 /// (tested): full blocks in two registers, a partial last block by the
 /// portable code.
 ///
@@ -174,7 +280,14 @@ fn quantize_row(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8])
 /// The CPU has AVX-512 F and BW.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_row_avx512(x: &[f32], blocks: usize, scales: &mut [f32], quants: &mut [i8], sums: &mut [i32]) {
+unsafe fn quantize_row_avx512(
+    x: &[f32],
+    blocks: usize,
+    scales: &mut [f32],
+    quants: &mut [i8],
+    sums: &mut [i32],
+    lows: &mut [i32],
+) {
     use std::arch::x86_64::*;
     let full = (x.len() / BLOCK).min(blocks);
     let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
@@ -194,6 +307,9 @@ unsafe fn quantize_row_avx512(x: &[f32], blocks: usize, scales: &mut [f32], quan
             let y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, iv), lo), hi);
             let r = _mm512_or_ps(half, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(y), sign)));
             let q = _mm512_cvttps_epi32(_mm512_add_ps(y, r));
+            if h == 0 {
+                lows[b] = _mm512_reduce_add_epi32(q);
+            }
             sum = _mm512_add_epi32(sum, q);
             _mm_storeu_si128(quants.as_mut_ptr().add(b * BLOCK + 16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(q));
         }
@@ -202,9 +318,7 @@ unsafe fn quantize_row_avx512(x: &[f32], blocks: usize, scales: &mut [f32], quan
     if full < blocks {
         let lo = full * BLOCK;
         quantize_row(&x[lo.min(x.len())..], blocks - full, &mut scales[full..], &mut quants[lo..]);
-        for b in full..blocks {
-            sums[b] = quants[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum::<i32>();
-        }
+        block_sums(&quants[lo..blocks * BLOCK], &mut sums[full..blocks], &mut lows[full..blocks]);
     }
 }
 
@@ -222,9 +336,8 @@ fn quantize_block_f16(src: &[f32]) -> (u16, [i8; BLOCK]) {
     (h.to_bits(), q)
 }
 
-/// Writes row `j` (of 16) of block `b` into one group's panels.
-fn set_block(lines: &mut [Line], scales: &mut [u16], j: usize, b: usize, scale: u16, q: &[i8]) {
-    scales[b * GROUP + j] = scale;
+/// Writes row `j` (of 16) of block `b` into one group's 8-bit panels.
+fn set_lines(lines: &mut [Line], j: usize, b: usize, q: &[i8; BLOCK]) {
     for (k, line) in lines[b * LINES..(b + 1) * LINES].iter_mut().enumerate() {
         for t in 0..4 {
             line.0[4 * j + t] = (q[4 * k + t] as u8) ^ 0x80;
@@ -232,35 +345,94 @@ fn set_block(lines: &mut [Line], scales: &mut [u16], j: usize, b: usize, scale: 
     }
 }
 
-/// Writes row `j` (of 16) of block `b` into one group's nibble panels
-/// (5-bit with `high`, offset 16; 4-bit without, offset 8).
-fn set_block_nib(
-    nib: &mut [Line],
-    mut high: Option<&mut [u64]>,
-    scales: &mut [u16],
-    (j, b): (usize, usize),
-    scale: u16,
-    q: &[i8],
-) {
-    scales[b * GROUP + j] = scale;
-    let off = if high.is_some() { 16 } else { 8 };
-    for (c, &w) in q.iter().enumerate() {
-        let u = (w + off) as u8;
+/// Writes the low 4 bits of row `j`'s (of 16) stored weights `u` of block
+/// `b` into one group's nibble planes.
+fn set_nibbles(nib: &mut [Line], j: usize, b: usize, u: &[u8; BLOCK]) {
+    for (c, &v) in u.iter().enumerate() {
         let (k, t) = (c / 4, c % 4);
         let byte = &mut nib[b * 4 + k / 2].0[4 * j + t];
-        if k % 2 == 0 {
-            *byte = (*byte & 0xf0) | (u & 0x0f);
-        } else {
-            *byte = (*byte & 0x0f) | ((u & 0x0f) << 4);
-        }
-        if let Some(high) = high.as_deref_mut() {
-            let bit = 1u64 << (4 * j + t);
-            let h = &mut high[b * LINES + k];
-            *h = if u & 0x10 != 0 { *h | bit } else { *h & !bit };
-        }
+        *byte = if k % 2 == 0 { (*byte & 0xf0) | (v & 0x0f) } else { (*byte & 0x0f) | ((v & 0x0f) << 4) };
     }
 }
 
+/// Bit 4 of row `j`'s stored weights `u` of block `b` into a group's masks.
+fn set_high_bits(high: &mut [u64], j: usize, b: usize, u: &[u8; BLOCK]) {
+    for (c, &v) in u.iter().enumerate() {
+        let bit = 1u64 << (4 * j + c % 4);
+        let h = &mut high[b * LINES + c / 4];
+        *h = if v & 0x10 != 0 { *h | bit } else { *h & !bit };
+    }
+}
+
+/// Bits 4 and 5 of row `j`'s stored weights `u` of block `b` into a group's
+/// 2-bit planes.
+fn set_crumbs(crumbs: &mut [Line], j: usize, b: usize, u: &[u8; BLOCK]) {
+    for (c, &v) in u.iter().enumerate() {
+        let (k, t) = (c / 4, c % 4);
+        let shift = 2 * (k % 4);
+        let byte = &mut crumbs[b * 2 + k / 4].0[4 * j + t];
+        *byte = (*byte & !(3 << shift)) | (((v >> 4) & 3) << shift);
+    }
+}
+
+/// Fills a `[group][unit][word 0..W][row 0..16]` table, groups in
+/// parallel: `f(r, i)` gives row `r`'s words for unit `i` (a block or a
+/// super-block).
+fn fill_table<T: Copy + Send + Sync, const W: usize>(
+    table: &mut [T],
+    units: usize,
+    rows: usize,
+    f: impl Fn(usize, usize) -> [T; W] + Sync,
+) {
+    if units == 0 {
+        return;
+    }
+    table.par_chunks_mut(units * W * GROUP).enumerate().for_each(|(g, chunk)| {
+        for j in 0..GROUP.min(rows - g * GROUP) {
+            for i in 0..units {
+                for (wi, &v) in f(g * GROUP + j, i).iter().enumerate() {
+                    chunk[(i * W + wi) * GROUP + j] = v;
+                }
+            }
+        }
+    });
+}
+
+/// The 6-bit scale and min of block `j` (of 8) of a Q4_K super-block, from
+/// its 12 packed bytes (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Checks that `data` holds `rows` rows of `cols` weights in blocks of
+/// `per` weights and `size` bytes.
+fn check_bytes(data: &[u8], rows: usize, cols: usize, (per, size): (usize, usize), what: &str) -> Result<()> {
+    let want = if cols == 0 || cols % per != 0 {
+        None
+    } else {
+        rows.checked_mul(cols / per).and_then(|n| n.checked_mul(size))
+    };
+    if want == Some(data.len()) {
+        return Ok(());
+    }
+    let reason = match want {
+        None if cols == 0 || cols % per != 0 => {
+            format!("a {rows}x{cols} matrix of {what}: rows must be whole blocks of {per} weights")
+        }
+        None => format!("a {rows}x{cols} matrix of {what} is too large"),
+        Some(n) => format!("{} bytes of {what} for a {rows}x{cols} matrix ({n} expected)", data.len()),
+    };
+    Err(Error::input("q8 matrix", reason))
+}
+
+/// f16 bits from two little-endian bytes.
+fn le16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
 /// The matmul kernel for this CPU, detected once. `ATTN_Q8_KERNEL=portable`
 /// (or `avx2`) picks a slower one, for comparisons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,78 +522,91 @@ impl OutPtr {
 }
 
 impl Q8Matrix {
-    fn zeroed(rows: usize, cols: usize) -> Self {
+    /// An all-zero matrix in the given storage (padding rows stay zero).
+    fn zeroed(rows: usize, cols: usize, store: Store, kind: ScaleKind) -> Self {
         let blocks = cols.div_ceil(BLOCK);
         let groups = rows.div_ceil(GROUP);
-        Q8Matrix {
-            rows,
-            cols,
-            blocks,
-            groups,
-            quants: Quants::Q8(vec![Line([0x80; 64]); groups * blocks * LINES]),
-            scales: vec![0; groups * blocks * GROUP],
-        }
+        let panels = groups * blocks;
+        let quants = match store {
+            Store::Q8 => Quants::Q8(vec![Line([0x80; 64]); panels * LINES]),
+            // u = 16 (w = 0): low nibbles 0, high bits set.
+            Store::Q5 => Quants::Q5 { nib: vec![Line([0; 64]); panels * 4], high: vec![u64::MAX; panels * LINES] },
+            // u = off (w = 0) in both nibbles.
+            Store::Q4(off) => Quants::Q4 { nib: vec![Line([off * 0x11; 64]); panels * 4], off },
+            // u = 32 (w = 0): low nibbles 0, bits 4-5 = 0b10 in each crumb.
+            Store::Q6 => {
+                Quants::Q6 { nib: vec![Line([0; 64]); panels * 4], crumbs: vec![Line([0xaa; 64]); panels * 2] }
+            }
+        };
+        let supers = groups * blocks.div_ceil(SUPER_BLOCKS);
+        let scales = match kind {
+            ScaleKind::Plain => Scales::Plain(vec![0; panels * GROUP]),
+            ScaleKind::Min => Scales::Min(vec![0; panels * 2 * GROUP]),
+            ScaleKind::K4 => Scales::K4 { sm: vec![0; panels * 2 * GROUP], d: vec![0; supers * 2 * GROUP] },
+            ScaleKind::K6 => Scales::K6 { sc: vec![0; panels * 2 * GROUP], d: vec![0; supers * GROUP] },
+        };
+        Q8Matrix { rows, cols, blocks, groups, quants, scales }
     }
 
-    fn zeroed_q5(rows: usize, cols: usize) -> Self {
-        let mut m = Self::zeroed(rows, cols);
-        let panels = m.groups * m.blocks;
-        // u = 16 (w = 0): low nibbles 0, high bits set.
-        m.quants = Quants::Q5 { nib: vec![Line([0; 64]); panels * 4], high: vec![u64::MAX; panels * LINES] };
-        m
-    }
-
-    fn zeroed_q4(rows: usize, cols: usize) -> Self {
-        let mut m = Self::zeroed(rows, cols);
-        // u = 8 (w = 0) in both nibbles.
-        m.quants = Quants::Q4 { nib: vec![Line([0x88; 64]); m.groups * m.blocks * 4] };
-        m
-    }
-
-    /// Fills every group in parallel; `row(r, b)` gives row `r`'s block `b`.
-    fn fill(mut self, row: impl Fn(usize, usize) -> (u16, [i8; BLOCK]) + Sync) -> Self {
+    /// Fills the integer weights of every group in parallel; `row(r, b)`
+    /// gives row `r`'s block `b` as the `w` of the module docs.
+    fn fill_quants(&mut self, row: impl Fn(usize, usize) -> [i8; BLOCK] + Sync) {
         let (nb, rows) = (self.blocks, self.rows);
+        if nb == 0 {
+            return;
+        }
+        let off = self.quants.offset();
         let live = move |g: usize| GROUP.min(rows - g * GROUP);
+        let unsigned = move |q: [i8; BLOCK]| q.map(|w| (w as i32 + off) as u8);
         match &mut self.quants {
-            Quants::Q8(quants) => {
-                quants.par_chunks_mut(nb * LINES).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
-                    |(g, (lines, scales))| {
+            Quants::Q8(lines) => lines.par_chunks_mut(nb * LINES).enumerate().for_each(|(g, lines)| {
+                for j in 0..live(g) {
+                    for b in 0..nb {
+                        set_lines(lines, j, b, &row(g * GROUP + j, b));
+                    }
+                }
+            }),
+            Quants::Q5 { nib, high } => {
+                nib.par_chunks_mut(nb * 4).zip(high.par_chunks_mut(nb * LINES)).enumerate().for_each(
+                    |(g, (nib, high))| {
                         for j in 0..live(g) {
                             for b in 0..nb {
-                                let (s, q) = row(g * GROUP + j, b);
-                                set_block(lines, scales, j, b, s, &q);
+                                let u = unsigned(row(g * GROUP + j, b));
+                                set_nibbles(nib, j, b, &u);
+                                set_high_bits(high, j, b, &u);
                             }
                         }
                     },
                 )
             }
-            Quants::Q5 { nib, high } => nib
-                .par_chunks_mut(nb * 4)
-                .zip(high.par_chunks_mut(nb * LINES))
-                .zip(self.scales.par_chunks_mut(nb * GROUP))
-                .enumerate()
-                .for_each(|(g, ((nib, high), scales))| {
-                    for j in 0..live(g) {
-                        for b in 0..nb {
-                            let (s, q) = row(g * GROUP + j, b);
-                            set_block_nib(nib, Some(&mut *high), scales, (j, b), s, &q);
-                        }
+            Quants::Q4 { nib, .. } => nib.par_chunks_mut(nb * 4).enumerate().for_each(|(g, nib)| {
+                for j in 0..live(g) {
+                    for b in 0..nb {
+                        set_nibbles(nib, j, b, &unsigned(row(g * GROUP + j, b)));
                     }
-                }),
-            Quants::Q4 { nib } => {
-                nib.par_chunks_mut(nb * 4).zip(self.scales.par_chunks_mut(nb * GROUP)).enumerate().for_each(
-                    |(g, (nib, scales))| {
+                }
+            }),
+            Quants::Q6 { nib, crumbs } => {
+                nib.par_chunks_mut(nb * 4).zip(crumbs.par_chunks_mut(nb * 2)).enumerate().for_each(
+                    |(g, (nib, crumbs))| {
                         for j in 0..live(g) {
                             for b in 0..nb {
-                                let (s, q) = row(g * GROUP + j, b);
-                                set_block_nib(nib, None, scales, (j, b), s, &q);
+                                let u = unsigned(row(g * GROUP + j, b));
+                                set_nibbles(nib, j, b, &u);
+                                set_crumbs(crumbs, j, b, &u);
                             }
                         }
                     },
                 )
             }
         }
-        self
+    }
+
+    /// Fills a [`Scales::Plain`] table: `f(r, b)` gives the f16 bits.
+    fn fill_plain(&mut self, f: impl Fn(usize, usize) -> u16 + Sync) {
+        if let Scales::Plain(s) = &mut self.scales {
+            fill_table(s, self.blocks, self.rows, |r, b| [f(r, b)]);
+        }
     }
 
     /// From a row-major f32 matrix.
@@ -429,28 +614,69 @@ impl Q8Matrix {
         if w.len() != rows * cols || cols == 0 {
             return Err(Error::input("q8 matrix", format!("{} values for a {rows}x{cols} matrix", w.len())));
         }
-        Ok(Self::zeroed(rows, cols).fill(|r, b| {
+        let block = |r: usize, b: usize| {
             let lo = b * BLOCK;
             quantize_block_f16(&w[r * cols + lo..r * cols + (lo + BLOCK).min(cols)])
-        }))
+        };
+        let mut m = Self::zeroed(rows, cols, Store::Q8, ScaleKind::Plain);
+        m.fill_quants(|r, b| block(r, b).1);
+        m.fill_plain(|r, b| block(r, b).0);
+        Ok(m)
+    }
+
+    /// From rows produced 16 at a time (a group) by `rows_of(r0, n, out)`,
+    /// which writes rows `r0..r0 + n` (`[n, cols]`) into `out`: the same
+    /// matrix as [`Self::from_f32`] on all the rows, without holding them
+    /// all in f32 (a GGUF tensor of a type without its own panels,
+    /// dequantized a group at a time).
+    pub fn from_f32_rows(
+        rows: usize,
+        cols: usize,
+        rows_of: impl Fn(usize, usize, &mut [f32]) -> Result<()> + Sync,
+    ) -> Result<Self> {
+        if cols == 0 {
+            return Err(Error::input("q8 matrix", format!("a {rows}x{cols} matrix")));
+        }
+        let mut m = Self::zeroed(rows, cols, Store::Q8, ScaleKind::Plain);
+        let nb = m.blocks;
+        let (Quants::Q8(lines), Scales::Plain(scales)) = (&mut m.quants, &mut m.scales) else {
+            unreachable!("zeroed as Q8 with plain scales");
+        };
+        lines.par_chunks_mut(nb * LINES).zip(scales.par_chunks_mut(nb * GROUP)).enumerate().try_for_each(
+            |(g, (lines, scales))| {
+                let n = GROUP.min(rows - g * GROUP);
+                let mut buf = vec![0f32; n * cols];
+                rows_of(g * GROUP, n, &mut buf)?;
+                for (j, row) in buf.chunks(cols).enumerate() {
+                    for (b, src) in row.chunks(BLOCK).enumerate() {
+                        let (s, q) = quantize_block_f16(src);
+                        scales[b * GROUP + j] = s;
+                        set_lines(lines, j, b, &q);
+                    }
+                }
+                Ok::<(), Error>(())
+            },
+        )?;
+        Ok(m)
     }
 
     /// From GGUF Q8_0 blocks (34 bytes each: an f16 scale, then 32 `i8`),
     /// exactly.
     pub fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
         const Q8_0: usize = 34;
-        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q8_0 {
-            return Err(Error::input("q8 matrix", format!("{} bytes of Q8_0 for a {rows}x{cols} matrix", data.len())));
-        }
+        check_bytes(data, rows, cols, (BLOCK, Q8_0), "Q8_0")?;
         let nb = cols / BLOCK;
-        Ok(Self::zeroed(rows, cols).fill(|r, b| {
-            let blk = &data[(r * nb + b) * Q8_0..(r * nb + b + 1) * Q8_0];
+        let blk = |r: usize, b: usize| &data[(r * nb + b) * Q8_0..(r * nb + b + 1) * Q8_0];
+        let mut m = Self::zeroed(rows, cols, Store::Q8, ScaleKind::Plain);
+        m.fill_quants(|r, b| {
             let mut q = [0i8; BLOCK];
-            for (qi, &v) in q.iter_mut().zip(&blk[2..]) {
+            for (qi, &v) in q.iter_mut().zip(&blk(r, b)[2..]) {
                 *qi = v as i8;
             }
-            (u16::from_le_bytes([blk[0], blk[1]]), q)
-        }))
+            q
+        });
+        m.fill_plain(|r, b| le16(blk(r, b)));
+        Ok(m)
     }
 
     /// From GGUF Q5_0 blocks (22 bytes each: an f16 scale, 32 high bits,
@@ -465,13 +691,12 @@ impl Q8Matrix {
 
     fn from_q5_0_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
         const Q5_0: usize = 22;
-        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q5_0 {
-            return Err(Error::input("q5 matrix", format!("{} bytes of Q5_0 for a {rows}x{cols} matrix", data.len())));
-        }
+        check_bytes(data, rows, cols, (BLOCK, Q5_0), "Q5_0")?;
         let nb = cols / BLOCK;
-        let empty = if packed { Self::zeroed_q5(rows, cols) } else { Self::zeroed(rows, cols) };
-        Ok(empty.fill(|r, b| {
-            let blk = &data[(r * nb + b) * Q5_0..(r * nb + b + 1) * Q5_0];
+        let blk = |r: usize, b: usize| &data[(r * nb + b) * Q5_0..(r * nb + b + 1) * Q5_0];
+        let mut m = Self::zeroed(rows, cols, if packed { Store::Q5 } else { Store::Q8 }, ScaleKind::Plain);
+        m.fill_quants(|r, b| {
+            let blk = blk(r, b);
             let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
             let mut q = [0i8; BLOCK];
             for (j, &byte) in blk[6..].iter().enumerate() {
@@ -480,8 +705,10 @@ impl Q8Matrix {
                 q[j] = lo as i8 - 16;
                 q[j + 16] = hi as i8 - 16;
             }
-            (u16::from_le_bytes([blk[0], blk[1]]), q)
-        }))
+            q
+        });
+        m.fill_plain(|r, b| le16(blk(r, b)));
+        Ok(m)
     }
 
     /// From GGUF Q4_0 blocks (18 bytes each: an f16 scale, then 16 bytes of
@@ -493,26 +720,141 @@ impl Q8Matrix {
 
     fn from_q4_0_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
         const Q4_0: usize = 18;
-        if cols % BLOCK != 0 || data.len() != rows * cols / BLOCK * Q4_0 {
-            return Err(Error::input("q4 matrix", format!("{} bytes of Q4_0 for a {rows}x{cols} matrix", data.len())));
-        }
+        check_bytes(data, rows, cols, (BLOCK, Q4_0), "Q4_0")?;
         let nb = cols / BLOCK;
-        let empty = if packed { Self::zeroed_q4(rows, cols) } else { Self::zeroed(rows, cols) };
-        Ok(empty.fill(|r, b| {
-            let blk = &data[(r * nb + b) * Q4_0..(r * nb + b + 1) * Q4_0];
+        let blk = |r: usize, b: usize| &data[(r * nb + b) * Q4_0..(r * nb + b + 1) * Q4_0];
+        let mut m = Self::zeroed(rows, cols, if packed { Store::Q4(8) } else { Store::Q8 }, ScaleKind::Plain);
+        m.fill_quants(|r, b| {
             let mut q = [0i8; BLOCK];
-            for (j, &byte) in blk[2..].iter().enumerate() {
+            for (j, &byte) in blk(r, b)[2..].iter().enumerate() {
                 q[j] = (byte & 0x0f) as i8 - 8;
                 q[j + 16] = (byte >> 4) as i8 - 8;
             }
-            (u16::from_le_bytes([blk[0], blk[1]]), q)
-        }))
+            q
+        });
+        m.fill_plain(|r, b| le16(blk(r, b)));
+        Ok(m)
     }
 
-    /// Bits per stored weight: 8, 5 (from Q5_0) or 4 (from Q4_0).
+    /// From GGUF Q4_1 blocks (20 bytes each: an f16 scale `d`, an f16 min
+    /// `m`, then 16 bytes of nibbles `q`, element `j` low and `j + 16` high;
+    /// value `q·d + m`), exactly; in 4 bits with the VNNI kernel, else
+    /// widened to 8 (as Q5_0).
+    pub fn from_q4_1_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        Self::from_q4_1_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+    }
+
+    fn from_q4_1_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
+        const Q4_1: usize = 20;
+        check_bytes(data, rows, cols, (BLOCK, Q4_1), "Q4_1")?;
+        let nb = cols / BLOCK;
+        let blk = |r: usize, b: usize| &data[(r * nb + b) * Q4_1..(r * nb + b + 1) * Q4_1];
+        let mut m = Self::zeroed(rows, cols, if packed { Store::Q4(0) } else { Store::Q8 }, ScaleKind::Min);
+        m.fill_quants(|r, b| {
+            let mut q = [0i8; BLOCK];
+            for (j, &byte) in blk(r, b)[4..].iter().enumerate() {
+                q[j] = (byte & 0x0f) as i8;
+                q[j + 16] = (byte >> 4) as i8;
+            }
+            q
+        });
+        if let Scales::Min(s) = &mut m.scales {
+            fill_table(s, nb, rows, |r, b| {
+                let blk = blk(r, b);
+                [le16(blk), le16(&blk[2..])]
+            });
+        }
+        Ok(m)
+    }
+
+    /// From GGUF Q4_K super-blocks (144 bytes per 256 weights: f16 `d`, f16
+    /// `dmin`, 12 bytes of packed 6-bit scales `sc` and mins `mn` of the
+    /// eight blocks of 32, then 128 bytes of nibbles; value
+    /// `d·sc·q - dmin·mn`), exactly; in 4 bits with the VNNI kernel, else
+    /// widened to 8 (as Q5_0).
+    pub fn from_q4_k_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        Self::from_q4_k_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+    }
+
+    fn from_q4_k_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
+        const Q4_K: usize = 144;
+        check_bytes(data, rows, cols, (SUPER, Q4_K), "Q4_K")?;
+        let (nb, ns) = (cols / BLOCK, cols / SUPER);
+        let sup = |r: usize, s: usize| &data[(r * ns + s) * Q4_K..(r * ns + s + 1) * Q4_K];
+        let mut m = Self::zeroed(rows, cols, if packed { Store::Q4(0) } else { Store::Q8 }, ScaleKind::K4);
+        // Block j of a super-block: the low (j even) or high nibbles of the
+        // 32 bytes 32·(j / 2)..
+        m.fill_quants(|r, b| {
+            let j = b % SUPER_BLOCKS;
+            let qs = &sup(r, b / SUPER_BLOCKS)[16 + 32 * (j / 2)..][..BLOCK];
+            let mut q = [0i8; BLOCK];
+            for (qi, &byte) in q.iter_mut().zip(qs) {
+                *qi = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 } as i8;
+            }
+            q
+        });
+        if let Scales::K4 { sm, d } = &mut m.scales {
+            fill_table(sm, nb, rows, |r, b| {
+                let (sc, mn) = scale_min_k4(b % SUPER_BLOCKS, &sup(r, b / SUPER_BLOCKS)[4..16]);
+                [sc, mn]
+            });
+            fill_table(d, ns, rows, |r, s| {
+                let blk = sup(r, s);
+                [le16(blk), le16(&blk[2..])]
+            });
+        }
+        Ok(m)
+    }
+
+    /// From GGUF Q6_K super-blocks (210 bytes per 256 weights: 128 bytes of
+    /// low 4 bits `ql`, 64 bytes of high 2 bits `qh`, 16 `i8` scales `sc`
+    /// of 16 weights each, an f16 `d`; value `d·sc·(q - 32)`), exactly; in
+    /// 6 bits with the VNNI kernel, else widened to 8 (as Q5_0).
+    pub fn from_q6_k_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        Self::from_q6_k_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+    }
+
+    fn from_q6_k_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
+        const Q6_K: usize = 210;
+        check_bytes(data, rows, cols, (SUPER, Q6_K), "Q6_K")?;
+        let (nb, ns) = (cols / BLOCK, cols / SUPER);
+        let sup = |r: usize, s: usize| &data[(r * ns + s) * Q6_K..(r * ns + s + 1) * Q6_K];
+        let mut m = Self::zeroed(rows, cols, if packed { Store::Q6 } else { Store::Q8 }, ScaleKind::K6);
+        // Weight p of a super-block (ggml's dequantize_row_q6_K): in half
+        // h = p / 128, quarter i = p % 128 / 32, l = p % 32: the low (i < 2)
+        // or high nibble of ql[64h + 32(i % 2) + l], and bits 2i, 2i + 1 of
+        // qh[32h + l].
+        m.fill_quants(|r, b| {
+            let blk = sup(r, b / SUPER_BLOCKS);
+            let (ql, qh) = (&blk[..128], &blk[128..192]);
+            let mut q = [0i8; BLOCK];
+            for (t, qi) in q.iter_mut().enumerate() {
+                let p = (b % SUPER_BLOCKS) * BLOCK + t;
+                let (h, i, l) = (p / 128, p % 128 / 32, p % 32);
+                let byte = ql[64 * h + 32 * (i % 2) + l];
+                let low = if i < 2 { byte & 0x0f } else { byte >> 4 };
+                let high = (qh[32 * h + l] >> (2 * i)) & 3;
+                *qi = (low | (high << 4)) as i8 - 32;
+            }
+            q
+        });
+        if let Scales::K6 { sc, d } = &mut m.scales {
+            fill_table(sc, nb, rows, |r, b| {
+                let at = 192 + 2 * (b % SUPER_BLOCKS);
+                let blk = sup(r, b / SUPER_BLOCKS);
+                [blk[at] as i8, blk[at + 1] as i8]
+            });
+            fill_table(d, ns, rows, |r, s| [le16(&sup(r, s)[208..])]);
+        }
+        Ok(m)
+    }
+
+    /// Bits per stored integer weight, not counting the scales (see
+    /// [`Self::bytes`]): 8, 6 (Q6_K), 5 (Q5_0) or 4 (Q4_0, Q4_1, Q4_K).
     pub fn weight_bits(&self) -> u32 {
         match self.quants {
             Quants::Q8(_) => 8,
+            Quants::Q6 { .. } => 6,
             Quants::Q5 { .. } => 5,
             Quants::Q4 { .. } => 4,
         }
@@ -533,27 +875,43 @@ impl Q8Matrix {
         self.cols
     }
 
+    fn form(&self) -> Form {
+        match self.scales {
+            Scales::Plain(_) => Form::One,
+            Scales::Min(_) | Scales::K4 { .. } => Form::Min,
+            Scales::K6 { .. } => Form::Halves,
+        }
+    }
+
+    /// The integer weight `w` (module docs) of row `r`, column `c`.
     #[inline]
     fn weight(&self, r: usize, c: usize) -> i8 {
         let panel = r / GROUP * self.blocks + c / BLOCK;
         let (k, lane) = ((c % BLOCK) / 4, 4 * (r % GROUP) + c % 4);
+        let nibble = |nib: &[Line]| {
+            let byte = nib[panel * 4 + k / 2].0[lane];
+            if k % 2 == 0 {
+                byte & 0x0f
+            } else {
+                byte >> 4
+            }
+        };
         match &self.quants {
             Quants::Q8(q) => (q[panel * LINES + k].0[lane] ^ 0x80) as i8,
             Quants::Q5 { nib, high } => {
-                let byte = nib[panel * 4 + k / 2].0[lane];
-                let low = if k % 2 == 0 { byte & 0x0f } else { byte >> 4 };
                 let hb = ((high[panel * LINES + k] >> lane) & 1) as u8;
-                (low | (hb << 4)) as i8 - 16
+                (nibble(nib) | (hb << 4)) as i8 - 16
             }
-            Quants::Q4 { nib } => {
-                let byte = nib[panel * 4 + k / 2].0[lane];
-                (if k % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i8 - 8
+            Quants::Q4 { nib, off } => nibble(nib) as i8 - *off as i8,
+            Quants::Q6 { nib, crumbs } => {
+                let hb = (crumbs[panel * 2 + k / 4].0[lane] >> (2 * (k % 4))) & 3;
+                (nibble(nib) | (hb << 4)) as i8 - 32
             }
         }
     }
 
     /// Group `g`'s block `b` as an 8-bit panel (`w + 128`), for kernels
-    /// without a 5-bit path.
+    /// without a narrow path.
     fn panel_q8(&self, g: usize, b: usize, out: &mut [Line; LINES]) {
         for (k, line) in out.iter_mut().enumerate() {
             for lane in 0..64 {
@@ -567,11 +925,26 @@ impl Q8Matrix {
         }
     }
 
+    /// Row `r`'s two factors `(a, c)` for block `b` (module docs; `c` is 0
+    /// for one-scale formats).
     #[inline]
-    fn scale(&self, r: usize, b: usize) -> f32 {
-        f16_to_f32(self.scales[(r / GROUP * self.blocks + b) * GROUP + r % GROUP])
+    fn factors(&self, r: usize, b: usize) -> (f32, f32) {
+        let (g, j) = (r / GROUP, r % GROUP);
+        let pb = (g * self.blocks + b) * 2 * GROUP + j;
+        let ps = g * (self.blocks / SUPER_BLOCKS) + b / SUPER_BLOCKS;
+        match &self.scales {
+            Scales::Plain(s) => (f16_to_f32(s[(g * self.blocks + b) * GROUP + j]), 0.0),
+            Scales::Min(s) => (f16_to_f32(s[pb]), f16_to_f32(s[pb + GROUP])),
+            Scales::K4 { sm, d } => {
+                let p = ps * 2 * GROUP + j;
+                (f16_to_f32(d[p]) * sm[pb] as f32, -(f16_to_f32(d[p + GROUP]) * sm[pb + GROUP] as f32))
+            }
+            Scales::K6 { sc, d } => {
+                let dd = f16_to_f32(d[ps * GROUP + j]);
+                (dd * sc[pb] as f32, dd * sc[pb + GROUP] as f32)
+            }
+        }
     }
-
     /// `x` `[m, cols]` (row-major) times the transpose: `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if x.len() != m * self.cols {
@@ -652,21 +1025,11 @@ impl Q8Matrix {
                         _ => tile_avx2::<4>(self, g, a, n0, &mut res),
                     },
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Vnni => match (gt, nt) {
-                        (4, _) => tile_vnni::<4, 1>(self, g, a, n0, &mut res),
-                        (3, _) => tile_vnni::<3, 1>(self, g, a, n0, &mut res),
-                        (2, 1) => tile_vnni::<2, 1>(self, g, a, n0, &mut res),
-                        (2, 2) => tile_vnni::<2, 2>(self, g, a, n0, &mut res),
-                        (2, 3) => tile_vnni::<2, 3>(self, g, a, n0, &mut res),
-                        (2, 4) => tile_vnni::<2, 4>(self, g, a, n0, &mut res),
-                        (2, 5) => tile_vnni::<2, 5>(self, g, a, n0, &mut res),
-                        (2, _) => tile_vnni::<2, 6>(self, g, a, n0, &mut res),
-                        (_, 1) => tile_vnni::<1, 1>(self, g, a, n0, &mut res),
-                        (_, 2) => tile_vnni::<1, 2>(self, g, a, n0, &mut res),
-                        (_, 3) => tile_vnni::<1, 3>(self, g, a, n0, &mut res),
-                        (_, 4) => tile_vnni::<1, 4>(self, g, a, n0, &mut res),
-                        (_, 5) => tile_vnni::<1, 5>(self, g, a, n0, &mut res),
-                        (_, _) => tile_vnni::<1, 6>(self, g, a, n0, &mut res),
+                    Kernel::Vnni => match self.quants {
+                        Quants::Q8(_) => tiles_vnni::<W_Q8>(self, g, gt, a, n0, nt, &mut res),
+                        Quants::Q5 { .. } => tiles_vnni::<W_Q5>(self, g, gt, a, n0, nt, &mut res),
+                        Quants::Q4 { .. } => tiles_vnni::<W_Q4>(self, g, gt, a, n0, nt, &mut res),
+                        Quants::Q6 { .. } => tiles_vnni::<W_Q6>(self, g, gt, a, n0, nt, &mut res),
                     },
                     #[cfg(not(target_arch = "x86_64"))]
                     _ => self.tile_portable(g, gt, a, n0, nt, &mut res),
@@ -689,6 +1052,7 @@ impl Q8Matrix {
     /// holds group `g + gi`'s 16 outputs for activation row `n0 + ni`.
     fn tile_portable(&self, g: usize, gt: usize, a: &Q8Acts, n0: usize, nt: usize, res: &mut [[f32; GROUP]]) {
         let nb = self.blocks;
+        let form = self.form();
         for gi in 0..gt {
             for ni in 0..nt {
                 let n = n0 + ni;
@@ -701,9 +1065,22 @@ impl Q8Matrix {
                     let mut acc = 0f32;
                     for b in 0..nb {
                         let x = &a.quants[(n * nb + b) * BLOCK..(n * nb + b + 1) * BLOCK];
-                        let s: i32 = (0..BLOCK).map(|t| self.weight(r, b * BLOCK + t) as i32 * x[t] as i32).sum();
-                        let d = self.scale(r, b) * a.scales[n * nb + b];
-                        acc = d.mul_add(s as f32, acc);
+                        let dot = |t0: usize, t1: usize| {
+                            (t0..t1).map(|t| self.weight(r, b * BLOCK + t) as i32 * x[t] as i32).sum::<i32>() as f32
+                        };
+                        let (fa, fc) = self.factors(r, b);
+                        let xs = a.scales[n * nb + b];
+                        match form {
+                            Form::One => acc = (fa * xs).mul_add(dot(0, BLOCK), acc),
+                            Form::Min => {
+                                acc = (fa * xs).mul_add(dot(0, BLOCK), acc);
+                                acc = (fc * xs).mul_add(a.sums[n * nb + b] as f32, acc);
+                            }
+                            Form::Halves => {
+                                acc = (fa * xs).mul_add(dot(0, BLOCK / 2), acc);
+                                acc = (fc * xs).mul_add(dot(BLOCK / 2, BLOCK), acc);
+                            }
+                        }
                     }
                     res[gi * nt + ni][j] = acc;
                 }
@@ -711,18 +1088,26 @@ impl Q8Matrix {
         }
     }
 
-    /// Rows `r0..r0 + n` as f32 into `out` (`[n, cols]`).
+    /// Rows `r0..r0 + n` as f32 into `out` (`[n, cols]`): ggml's
+    /// dequantized values, bit for bit.
     pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) -> Result<()> {
         if r0 + n > self.rows || out.len() < n * self.cols {
             return Err(Error::input("q8 rows", format!("rows {r0}..{} of {}", r0 + n, self.rows)));
         }
         let c = self.cols;
+        let form = self.form();
         let one = |k: usize, dst: &mut [f32]| {
             let r = r0 + k;
             for (b, chunk) in dst.chunks_mut(BLOCK).enumerate() {
-                let d = self.scale(r, b);
+                let (fa, fc) = self.factors(r, b);
                 for (t, v) in chunk.iter_mut().enumerate() {
-                    *v = d * self.weight(r, b * BLOCK + t) as f32;
+                    let w = self.weight(r, b * BLOCK + t) as f32;
+                    *v = match form {
+                        Form::One => fa * w,
+                        // q·d + m (Q4_1), d·sc·q - dmin·mn (Q4_K).
+                        Form::Min => fa * w + fc,
+                        Form::Halves => (if t < BLOCK / 2 { fa } else { fc }) * w,
+                    };
                 }
             }
         };
@@ -734,14 +1119,22 @@ impl Q8Matrix {
         Ok(())
     }
 
-    /// Bytes of weight data read by one pass over the matrix.
+    /// Bytes of weight data read by one pass over the matrix: the integer
+    /// panels and every scale table.
     pub fn bytes(&self) -> usize {
+        let line = std::mem::size_of::<Line>();
         let w = match &self.quants {
-            Quants::Q8(q) => q.len() * std::mem::size_of::<Line>(),
-            Quants::Q5 { nib, high } => nib.len() * std::mem::size_of::<Line>() + high.len() * 8,
-            Quants::Q4 { nib } => nib.len() * std::mem::size_of::<Line>(),
+            Quants::Q8(q) => q.len() * line,
+            Quants::Q5 { nib, high } => nib.len() * line + high.len() * 8,
+            Quants::Q4 { nib, .. } => nib.len() * line,
+            Quants::Q6 { nib, crumbs } => (nib.len() + crumbs.len()) * line,
         };
-        w + self.scales.len() * std::mem::size_of::<u16>()
+        let s = match &self.scales {
+            Scales::Plain(s) | Scales::Min(s) => s.len() * 2,
+            Scales::K4 { sm, d } => sm.len() + d.len() * 2,
+            Scales::K6 { sc, d } => sc.len() + d.len() * 2,
+        };
+        w + s
     }
 
     /// `x` `[..., cols]` -> `[..., rows]` (f32).
@@ -774,16 +1167,105 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Storage kinds as `tile_vnni` parameters.
+#[cfg(target_arch = "x86_64")]
+const W_Q8: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const W_Q5: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const W_Q4: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const W_Q6: u8 = 3;
+
+/// `tile_vnni` for `gt` groups × `nt` rows (the tiles of [`Kernel::tile`]).
+///
+/// # Safety
+/// As `tile_vnni`; `W` is the storage of `w`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles_vnni<const W: u8>(
+    w: &Q8Matrix,
+    g: usize,
+    gt: usize,
+    a: &Q8Acts,
+    n0: usize,
+    nt: usize,
+    res: &mut [[f32; GROUP]],
+) {
+    match (gt, nt) {
+        (4, _) => tile_vnni::<4, 1, W>(w, g, a, n0, res),
+        (3, _) => tile_vnni::<3, 1, W>(w, g, a, n0, res),
+        (2, 1) => tile_vnni::<2, 1, W>(w, g, a, n0, res),
+        (2, 2) => tile_vnni::<2, 2, W>(w, g, a, n0, res),
+        (2, 3) => tile_vnni::<2, 3, W>(w, g, a, n0, res),
+        (2, 4) => tile_vnni::<2, 4, W>(w, g, a, n0, res),
+        (2, 5) => tile_vnni::<2, 5, W>(w, g, a, n0, res),
+        (2, _) => tile_vnni::<2, 6, W>(w, g, a, n0, res),
+        (_, 1) => tile_vnni::<1, 1, W>(w, g, a, n0, res),
+        (_, 2) => tile_vnni::<1, 2, W>(w, g, a, n0, res),
+        (_, 3) => tile_vnni::<1, 3, W>(w, g, a, n0, res),
+        (_, 4) => tile_vnni::<1, 4, W>(w, g, a, n0, res),
+        (_, 5) => tile_vnni::<1, 5, W>(w, g, a, n0, res),
+        (_, _) => tile_vnni::<1, 6, W>(w, g, a, n0, res),
+    }
+}
+
+/// Group `g`'s 16 factors `(a, c)` for block `b` (as [`Q8Matrix::factors`]).
+///
+/// # Safety
+/// The CPU has AVX-512 F; group `g` and block `b` exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+#[inline]
+unsafe fn factors_avx512(w: &Q8Matrix, g: usize, b: usize) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let nb = w.blocks;
+    let pb = (g * nb + b) * 2 * GROUP;
+    let ps = g * (nb / SUPER_BLOCKS) + b / SUPER_BLOCKS;
+    match &w.scales {
+        Scales::Plain(s) => {
+            let p = s.as_ptr().add((g * nb + b) * GROUP);
+            (_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)), _mm512_setzero_ps())
+        }
+        Scales::Min(s) => {
+            let p = s.as_ptr().add(pb);
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(GROUP) as *const __m256i)),
+            )
+        }
+        Scales::K4 { sm, d } => {
+            let p = sm.as_ptr().add(pb);
+            let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
+            let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(GROUP) as *const __m128i)));
+            let q = d.as_ptr().add(ps * 2 * GROUP);
+            let dd = _mm512_cvtph_ps(_mm256_loadu_si256(q as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(q.add(GROUP) as *const __m256i));
+            // -(dmin·mn): the sign flipped, as the portable negation.
+            let m1 = _mm512_castps_si512(_mm512_mul_ps(dmin, mn));
+            let neg = _mm512_castsi512_ps(_mm512_xor_si512(m1, _mm512_set1_epi32(i32::MIN)));
+            (_mm512_mul_ps(dd, sc), neg)
+        }
+        Scales::K6 { sc, d } => {
+            let p = sc.as_ptr().add(pb);
+            let dd = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(ps * GROUP) as *const __m256i));
+            let s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
+            let s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(GROUP) as *const __m128i)));
+            (_mm512_mul_ps(dd, s0), _mm512_mul_ps(dd, s1))
+        }
+    }
+}
+
 /// `G` groups × `N` activation rows with AVX-512 VNNI; `res[g · N + n]`.
-/// 5-bit and 4-bit panels are widened in registers: the nibble plane
-/// masked out, and for 5 bits bit 4 added under a 64-bit mask.
+/// Narrow panels (`W`) are widened in registers: the nibble plane masked
+/// out, then for 5 bits bit 4 added under a 64-bit mask, for 6 bits bits 4
+/// and 5 shifted into place from the 2-bit plane.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VNNI, FMA and F16C; groups `g0..g0 + G` and
-/// rows `n0..n0 + N` exist.
+/// rows `n0..n0 + N` exist; `W` is the storage of `w`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn tile_vnni<const G: usize, const N: usize>(
+unsafe fn tile_vnni<const G: usize, const N: usize, const W: u8>(
     w: &Q8Matrix,
     g0: usize,
     a: &Q8Acts,
@@ -792,62 +1274,104 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 ) {
     use std::arch::x86_64::*;
     let nb = w.blocks;
-    // Weight pointers per kind; the offset `w + OFF` is removed through the
+    // Weight pointers per kind; the offset `w + off` is removed through the
     // activation sums.
-    let (q8, nib, high, off) = match &w.quants {
-        Quants::Q8(q) => (q.as_ptr().add(g0 * nb * LINES), std::ptr::null(), std::ptr::null(), 128),
-        Quants::Q5 { nib, high } => {
-            (std::ptr::null(), nib.as_ptr().add(g0 * nb * 4), high.as_ptr().add(g0 * nb * LINES), 16)
+    let (mut q8, mut nib, mut high, mut crumbs) =
+        (std::ptr::null::<Line>(), std::ptr::null::<Line>(), std::ptr::null::<u64>(), std::ptr::null::<Line>());
+    match &w.quants {
+        Quants::Q8(q) => q8 = q.as_ptr().add(g0 * nb * LINES),
+        Quants::Q5 { nib: n, high: h } => {
+            nib = n.as_ptr().add(g0 * nb * 4);
+            high = h.as_ptr().add(g0 * nb * LINES);
         }
-        Quants::Q4 { nib } => (std::ptr::null(), nib.as_ptr().add(g0 * nb * 4), std::ptr::null(), 8),
-    };
-    let packed = off != 128;
-    let five = off == 16;
-    let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
+        Quants::Q4 { nib: n, .. } => nib = n.as_ptr().add(g0 * nb * 4),
+        Quants::Q6 { nib: n, crumbs: c } => {
+            nib = n.as_ptr().add(g0 * nb * 4);
+            crumbs = c.as_ptr().add(g0 * nb * 2);
+        }
+    }
+    let off = w.quants.offset();
+    let form = w.form();
+    // Two halves of four lines (Q6_K) or one segment of eight.
+    let (segs, per) = if form == Form::Halves { (2, LINES / 2) } else { (1, LINES) };
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
     let xsum = a.sums.as_ptr().add(n0 * nb);
+    let xlow = a.lows.as_ptr().add(n0 * nb);
     let low4 = _mm512_set1_epi8(0x0f);
     let bit4 = _mm512_set1_epi8(0x10);
+    let bits45 = _mm512_set1_epi8(0x30);
     let mut facc = [[_mm512_setzero_ps(); N]; G];
     for b in 0..nb {
-        let mut iacc = [[_mm512_setzero_si512(); N]; G];
-        for n in 0..N {
-            let c = _mm512_set1_epi32(-off * *xsum.add(n * nb + b));
-            for row in iacc.iter_mut() {
-                row[n] = c;
-            }
+        let mut fa = [_mm512_setzero_ps(); G];
+        let mut fc = [_mm512_setzero_ps(); G];
+        for g in 0..G {
+            (fa[g], fc[g]) = factors_avx512(w, g0 + g, b);
         }
-        for k in 0..LINES {
-            let mut wv = [_mm512_setzero_si512(); G];
-            for (g, v) in wv.iter_mut().enumerate() {
-                let panel = g * nb + b;
-                *v = if packed {
-                    let two = _mm512_load_si512(nib.add(panel * 4 + k / 2) as *const _);
-                    let plane = if k % 2 == 0 { two } else { _mm512_srli_epi16::<4>(two) };
-                    let low = _mm512_and_si512(plane, low4);
-                    if five {
-                        _mm512_mask_add_epi8(low, *high.add(panel * LINES + k), low, bit4)
-                    } else {
-                        low
-                    }
-                } else {
-                    _mm512_load_si512(q8.add(panel * LINES + k) as *const _)
-                };
-            }
+        for seg in 0..segs {
+            let mut iacc = [[_mm512_setzero_si512(); N]; G];
             for n in 0..N {
-                let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
-                let xb = _mm512_set1_epi32(x4);
-                for g in 0..G {
-                    iacc[g][n] = _mm512_dpbusd_epi32(iacc[g][n], wv[g], xb);
+                let sum = *xsum.add(n * nb + b);
+                let s = match (segs, seg) {
+                    (1, _) => sum,
+                    (_, 0) => *xlow.add(n * nb + b),
+                    _ => sum - *xlow.add(n * nb + b),
+                };
+                let c = _mm512_set1_epi32(-off * s);
+                for row in iacc.iter_mut() {
+                    row[n] = c;
+                }
+            }
+            for k in seg * per..(seg + 1) * per {
+                let mut wv = [_mm512_setzero_si512(); G];
+                for (g, v) in wv.iter_mut().enumerate() {
+                    let panel = g * nb + b;
+                    *v = if W == W_Q8 {
+                        _mm512_load_si512(q8.add(panel * LINES + k) as *const _)
+                    } else {
+                        let two = _mm512_load_si512(nib.add(panel * 4 + k / 2) as *const _);
+                        let plane = if k % 2 == 0 { two } else { _mm512_srli_epi16::<4>(two) };
+                        let low = _mm512_and_si512(plane, low4);
+                        if W == W_Q5 {
+                            _mm512_mask_add_epi8(low, *high.add(panel * LINES + k), low, bit4)
+                        } else if W == W_Q6 {
+                            // Crumb k % 4 (bits 2(k % 4)..) to bits 4 and 5.
+                            let cr = _mm512_load_si512(crumbs.add(panel * 2 + k / 4) as *const _);
+                            let cr = match k % 4 {
+                                0 => _mm512_slli_epi16::<4>(cr),
+                                1 => _mm512_slli_epi16::<2>(cr),
+                                2 => cr,
+                                _ => _mm512_srli_epi16::<2>(cr),
+                            };
+                            _mm512_or_si512(low, _mm512_and_si512(cr, bits45))
+                        } else {
+                            low
+                        }
+                    };
+                }
+                for n in 0..N {
+                    let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                    let xb = _mm512_set1_epi32(x4);
+                    for g in 0..G {
+                        iacc[g][n] = _mm512_dpbusd_epi32(iacc[g][n], wv[g], xb);
+                    }
+                }
+            }
+            for g in 0..G {
+                let f = if seg == 0 { fa[g] } else { fc[g] };
+                for n in 0..N {
+                    let d = _mm512_mul_ps(f, _mm512_set1_ps(*xs.add(n * nb + b)));
+                    facc[g][n] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(iacc[g][n]), facc[g][n]);
                 }
             }
         }
-        for g in 0..G {
-            let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add((g * nb + b) * GROUP) as *const __m256i));
-            for n in 0..N {
-                let d = _mm512_mul_ps(sw, _mm512_set1_ps(*xs.add(n * nb + b)));
-                facc[g][n] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(iacc[g][n]), facc[g][n]);
+        if form == Form::Min {
+            for g in 0..G {
+                for n in 0..N {
+                    let d = _mm512_mul_ps(fc[g], _mm512_set1_ps(*xs.add(n * nb + b)));
+                    let sum = _mm512_set1_ps(*xsum.add(n * nb + b) as f32);
+                    facc[g][n] = _mm512_fmadd_ps(d, sum, facc[g][n]);
+                }
             }
         }
     }
@@ -858,10 +1382,59 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
     }
 }
 
+/// Rows `8h..8h + 8` of group `g`'s factors `(a, c)` for block `b` (as
+/// [`Q8Matrix::factors`]).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; group `g` and block `b` exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn factors_avx2(
+    w: &Q8Matrix,
+    g: usize,
+    b: usize,
+    h: usize,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let nb = w.blocks;
+    let pb = (g * nb + b) * 2 * GROUP + 8 * h;
+    let ps = g * (nb / SUPER_BLOCKS) + b / SUPER_BLOCKS;
+    match &w.scales {
+        Scales::Plain(s) => {
+            let p = s.as_ptr().add((g * nb + b) * GROUP + 8 * h);
+            (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_setzero_ps())
+        }
+        Scales::Min(s) => {
+            let p = s.as_ptr().add(pb);
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(GROUP) as *const __m128i)),
+            )
+        }
+        Scales::K4 { sm, d } => {
+            let p = sm.as_ptr().add(pb);
+            let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)));
+            let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(GROUP) as *const __m128i)));
+            let q = d.as_ptr().add(ps * 2 * GROUP + 8 * h);
+            let dd = _mm256_cvtph_ps(_mm_loadu_si128(q as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(q.add(GROUP) as *const __m128i));
+            (_mm256_mul_ps(dd, sc), _mm256_xor_ps(_mm256_mul_ps(dmin, mn), _mm256_set1_ps(-0.0)))
+        }
+        Scales::K6 { sc, d } => {
+            let p = sc.as_ptr().add(pb);
+            let dd = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(ps * GROUP + 8 * h) as *const __m128i));
+            let s0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)));
+            let s1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(GROUP) as *const __m128i)));
+            (_mm256_mul_ps(dd, s0), _mm256_mul_ps(dd, s1))
+        }
+    }
+}
+
 /// One group × `N` activation rows with AVX2, eight weight rows at a time:
 /// the 8-bit values are widened to 16 bits, `vpmaddwd` gives pair sums, and
-/// one horizontal add per block makes each row's sum. 5-bit and 4-bit
-/// panels are first expanded to 8-bit ones.
+/// one horizontal add per block (per half for Q6_K) makes each row's sum.
+/// Narrow panels are first expanded to 8-bit ones.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist.
@@ -870,40 +1443,51 @@ unsafe fn tile_vnni<const G: usize, const N: usize>(
 unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usize, res: &mut [[f32; GROUP]]) {
     use std::arch::x86_64::*;
     let nb = w.blocks;
-    let scales = w.scales.as_ptr().add(g0 * nb * GROUP);
+    let form = w.form();
+    let (segs, per) = if form == Form::Halves { (2, LINES / 2) } else { (1, LINES) };
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
+    let xsum = a.sums.as_ptr().add(n0 * nb);
     let flip = _mm_set1_epi8(-128);
     let mut buf = [Line([0; 64]); LINES];
     let mut facc = [[_mm256_setzero_ps(); N]; 2];
     for b in 0..nb {
         let lines = match &w.quants {
             Quants::Q8(q) => q.as_ptr().add((g0 * nb + b) * LINES) as *const u8,
-            Quants::Q5 { .. } | Quants::Q4 { .. } => {
+            Quants::Q5 { .. } | Quants::Q4 { .. } | Quants::Q6 { .. } => {
                 w.panel_q8(g0, b, &mut buf);
                 buf.as_ptr() as *const u8
             }
         };
         for (h, fh) in facc.iter_mut().enumerate() {
-            let mut lo = [_mm256_setzero_si256(); N];
-            let mut hi = [_mm256_setzero_si256(); N];
-            for k in 0..LINES {
-                let p = lines.add(k * 64 + 32 * h);
-                let wa = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p as *const __m128i), flip));
-                let wb = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p.add(16) as *const __m128i), flip));
+            let (fa, fc) = factors_avx2(w, g0, b, h);
+            for seg in 0..segs {
+                let mut lo = [_mm256_setzero_si256(); N];
+                let mut hi = [_mm256_setzero_si256(); N];
+                for k in seg * per..(seg + 1) * per {
+                    let p = lines.add(k * 64 + 32 * h);
+                    let wa = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p as *const __m128i), flip));
+                    let wb = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p.add(16) as *const __m128i), flip));
+                    for n in 0..N {
+                        let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                        let xb = _mm256_cvtepi8_epi16(_mm_set1_epi32(x4));
+                        lo[n] = _mm256_add_epi32(lo[n], _mm256_madd_epi16(wa, xb));
+                        hi[n] = _mm256_add_epi32(hi[n], _mm256_madd_epi16(wb, xb));
+                    }
+                }
+                let f = if seg == 0 { fa } else { fc };
                 for n in 0..N {
-                    let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
-                    let xb = _mm256_cvtepi8_epi16(_mm_set1_epi32(x4));
-                    lo[n] = _mm256_add_epi32(lo[n], _mm256_madd_epi16(wa, xb));
-                    hi[n] = _mm256_add_epi32(hi[n], _mm256_madd_epi16(wb, xb));
+                    // Rows 0,1,4,5 | 2,3,6,7 after the add; the permute orders them.
+                    let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(lo[n], hi[n]));
+                    let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
+                    fh[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fh[n]);
                 }
             }
-            let sw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * GROUP + 8 * h) as *const __m128i));
-            for n in 0..N {
-                // Rows 0,1,4,5 | 2,3,6,7 after the add; the permute orders them.
-                let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(lo[n], hi[n]));
-                let d = _mm256_mul_ps(sw, _mm256_set1_ps(*xs.add(n * nb + b)));
-                fh[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fh[n]);
+            if form == Form::Min {
+                for n in 0..N {
+                    let d = _mm256_mul_ps(fc, _mm256_set1_ps(*xs.add(n * nb + b)));
+                    fh[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(*xsum.add(n * nb + b) as f32), fh[n]);
+                }
             }
         }
     }
@@ -913,7 +1497,6 @@ unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usi
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1083,16 +1666,19 @@ mod tests {
         let nb = cols.div_ceil(BLOCK);
         let (mut s1, mut q1) = (vec![0f32; nb], vec![0i8; nb * BLOCK]);
         quantize_row(&x, nb, &mut s1, &mut q1);
-        let sums1: Vec<i32> = q1.chunks(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
-        let (mut s2, mut q2, mut sums2) = (vec![1f32; nb], vec![1i8; nb * BLOCK], vec![0i32; nb]);
+        let (mut sums1, mut lows1) = (vec![0i32; nb], vec![0i32; nb]);
+        block_sums(&q1, &mut sums1, &mut lows1);
+        let (mut s2, mut q2) = (vec![1f32; nb], vec![1i8; nb * BLOCK]);
+        let (mut sums2, mut lows2) = (vec![0i32; nb], vec![0i32; nb]);
         // SAFETY: AVX-512 was detected above.
-        unsafe { quantize_row_avx512(&x, nb, &mut s2, &mut q2, &mut sums2) };
+        unsafe { quantize_row_avx512(&x, nb, &mut s2, &mut q2, &mut sums2, &mut lows2) };
         assert_eq!(
             s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
         assert_eq!(q1, q2);
         assert_eq!(sums1, sums2);
+        assert_eq!(lows1, lows2);
     }
 
     #[test]
@@ -1149,5 +1735,260 @@ mod tests {
         let mut acts = Q8Acts::default();
         acts.quantize(&w, 1, 64).unwrap();
         assert!(q.matmul_acts(&acts, &mut [0f32; 1]).is_err());
+    }
+
+    /// Random file bytes of a GGUF type for `rows x cols` (sane f16 scales,
+    /// every other bit random), and candle's dequantization of them.
+    fn random_file(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> (Vec<u8>, Vec<f32>) {
+        use candle_core::quantized::GgmlDType;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut f16 = |lo: f32, hi: f32| half::f16::from_f32(rng.gen_range(lo..hi)).to_bits().to_le_bytes();
+        let mut bytes = Vec::new();
+        let mut rng2 = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1000);
+        let mut rand_bytes = |n: usize| (0..n).map(|_| rng2.gen::<u8>()).collect::<Vec<u8>>();
+        match dtype {
+            GgmlDType::Q4_1 => {
+                for _ in 0..rows * cols / 32 {
+                    bytes.extend(f16(0.001, 0.1));
+                    bytes.extend(f16(-0.5, 0.5));
+                    bytes.extend(rand_bytes(16));
+                }
+            }
+            GgmlDType::Q4K => {
+                for _ in 0..rows * cols / 256 {
+                    bytes.extend(f16(0.0001, 0.01));
+                    bytes.extend(f16(0.0001, 0.01));
+                    bytes.extend(rand_bytes(12 + 128));
+                }
+            }
+            GgmlDType::Q6K => {
+                for _ in 0..rows * cols / 256 {
+                    bytes.extend(rand_bytes(128 + 64 + 16));
+                    bytes.extend(f16(0.0001, 0.01));
+                }
+            }
+            other => panic!("no generator for {other:?}"),
+        }
+        (bytes.clone(), candle_dequantized(dtype, &bytes, rows, cols))
+    }
+
+    fn candle_dequantized(
+        dtype: candle_core::quantized::GgmlDType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Vec<f32> {
+        let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![rows, cols], &Device::Cpu)
+            .expect("qtensor");
+        qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// A matrix quantized by candle from random weights: its bytes and
+    /// candle's dequantization.
+    fn candle_file(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> (Vec<u8>, Vec<f32>) {
+        let w = Tensor::from_vec(rand_vec(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        let qt = candle_core::quantized::QTensor::quantize(&w, dtype).expect("quantize");
+        let bytes = qt.data().expect("bytes").to_vec();
+        let deq = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (bytes, deq)
+    }
+
+    type Loader = fn(&[u8], usize, usize, bool) -> Result<Q8Matrix>;
+
+    fn loaders() -> [(candle_core::quantized::GgmlDType, Loader, u32, f64); 3] {
+        use candle_core::quantized::GgmlDType;
+        // (type, loader, bits per stored weight, bits per weight with the scales)
+        [
+            (GgmlDType::Q4_1, Q8Matrix::from_q4_1_bytes_packed, 4, 5.0),
+            (GgmlDType::Q4K, Q8Matrix::from_q4_k_bytes_packed, 4, 4.625),
+            (GgmlDType::Q6K, Q8Matrix::from_q6_k_bytes_packed, 6, 6.5625),
+        ]
+    }
+
+    /// Every check of a new type on one matrix: `dequantize_rows` equals
+    /// `deq` (candle's) bit for bit, every kernel equals the portable one
+    /// bit for bit, and the portable one is the f32 reference (dequantized
+    /// weights times dequantized activations) up to summation order.
+    fn check_type(q: &Q8Matrix, deq: &[f32], what: &str, seed: u64) {
+        let (rows, cols) = (q.rows(), q.cols());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut got = vec![f32::NAN; rows * cols];
+        q.dequantize_rows(0, rows, &mut got).unwrap();
+        assert_eq!(bits(&got), bits(deq), "{what}: dequantize_rows differs from candle");
+        let mut one = vec![f32::NAN; 3 * cols];
+        q.dequantize_rows(rows - 3, 3, &mut one).unwrap();
+        assert_eq!(bits(&one), bits(&deq[(rows - 3) * cols..]), "{what}: the last rows");
+        for m in [1, 3, 17, 64] {
+            let x = rand_vec(m * cols, seed + m as u64);
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, m, cols).unwrap();
+            let mut want = vec![f32::NAN; m * rows];
+            q.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+            for k in Kernel::available() {
+                let mut got = vec![f32::NAN; m * rows];
+                q.matmul_acts_with(&acts, &mut got, k).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{what}, {k:?}, {m} rows: differs from the portable kernel");
+            }
+            let nb = cols / BLOCK;
+            for n in 0..m {
+                let xd = |c: usize| acts.quants[n * nb * BLOCK + c] as f64 * acts.scales[n * nb + c / BLOCK] as f64;
+                for r in 0..rows {
+                    let reference: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * xd(c)).sum();
+                    // The size of the terms the kernel rounds: |a·q| and |c|
+                    // (the min) per weight.
+                    let size: f64 = (0..cols)
+                        .map(|c| {
+                            let (fa, fc) = q.factors(r, c / BLOCK);
+                            let wq = q.weight(r, c) as f64;
+                            let terms = match q.form() {
+                                Form::Halves if c % BLOCK >= BLOCK / 2 => (fc as f64 * wq).abs(),
+                                Form::Halves | Form::One => (fa as f64 * wq).abs(),
+                                Form::Min => (fa as f64 * wq).abs() + (fc as f64).abs(),
+                            };
+                            terms * xd(c).abs()
+                        })
+                        .sum();
+                    let got = want[n * rows + r] as f64;
+                    assert!(
+                        (got - reference).abs() <= 1e-5 * size + 1e-30,
+                        "{what}, {m} rows, row {n} output {r}: {got} vs {reference} (terms {size})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_types_match_candle_and_every_kernel_agrees() {
+        // 37 rows: three groups, the last partial; 512 columns: two
+        // super-blocks.
+        let (rows, cols) = (37, 512);
+        for (i, (dtype, load, bits, per_weight)) in loaders().into_iter().enumerate() {
+            for (source, (bytes, deq)) in [
+                ("random bytes", random_file(dtype, rows, cols, 40 + i as u64)),
+                ("quantized by candle", candle_file(dtype, rows, cols, 50 + i as u64)),
+            ] {
+                for packed in [true, false] {
+                    let q = load(&bytes, rows, cols, packed).unwrap();
+                    assert_eq!(q.weight_bits(), if packed { bits } else { 8 });
+                    if packed {
+                        // Stored size per weight, scales included (rows padded to 48).
+                        let stored = q.bytes() as f64 * 8.0 / (48 * cols) as f64;
+                        assert_eq!(stored, per_weight, "{dtype:?}: bits per weight");
+                    }
+                    check_type(&q, &deq, &format!("{dtype:?} ({source}, packed {packed})"), 60 + i as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_new_type_bytes_are_errors() {
+        for (dtype, load, _, _) in loaders() {
+            let (rows, cols) = (3, 256);
+            let (bytes, _) = random_file(dtype, rows, cols, 70);
+            for packed in [true, false] {
+                assert!(load(&bytes, rows, cols, packed).is_ok());
+                assert!(load(&bytes[..bytes.len() - 1], rows, cols, packed).is_err(), "{dtype:?}: short");
+                assert!(load(&bytes, rows + 1, cols, packed).is_err(), "{dtype:?}: too few rows");
+                assert!(load(&[], 0, 0, packed).is_err(), "{dtype:?}: no columns");
+                assert!(load(&bytes, rows, cols + 16, packed).is_err(), "{dtype:?}: a partial block");
+                if dtype != candle_core::quantized::GgmlDType::Q4_1 {
+                    // The same bytes as rows of 128: half super-blocks.
+                    assert!(load(&bytes, rows * 2, cols / 2, packed).is_err(), "{dtype:?}: a partial super-block");
+                }
+                assert!(load(&bytes, usize::MAX / 2, cols, packed).is_err(), "{dtype:?}: overflow");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_new_type_weights_do_not_overflow() {
+        // Q6_K with every q = 0 (w = -32) and scales -128 against activations
+        // of ±127, and Q4_1 with q = 15: every kernel equals the portable one
+        // and the dequantized reference.
+        let (rows, cols) = (16, 256);
+        let mut q6 = Vec::new();
+        for _ in 0..rows {
+            q6.extend([0u8; 192]);
+            q6.extend([0x80u8; 16]);
+            q6.extend(half::f16::from_f32(0.01).to_bits().to_le_bytes());
+        }
+        let mut q41 = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            q41.extend(half::f16::from_f32(0.5).to_bits().to_le_bytes());
+            q41.extend(half::f16::from_f32(-3.0).to_bits().to_le_bytes());
+            q41.extend([0xffu8; 16]);
+        }
+        let x: Vec<f32> = (0..cols).map(|c| if c % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        for (dtype, bytes, load) in [
+            (candle_core::quantized::GgmlDType::Q6K, &q6, Q8Matrix::from_q6_k_bytes_packed as Loader),
+            (candle_core::quantized::GgmlDType::Q4_1, &q41, Q8Matrix::from_q4_1_bytes_packed as Loader),
+        ] {
+            let deq = candle_dequantized(dtype, bytes, rows, cols);
+            for packed in [true, false] {
+                let q = load(bytes, rows, cols, packed).unwrap();
+                let mut acts = Q8Acts::default();
+                acts.quantize(&x, 1, cols).unwrap();
+                let mut want = vec![0f32; rows];
+                q.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+                for k in Kernel::available() {
+                    let mut got = vec![0f32; rows];
+                    q.matmul_acts_with(&acts, &mut got, k).unwrap();
+                    assert_eq!(got, want, "{dtype:?} {k:?}");
+                }
+                for (r, g) in want.iter().enumerate() {
+                    let reference: f32 = (0..cols).map(|c| deq[r * cols + c] * x[c]).sum();
+                    assert!((g - reference).abs() < 1e-3 * reference.abs().max(1.0), "{dtype:?}: {g} vs {reference}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_a_group_at_a_time_equal_the_whole_matrix() {
+        let (rows, cols) = (37, 100);
+        let w = rand_vec(rows * cols, 80);
+        let whole = Q8Matrix::from_f32(&w, rows, cols).unwrap();
+        let parts = Q8Matrix::from_f32_rows(rows, cols, |r0, n, out| {
+            out.copy_from_slice(&w[r0 * cols..(r0 + n) * cols]);
+            Ok(())
+        })
+        .unwrap();
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+        whole.dequantize_rows(0, rows, &mut a).unwrap();
+        parts.dequantize_rows(0, rows, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(whole.bytes(), parts.bytes());
+        let failing = Q8Matrix::from_f32_rows(rows, cols, |r0, _, _| {
+            if r0 >= 16 {
+                Err(Error::input("test", "a bad group"))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(failing.is_err());
+    }
+
+    #[test]
+    fn activation_half_sums() {
+        let cols = 100;
+        let x = rand_vec(2 * cols, 90);
+        let mut acts = Q8Acts::default();
+        acts.quantize(&x, 2, cols).unwrap();
+        for (i, q) in acts.quants.chunks(BLOCK).enumerate() {
+            assert_eq!(acts.lows[i], q[..16].iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(acts.sums[i], q.iter().map(|&v| v as i32).sum::<i32>());
+        }
     }
 }
