@@ -204,7 +204,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Memory-bandwidth utilisation of decode (the seed's MBU): bytes read
     // per token (every weight once, plus the KV cache at the mean context
     // length of the decode test) times tokens/s over the measured bandwidth.
-    let mbu = m.decode_weight_bytes().map(|w| {
+    let mbu = Some(m.decode_weight_bytes()).map(|w| {
         let kv_per_pos = m.kv_shape().bytes_per_token() as f64;
         let mean_ctx = 1.0 + args.gen_tokens as f64 / 2.0;
         let bytes = w as f64 + kv_per_pos * mean_ctx;

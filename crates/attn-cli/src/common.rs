@@ -7,6 +7,8 @@ use attn_models::registry::resolve_model;
 use candle_core::Device;
 
 pub const DEFAULT_GENERATOR: &str = "gemma3-270m";
+/// `attn chat` needs an instruction-tuned model (Gemma 3 270M is a base model).
+pub const DEFAULT_CHAT: &str = "qwen2.5-coder-0.5b-instruct";
 pub const DEFAULT_ENCODER: &str = "all-minilm-l6-v2";
 
 /// Sets the worker-thread count of the tensor kernels before any pool

@@ -11,7 +11,7 @@ use attn_models::chat::Message;
 use attn_models::{LanguageModel, Tokenizer};
 use serde_json::json;
 
-use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_GENERATOR};
+use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_CHAT, DEFAULT_GENERATOR};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -337,8 +337,8 @@ fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
-    /// A known model name, a .gguf file or a model folder
-    #[arg(short, long, default_value = DEFAULT_GENERATOR)]
+    /// A known model name, a .gguf file or a model folder (an instruction-tuned one)
+    #[arg(short, long, default_value = DEFAULT_CHAT)]
     model: String,
     /// A system prompt
     #[arg(long)]

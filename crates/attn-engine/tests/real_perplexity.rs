@@ -4,12 +4,11 @@
 //! greedy decoding.
 
 use attn_engine::{generate_from_ids, generate_speculative, perplexity, ModelDrafter, NgramDrafter, SamplingParams};
-use attn_models::gemma3::Gemma3;
+use attn_models::Decoder;
 use attn_models::gguf::GgufFile;
 use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
 use attn_models::{LanguageModel, Tokenizer};
-use candle_core::Device;
 
 /// candle's default size for its quantized-matmul pool can exceed the CPUs
 /// available, and its workers spin: pin it to the real count.
@@ -34,7 +33,7 @@ fn gemma3_perplexity_within_3_percent_of_hf() {
     let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
     let f = GgufFile::open(&path).unwrap();
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
-    let model = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
+    let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
     assert_eq!(ids.len() as u64, r["n_tokens_total"].as_u64().unwrap());
     let n_ctx = r["n_ctx"].as_u64().unwrap() as usize;
@@ -63,7 +62,7 @@ fn gemma3_greedy_speculative_decoding_equals_plain_decoding() {
     let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
     let f = GgufFile::open(&path).unwrap();
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
-    let model = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
+    let model = Decoder::from_gguf(&f).unwrap();
     let prompt = "Numbers: one, two, three, four, five, six, seven, eight. Again: one, two, three,";
     let ids = tok.encode(prompt, true).unwrap();
     let params = SamplingParams { max_tokens: 24, ..SamplingParams::greedy() };

@@ -1,8 +1,7 @@
-use attn_models::gemma3::Gemma3;
+use attn_models::Decoder;
 use attn_models::gguf::GgufFile;
 use attn_models::spm::SpmTokenizer;
 use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
-use candle_core::Device;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).unwrap();
@@ -10,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = std::time::Instant::now();
     let f = GgufFile::open(&path)?;
     let tok = SpmTokenizer::from_gguf(&f)?;
-    let model = Gemma3::from_gguf(&f, &Device::Cpu)?;
+    let model = Decoder::from_gguf(&f)?;
     eprintln!("loaded in {:?}", t0.elapsed());
     let ids = tok.encode(&prompt, true)?;
     eprintln!("ids {:?}", ids);

@@ -9,7 +9,6 @@
 use attn_nn::fast::{AttnCall, RawKv};
 use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvShape, PagedCache, Result};
 
-pub use crate::gemma3_fast::SliceKvStore;
 use candle_core::Tensor;
 
 /// Per-sequence decoding state (the KV cache and its position).
@@ -27,19 +26,34 @@ pub trait SequenceCache: Clone {
 /// values: a contiguous tensor per layer ([`LayerCaches`]) or blocks of a
 /// shared pool read through a block table ([`PagedCache`]). The model hands
 /// each layer's projected heads over and gets the attended heads back.
-pub trait KvStore {
+pub trait KvStore: Send {
     /// Stores `k`, `v` (`[1, n_kv_heads, t, head_dim]`) of the next `t`
     /// positions of `layer` and attends `q` (`[1, n_heads, t, head_dim]`) to
     /// every stored position, causally and within `spec.window`.
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttendSpec) -> Result<Tensor>;
+    /// The same on plain token-major buffers (the decoder's inference
+    /// path): stores `k`, `v` (`[t, n_kv_heads, head_dim]`) of the next `t`
+    /// positions of `layer` and attends `q` (`[t, n_heads, head_dim]`) into
+    /// `out`; `call.past` is filled in by the store.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()>;
     /// Called once every layer has stored the `n` new positions.
     fn commit(&mut self, n: usize) -> Result<()>;
 }
 
 /// One contiguous KV cache per layer: the simple, fast cache of one stream.
 ///
-/// Models on candle tensors use the tensor caches; the fused inference path
-/// ([`crate::gemma3_fast`]) keeps plain token-major buffers. A sequence
+/// Models on candle tensors (attn's GPT) use the tensor caches; the
+/// decoder ([`crate::decoder`]) keeps plain token-major buffers. A sequence
 /// uses one kind or the other, never both.
 #[derive(Debug, Clone)]
 pub struct LayerCaches {
@@ -85,9 +99,7 @@ impl KvStore for LayerCaches {
     fn commit(&mut self, _n: usize) -> Result<()> {
         Ok(())
     }
-}
 
-impl SliceKvStore for LayerCaches {
     fn attend_slices(
         &mut self,
         layer: usize,
@@ -114,21 +126,6 @@ impl SliceKvStore for LayerCaches {
     }
 }
 
-impl SliceKvStore for PagedCache {
-    fn attend_slices(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        t: usize,
-        call: &AttnCall,
-        out: &mut [f32],
-    ) -> Result<()> {
-        PagedCache::attend_slices(self, layer, q, k, v, t, call, out)
-    }
-}
-
 impl SequenceCache for PagedCache {
     fn len(&self) -> usize {
         PagedCache::len(self)
@@ -149,6 +146,19 @@ impl KvStore for PagedCache {
 
     fn commit(&mut self, n: usize) -> Result<()> {
         PagedCache::commit(self, n)
+    }
+
+    fn attend_slices(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        call: &AttnCall,
+        out: &mut [f32],
+    ) -> Result<()> {
+        PagedCache::attend_slices(self, layer, q, k, v, t, call, out)
     }
 }
 

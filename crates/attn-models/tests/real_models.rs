@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use attn_models::bert::SentenceEncoder;
-use attn_models::gemma3::Gemma3;
+use attn_models::decoder::{Decoder, Kernels};
 use attn_models::gguf::GgufFile;
 use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
@@ -37,7 +37,7 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 struct GemmaFixture {
-    model: Gemma3,
+    model: Decoder,
     tokenizer: SpmTokenizer,
 }
 
@@ -49,7 +49,7 @@ fn gemma() -> &'static GemmaFixture {
         let f = GgufFile::open(&path).unwrap();
         GemmaFixture {
             tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
-            model: Gemma3::from_gguf(&f, &Device::Cpu).unwrap(),
+            model: Decoder::from_gguf(&f).unwrap(),
         }
     })
 }
@@ -110,7 +110,7 @@ fn gemma3_incremental_decoding_matches_full_pass() {
     f.dequantize = true;
     let g = &GemmaFixture {
         tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
-        model: Gemma3::from_gguf(&f, &Device::Cpu).unwrap(),
+        model: Decoder::from_gguf(&f).unwrap(),
     };
     let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
     let mut cache = g.model.new_cache().unwrap();
@@ -272,15 +272,15 @@ fn gemma3_paged_cache_matches_contiguous_cache() {
     let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
     let mut f = GgufFile::open(&path).unwrap();
     f.dequantize = true;
-    let dequantized = Gemma3::from_gguf(&f, &Device::Cpu).unwrap();
-    assert!(!dequantized.is_fused());
-    // The candle path on f32 weights, then the fused path (the default).
+    let dequantized = Decoder::from_gguf(&f).unwrap();
+    assert_eq!(dequantized.kernels(), Kernels::Dense);
+    // f32 weights (gemm), then the block-quantized weights (the default).
     for model in [&dequantized, &gemma().model] {
         paged_matches_contiguous(model);
     }
 }
 
-fn paged_matches_contiguous(model: &Gemma3) {
+fn paged_matches_contiguous(model: &Decoder) {
     use attn_models::PagedLanguageModel;
     use attn_nn::{KvPool, PagedCache};
     use std::sync::Arc;
@@ -307,7 +307,7 @@ fn paged_matches_contiguous(model: &Gemma3) {
         worst = worst.max(d);
         at += chunk;
     }
-    eprintln!("paged vs contiguous (fused: {}): max abs logit diff {worst}", model.is_fused());
+    eprintln!("paged vs contiguous ({:?}): max abs logit diff {worst}", model.kernels());
     assert!(worst < 1e-3, "paged vs contiguous: max abs logit diff {worst}");
     assert_eq!(paged.len(), attn_models::SequenceCache::len(&contiguous));
 }
@@ -319,7 +319,7 @@ fn paged_matches_contiguous(model: &Gemma3) {
 #[test]
 fn gemma3_fused_incremental_decoding_matches_full_pass() {
     let g = gemma();
-    assert!(g.model.is_fused());
+    assert_eq!(g.model.kernels(), Kernels::Blocks);
     let tokens = g
         .tokenizer
         .encode("The quick brown fox jumps over the lazy dog because it was tired of running all day long", true)

@@ -188,6 +188,24 @@ pub fn rope_halves(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], si
     }
 }
 
+/// Rotates every head of every token of `x` (`[t, heads, head_dim]`) by its
+/// token's row of the tables, "interleaved" layout: pair `j` is elements
+/// `2j, 2j + 1` (GPT-J; llama.cpp's `llama` GGUFs, whose converter permutes
+/// the q/k rows so that this layout computes HF's split-halves rotation).
+pub fn rope_interleaved(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for (i, tok) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+        for h in tok.chunks_exact_mut(head_dim) {
+            for (j, pair) in h.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * c[j] - b * s[j];
+                pair[1] = a * s[j] + b * c[j];
+            }
+        }
+    }
+}
+
 /// `e^x` for `f32` without a libm call, so loops over it vectorize: Cody-
 /// Waite range reduction to `r` in `[-ln2/2, ln2/2]`, Cephes' degree-6
 /// polynomial, and the exponent set directly. Relative error below 2e-7
@@ -239,6 +257,22 @@ fn gelu_tanh_mul_seq(g: &mut [f32], u: &[f32]) {
         let x = *a;
         let inner = S2PI * (x + 0.044_715 * x * x * x);
         *a = x / (1.0 + exp_fast(-2.0 * inner)) * b;
+    }
+}
+
+/// `g = silu(g) * u` element-wise (SwiGLU), in parallel for large inputs.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    const CHUNK: usize = 1 << 14;
+    let seq = |g: &mut [f32], u: &[f32]| {
+        for (a, b) in g.iter_mut().zip(u) {
+            let x = *a;
+            *a = x / (1.0 + exp_fast(-x)) * b;
+        }
+    };
+    if g.len() >= 2 * CHUNK {
+        g.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(g, u)| seq(g, u));
+    } else {
+        seq(g, u);
     }
 }
 

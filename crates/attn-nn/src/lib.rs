@@ -16,6 +16,7 @@ pub mod ffn;
 pub mod flash;
 pub mod grad_ops;
 pub mod head;
+pub mod infer;
 pub mod linear;
 pub mod moe;
 pub mod norm;

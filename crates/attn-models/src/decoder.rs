@@ -1,0 +1,690 @@
+//! The decoder-only Transformer, written once for every architecture.
+//!
+//! Gemma 3, Llama and Qwen2 (and whatever joins them) differ by a small
+//! [`DecoderSpec`] each fills in from its GGUF metadata (`gemma3.rs`,
+//! `llama.rs`, `qwen2.rs`): norm placement, q/k norm, biases, RoPE layout
+//! and base per layer, sliding window per layer, gated activation,
+//! embedding scale, soft-caps. The block loop below is the whole network:
+//!
+//! ```text
+//! x = embed(ids) * embed_scale
+//! for each layer:
+//!     h = norm(x);  q, k, v = h·Wq (+b), h·Wk (+b), h·Wv (+b)
+//!     q, k = qk_norm(q, k);  q, k = rope(q, k, positions, layer base)
+//!     a = attention(q, the sequence's cache + k, v; causal, layer window)
+//!     x += post_norm?(a·Wo)
+//!     h = norm(x);  x += post_norm?(down(act(h·Wgate) * h·Wup))
+//! logits = softcap?(final_norm(x) · head)
+//! ```
+//!
+//! It says *what* is computed; the kernels are chosen by the nn blocks
+//! ([`attn_nn::infer::Linear`] picks the block-quantized, `gemm` or candle
+//! matmul from the weights; [`attn_nn::fast`] holds the norm, RoPE,
+//! activation and attention loops). Tensor names are llama.cpp's GGUF names,
+//! the same for every architecture.
+//!
+//! All new tokens of all sequences of a call go through the norms,
+//! projections and FFNs as one matrix; attention runs per sequence on its
+//! own cache (contiguous or paged, through [`KvStore`]).
+
+use std::sync::{Arc, Mutex};
+
+use attn_nn::fast::{self, AttnCall};
+use attn_nn::infer::{Input, Linear, Table, Weight};
+use attn_nn::q8::{Q8Acts, Q8Matrix};
+use attn_nn::{Error, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{Device, Tensor};
+
+use crate::gguf::GgufFile;
+use crate::lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache};
+
+/// Where the norms sit around each sub-layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `x + f(norm(x))` (Llama, Qwen2).
+    Pre,
+    /// `x + post_norm(f(norm(x)))` (Gemma 2/3).
+    Sandwich,
+}
+
+/// The activation of the gated FFN: `down(act(gate·x) * up·x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+    /// SwiGLU (Llama, Qwen2).
+    Silu,
+}
+
+/// What differs from layer to layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerSpec {
+    pub rope_base: f64,
+    /// Linear RoPE scaling factor (1 = none).
+    pub rope_scale: f64,
+    /// Sliding window (a query sees the last `window` positions), or global.
+    pub window: Option<usize>,
+}
+
+/// Everything that tells one decoder architecture from another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderSpec {
+    /// `general.architecture` of the file.
+    pub arch: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub norm_eps: f64,
+    pub norm: NormPlacement,
+    /// Per-head RMSNorm of queries and keys (Gemma 3).
+    pub qk_norm: bool,
+    /// Biases on the q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    pub rope_layout: RopeLayout,
+    /// One entry per layer.
+    pub layers: Vec<LayerSpec>,
+    pub activation: GatedActivation,
+    /// Embeddings are multiplied by this (Gemma: sqrt(hidden)).
+    pub embed_scale: Option<f32>,
+    /// Attention scores are `q·k * attn_scale`.
+    pub attn_scale: f64,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    pub context_length: usize,
+}
+
+impl DecoderSpec {
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("n_layers", self.layers.len()),
+            ("context_length", self.context_length),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, "must be at least 1"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::config(
+                "n_kv_heads",
+                format!("{} kv heads do not divide {} heads", self.n_kv_heads, self.n_heads),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::config("head_dim", format!("RoPE needs an even head size, got {}", self.head_dim)));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if !(l.rope_base > 1.0) || !(l.rope_scale >= 1.0) {
+                return Err(Error::config(
+                    "rope",
+                    format!("layer {i}: base {} (must be > 1), scale {} (must be >= 1)", l.rope_base, l.rope_scale),
+                ));
+            }
+            if l.window == Some(0) {
+                return Err(Error::config("sliding_window", "must be at least 1"));
+            }
+        }
+        if !(self.norm_eps > 0.0) || !(self.attn_scale > 0.0) {
+            return Err(Error::config("norm_eps / attn_scale", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Bytes of K and V one position takes (f32, every layer).
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape { n_layers: self.layers.len(), n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+    }
+}
+
+/// Reads `{arch}.{key}` as a count, refusing sizes no real model has, so a
+/// hostile header cannot make the loader allocate for them.
+pub(crate) fn meta_count(f: &GgufFile, arch: &str, key: &str, max: u64) -> Result<usize> {
+    let k = format!("{arch}.{key}");
+    let v = f.meta_u64(&k)?;
+    if v == 0 || v > max {
+        return Err(Error::format(f.path(), format!("metadata `{k}` = {v} is outside 1..={max}")));
+    }
+    Ok(v as usize)
+}
+
+/// The layer count from metadata, checked against the blocks the file holds.
+pub(crate) fn layer_count(f: &GgufFile, arch: &str) -> Result<usize> {
+    let n = meta_count(f, arch, "block_count", 4096)?;
+    if f.tensor_info(&format!("blk.{}.attn_norm.weight", n - 1)).is_none() {
+        return Err(Error::format(
+            f.path(),
+            format!("metadata `{arch}.block_count` = {n}, but the file has no tensor `blk.{}.attn_norm.weight`", n - 1),
+        ));
+    }
+    Ok(n)
+}
+
+/// The vocabulary size: the tokenizer's, else the embedding's rows.
+pub(crate) fn vocab_size(f: &GgufFile) -> Result<usize> {
+    let rows = f
+        .tensor_info("token_embd.weight")
+        .map(|t| t.shape().last().copied().unwrap_or(0))
+        .ok_or_else(|| Error::MissingTensor { name: "token_embd.weight".into() })?;
+    Ok(f.meta_opt("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(rows, |t| t.len()))
+}
+
+#[derive(Debug)]
+struct Layer {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    wg: Linear,
+    wu: Linear,
+    wd: Linear,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    /// Sandwich norms.
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// Index of this layer's RoPE tables in a call's set.
+    rope: usize,
+    window: Option<usize>,
+}
+
+/// Which kernels the weights are loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// attn's block-quantized matmul on the stored widths (the default).
+    Blocks,
+    /// Every matrix dequantized to f32, `gemm` (reference comparisons).
+    Dense,
+    /// candle's quantized matmul (`ATTN_KERNELS=candle`).
+    Candle,
+}
+
+/// A decoder-only language model: one type for every architecture.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    spec: DecoderSpec,
+    kernels: Kernels,
+    layers: Vec<Layer>,
+    embed: Table,
+    head: Linear,
+    final_norm: Vec<f32>,
+    /// Distinct (base, scale) pairs of the layers' RoPE.
+    ropes: Vec<(f64, f64)>,
+    /// Activation buffers of finished calls, reused by the next ones, so a
+    /// decode step allocates nothing but the logits it returns (one set per
+    /// concurrent caller).
+    scratch: Mutex<Vec<Scratch>>,
+}
+
+/// The buffers of one forward pass; grown as needed, never shrunk.
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    hr: Vec<f32>,
+    wide: Vec<f32>,
+    positions: Vec<u32>,
+    /// `(cos, sin)` per distinct RoPE.
+    tables: Vec<(Vec<f32>, Vec<f32>)>,
+    acts: Q8Acts,
+}
+
+/// `v` holding exactly `n` elements, reusing its allocation.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
+}
+
+/// The GGUF architectures this decoder runs.
+pub const ARCHITECTURES: &[&str] = &["gemma3", "llama", "qwen2"];
+
+impl Decoder {
+    /// Loads any supported decoder GGUF, kernels as the file was opened
+    /// (`dequantize`: f32 weights; `candle_kernels`: candle's matmul).
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let spec = match f.header.architecture() {
+            Some("gemma3") => crate::gemma3::spec(f)?,
+            Some("llama") => crate::llama::spec(f)?,
+            Some("qwen2") => crate::qwen2::spec(f)?,
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "decoder architecture `{other}` (supported: {})",
+                    ARCHITECTURES.join(", ")
+                )))
+            }
+            None => return Err(Error::format(f.path(), "GGUF has no general.architecture")),
+        };
+        let kernels = if f.dequantize {
+            Kernels::Dense
+        } else if f.candle_kernels {
+            Kernels::Candle
+        } else {
+            Kernels::Blocks
+        };
+        Self::load(f, spec, kernels)
+    }
+
+    /// Loads the tensors `spec` calls for, for `kernels`.
+    pub fn load(f: &GgufFile, spec: DecoderSpec, kernels: Kernels) -> Result<Self> {
+        spec.validate()?;
+        let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+        let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+        let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
+            let w = weight(f, name, rows, cols, kernels)?;
+            Linear::new(w, None)
+        };
+        let biased = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
+            let w = weight(f, &format!("{name}.weight"), rows, cols, kernels)?;
+            Linear::new(w, Some(f.vector(&format!("{name}.bias"), rows)?))
+        };
+        let mut ropes: Vec<(f64, f64)> = Vec::new();
+        let mut layers = Vec::new();
+        for (i, ls) in spec.layers.iter().enumerate() {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let rope = match ropes.iter().position(|&r| r == (ls.rope_base, ls.rope_scale)) {
+                Some(r) => r,
+                None => {
+                    ropes.push((ls.rope_base, ls.rope_scale));
+                    ropes.len() - 1
+                }
+            };
+            let sandwich = spec.norm == NormPlacement::Sandwich;
+            let (wq, wk, wv) = if spec.qkv_bias {
+                (biased(&p("attn_q"), nq, d)?, biased(&p("attn_k"), nkv, d)?, biased(&p("attn_v"), nkv, d)?)
+            } else {
+                (
+                    linear(&p("attn_q.weight"), nq, d)?,
+                    linear(&p("attn_k.weight"), nkv, d)?,
+                    linear(&p("attn_v.weight"), nkv, d)?,
+                )
+            };
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo: linear(&p("attn_output.weight"), d, nq)?,
+                wg: linear(&p("ffn_gate.weight"), ff, d)?,
+                wu: linear(&p("ffn_up.weight"), ff, d)?,
+                wd: linear(&p("ffn_down.weight"), d, ff)?,
+                attn_norm: f.vector(&p("attn_norm.weight"), d)?,
+                ffn_norm: f.vector(&p("ffn_norm.weight"), d)?,
+                post_attn_norm: sandwich.then(|| f.vector(&p("post_attention_norm.weight"), d)).transpose()?,
+                post_ffn_norm: sandwich.then(|| f.vector(&p("post_ffw_norm.weight"), d)).transpose()?,
+                q_norm: spec.qk_norm.then(|| f.vector(&p("attn_q_norm.weight"), hd)).transpose()?,
+                k_norm: spec.qk_norm.then(|| f.vector(&p("attn_k_norm.weight"), hd)).transpose()?,
+                rope,
+                window: ls.window,
+            });
+        }
+        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
+            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
+            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
+                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
+                _ => unreachable!("dense weights load as Weight::Dense"),
+            },
+        };
+        // The output projection is tied to the embedding unless the file has its own.
+        let head = if f.tensor_info("output.weight").is_some() {
+            linear("output.weight", spec.vocab_size, d)?
+        } else if kernels == Kernels::Candle {
+            linear("token_embd.weight", spec.vocab_size, d)?
+        } else {
+            embed.as_linear()?
+        };
+        let final_norm = f.vector("output_norm.weight", d)?;
+        Ok(Decoder {
+            inner: Arc::new(Inner { spec, kernels, layers, embed, head, final_norm, ropes, scratch: Mutex::default() }),
+        })
+    }
+
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.inner.spec
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.inner.kernels
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once, the
+    /// embedding rows aside).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let l: usize = self
+            .inner
+            .layers
+            .iter()
+            .map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.wg, &l.wu, &l.wd].iter().map(|m| m.bytes()).sum::<usize>())
+            .sum();
+        l + self.inner.head.bytes()
+    }
+
+    /// The same model with every matrix in attn's 8-bit blocks (the batched
+    /// kernel whose cost per step barely grows with the number of
+    /// sequences). Block weights are returned as they are.
+    pub fn for_batched_serving(&self) -> Result<Self> {
+        if self.inner.kernels == Kernels::Blocks {
+            return Ok(self.clone());
+        }
+        let to_blocks = |l: &Linear| -> Result<Linear> {
+            let m = match l.weight() {
+                Weight::Blocks(_) => return Ok(l.clone()),
+                Weight::Dense { w, rows, cols } => Q8Matrix::from_f32(w, *rows, *cols)?,
+                Weight::Candle(q) => Q8Matrix::from_tensor(&q.dequantize(&Device::Cpu)?)?,
+            };
+            Ok(Linear::new(Weight::Blocks(Arc::new(m)), None)?.with_bias_of(l))
+        };
+        let i = &self.inner;
+        let layers = i
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    wq: to_blocks(&l.wq)?,
+                    wk: to_blocks(&l.wk)?,
+                    wv: to_blocks(&l.wv)?,
+                    wo: to_blocks(&l.wo)?,
+                    wg: to_blocks(&l.wg)?,
+                    wu: to_blocks(&l.wu)?,
+                    wd: to_blocks(&l.wd)?,
+                    attn_norm: l.attn_norm.clone(),
+                    ffn_norm: l.ffn_norm.clone(),
+                    post_attn_norm: l.post_attn_norm.clone(),
+                    post_ffn_norm: l.post_ffn_norm.clone(),
+                    q_norm: l.q_norm.clone(),
+                    k_norm: l.k_norm.clone(),
+                    rope: l.rope,
+                    window: l.window,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Decoder {
+            inner: Arc::new(Inner {
+                spec: i.spec.clone(),
+                kernels: Kernels::Blocks,
+                layers,
+                embed: i.embed.clone(),
+                head: to_blocks(&i.head)?,
+                final_norm: i.final_norm.clone(),
+                ropes: i.ropes.clone(),
+                scratch: Mutex::default(),
+            }),
+        })
+    }
+
+    fn check_batch<C: SequenceCache>(&self, batch: &[SeqStep<'_, C>]) -> Result<Vec<(usize, usize, usize)>> {
+        let spec = &self.inner.spec;
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for s in batch {
+            if s.tokens.is_empty() {
+                return Err(Error::input("decoder", "a sequence in the batch has no new tokens"));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= spec.vocab_size) {
+                return Err(Error::input(
+                    "decoder",
+                    format!("token id {bad} outside the vocabulary of {}", spec.vocab_size),
+                ));
+            }
+            let past = s.cache.len();
+            if past + s.tokens.len() > spec.context_length {
+                return Err(Error::input(
+                    "decoder",
+                    format!("{} tokens exceed the context length {}", past + s.tokens.len(), spec.context_length),
+                ));
+            }
+            spans.push((start, s.tokens.len(), past));
+            start += s.tokens.len();
+        }
+        Ok(spans)
+    }
+
+    /// The forward pass over any KV store (contiguous or paged).
+    fn forward_kv<C: SequenceCache + KvStore>(
+        &self,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
+        let spans = self.check_batch(batch)?;
+        let ids: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        // Rows whose logits are wanted.
+        let rows: Vec<usize> = match logits {
+            Logits::Last => spans.iter().map(|&(s, l, _)| s + l - 1).collect(),
+            Logits::All => (0..ids.len()).collect(),
+        };
+        let out = {
+            let mut caches: Vec<&mut C> = batch.iter_mut().map(|s| &mut *s.cache).collect();
+            // On a worker thread of rayon's pool, the hundred-odd parallel
+            // kernels of a step hand work to the other workers directly
+            // instead of each waking the pool from outside and putting the
+            // caller to sleep (perf, decode: 12% of the time was in the
+            // scheduler).
+            if rayon::current_thread_index().is_some() {
+                self.inner.forward(&ids, &spans, &mut caches, &rows)?
+            } else {
+                rayon::scope(|_| self.inner.forward(&ids, &spans, &mut caches, &rows))?
+            }
+        };
+        for (s, &(_, len, _)) in batch.iter_mut().zip(&spans) {
+            s.cache.commit(len)?;
+        }
+        let vocab = self.inner.spec.vocab_size;
+        let out = Tensor::from_vec(out, (rows.len(), vocab), &Device::Cpu)?;
+        match logits {
+            Logits::Last => (0..batch.len()).map(|i| Ok(out.get(i)?)).collect(),
+            Logits::All => spans.iter().map(|&(s, l, _)| Ok(out.narrow(0, s, l)?)).collect(),
+        }
+    }
+}
+
+/// The weight `name` (`[rows, cols]`) stored for `kernels`.
+fn weight(f: &GgufFile, name: &str, rows: usize, cols: usize, kernels: Kernels) -> Result<Weight> {
+    Ok(match kernels {
+        Kernels::Blocks => Weight::Blocks(Arc::new(f.q8_matrix(name, rows, cols)?)),
+        Kernels::Dense => {
+            let t = f.qtensor_checked(name, &[rows, cols], &Device::Cpu)?;
+            let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            Weight::Dense { w: Arc::new(w), rows, cols }
+        }
+        Kernels::Candle => {
+            let q = f.qtensor_checked(name, &[rows, cols], &Device::Cpu)?;
+            // candle has an AVX2 kernel for Q8_0 and only a scalar one for
+            // Q5_0; Q8_0 holds Q5_0's blocks exactly.
+            if q.dtype() == GgmlDType::Q5_0 {
+                let info = f.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+                let data = crate::gguf::repack_q5_0_as_q8_0(f.tensor_data(info));
+                Weight::Candle(Arc::new(qtensor_from_ggml(GgmlDType::Q8_0, &data, vec![rows, cols], &Device::Cpu)?))
+            } else {
+                Weight::Candle(q)
+            }
+        }
+    })
+}
+
+impl Inner {
+    /// The forward pass over `ids` (all sequences' new tokens, `spans` =
+    /// (start, len, past) per sequence) returning the logits of `rows`.
+    fn forward<C: KvStore>(
+        &self,
+        ids: &[u32],
+        spans: &[(usize, usize, usize)],
+        caches: &mut [&mut C],
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let mut sc = self.scratch.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
+        let logits = self.forward_with(ids, spans, caches, rows, &mut sc)?;
+        if let Ok(mut pool) = self.scratch.lock() {
+            pool.push(sc);
+        }
+        Ok(logits)
+    }
+
+    fn forward_with<C: KvStore>(
+        &self,
+        ids: &[u32],
+        spans: &[(usize, usize, usize)],
+        caches: &mut [&mut C],
+        rows: &[usize],
+        sc: &mut Scratch,
+    ) -> Result<Vec<f32>> {
+        let spec = &self.spec;
+        let (d, hd, nh, nkv, ff) =
+            (spec.hidden_size, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.intermediate_size);
+        let t = ids.len();
+        let eps = spec.norm_eps as f32;
+        let Scratch { x, h, q, k, v, att, o, g, u, hr, wide, positions, tables, acts } = sc;
+        let x = sized(x, t * d);
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut x[i * d..(i + 1) * d];
+            self.embed.row_into(id as usize, row)?;
+            if let Some(scale) = spec.embed_scale {
+                for v in row.iter_mut() {
+                    *v *= scale;
+                }
+            }
+        }
+        positions.clear();
+        positions.extend(spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)));
+        tables.resize_with(self.ropes.len(), Default::default);
+        for (&(base, scale), (cos, sin)) in self.ropes.iter().zip(tables.iter_mut()) {
+            fast::rope_tables_into(base, scale, hd, positions, cos, sin);
+        }
+        let rope = match spec.rope_layout {
+            RopeLayout::Halves => fast::rope_halves,
+            RopeLayout::Interleaved => fast::rope_interleaved,
+        };
+        let sdpa = SdpaOptions { scale: spec.attn_scale, softcap: spec.attn_softcap };
+
+        let h = sized(h, t * d);
+        let q = sized(q, t * nh * hd);
+        let k = sized(k, t * nkv * hd);
+        let v = sized(v, t * nkv * hd);
+        let att = sized(att, t * nh * hd);
+        let o = sized(o, t * d);
+        let g = sized(g, t * ff);
+        let u = sized(u, t * ff);
+        for (li, l) in self.layers.iter().enumerate() {
+            // Attention.
+            fast::rms_norm_rows_to(x, &l.attn_norm, eps, h);
+            let mut inp = Input::new(h, t, d, acts);
+            l.wq.forward(&mut inp, q, wide)?;
+            l.wk.forward(&mut inp, k, wide)?;
+            l.wv.forward(&mut inp, v, wide)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                fast::rms_norm_rows(q, qn, eps);
+                fast::rms_norm_rows(k, kn, eps);
+            }
+            let (cos, sin) = &tables[l.rope];
+            rope(q, nh, hd, cos, sin);
+            rope(k, nkv, hd, cos, sin);
+            let call = AttnCall { n_heads: nh, n_kv_heads: nkv, head_dim: hd, past: 0, sdpa, window: l.window };
+            for (c, &(s, len, _)) in caches.iter_mut().zip(spans) {
+                c.attend_slices(
+                    li,
+                    &q[s * nh * hd..(s + len) * nh * hd],
+                    &k[s * nkv * hd..(s + len) * nkv * hd],
+                    &v[s * nkv * hd..(s + len) * nkv * hd],
+                    len,
+                    &call,
+                    &mut att[s * nh * hd..(s + len) * nh * hd],
+                )?;
+            }
+            l.wo.forward(&mut Input::new(att, t, nh * hd, acts), o, wide)?;
+            residual(x, o, l.post_attn_norm.as_deref(), eps);
+
+            // Gated FFN.
+            fast::rms_norm_rows_to(x, &l.ffn_norm, eps, h);
+            let mut inp = Input::new(h, t, d, acts);
+            l.wg.forward(&mut inp, g, wide)?;
+            l.wu.forward(&mut inp, u, wide)?;
+            match spec.activation {
+                GatedActivation::GeluTanh => fast::gelu_tanh_mul(g, u),
+                GatedActivation::Silu => fast::silu_mul(g, u),
+            }
+            l.wd.forward(&mut Input::new(g, t, ff, acts), o, wide)?;
+            residual(x, o, l.post_ffn_norm.as_deref(), eps);
+        }
+        // Only the wanted rows go through the final norm and the head.
+        hr.clear();
+        for &r in rows {
+            hr.extend_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        fast::rms_norm_rows(hr, &self.final_norm, eps);
+        let vocab = self.head.rows();
+        let mut logits = vec![0f32; rows.len() * vocab];
+        self.head.forward(&mut Input::new(hr, rows.len(), d, acts), &mut logits, wide)?;
+        if let Some(cap) = spec.final_softcap {
+            let cap = cap as f32;
+            for z in &mut logits {
+                *z = (*z / cap).tanh() * cap;
+            }
+        }
+        Ok(logits)
+    }
+}
+
+/// `x += y`, or `x += rms_norm(y) * w` with a post-norm.
+fn residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
+    match post_norm {
+        Some(w) => fast::add_rms_normed(x, y, w, eps),
+        None => {
+            for (a, b) in x.iter_mut().zip(y.iter()) {
+                *a += b;
+            }
+        }
+    }
+}
+
+impl LanguageModel for Decoder {
+    type Cache = LayerCaches;
+
+    fn new_cache(&self) -> Result<LayerCaches> {
+        Ok(LayerCaches::new(self.inner.spec.n_layers()))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.spec.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.inner.spec.context_length
+    }
+
+    fn forward(&self, batch: &mut [SeqStep<'_, LayerCaches>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}
+
+impl PagedLanguageModel for Decoder {
+    fn kv_shape(&self) -> KvShape {
+        self.inner.spec.kv_shape()
+    }
+
+    fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {
+        self.forward_kv(batch, logits)
+    }
+}

@@ -1,0 +1,221 @@
+//! Inference blocks on plain `f32` buffers that pick their own kernel.
+//!
+//! A model says *what* it multiplies; [`Linear`] decides *how*, from the
+//! weights' storage and the CPU, as [`crate::grad_ops`] is chosen inside the
+//! training blocks:
+//!
+//! - block-quantized weights ([`Q8Matrix`]: Q8_0, Q5_0, Q4_0 and the other
+//!   GGUF block types at their own width) use the batched block matmul of
+//!   [`crate::q8`] (AVX-512 VNNI, AVX2 or portable, picked at run time);
+//!   without VNNI, a call with many rows (prefill) expands the weight to f32
+//!   a chunk of rows at a time and multiplies with `gemm` instead, since the
+//!   AVX2 block kernel's cost grows with every row;
+//! - float weights (a GGUF opened dequantized, for reference comparisons)
+//!   use `gemm`;
+//! - candle's own quantized matmul (`ATTN_KERNELS=candle`, the reference
+//!   kernels) goes through tensors.
+//!
+//! The activation side of a block matmul is quantized once per input and
+//! shared by every matrix that reads it ([`Input`]): q/k/v share one copy,
+//! as do gate and up.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::fast;
+use crate::q8::{Kernel, Q8Acts, Q8Matrix};
+
+/// Without AVX-512 VNNI, from this many rows on a block-quantized matmul
+/// expands the weight to f32 and uses `gemm`. With VNNI the block kernel is
+/// the faster one at any size (Gemma 3 270M, 512-token prefill, 2 threads:
+/// 527 and 601 tok/s against 254 and 377 with the expansion), and every
+/// matmul is then batch-invariant.
+const GEMM_ROWS: usize = fast::BLOCKED_FROM;
+/// Output rows of a (large) matrix expanded to f32 at a time.
+const EXPAND_CHUNK: usize = 4096;
+
+/// How a [`Linear`]'s weight is stored, which decides its kernel.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Block-quantized panels: attn's block matmul.
+    Blocks(Arc<Q8Matrix>),
+    /// `[rows, cols]` f32, row-major: `gemm`.
+    Dense { w: Arc<Vec<f32>>, rows: usize, cols: usize },
+    /// candle's quantized matmul (the reference kernels).
+    Candle(Arc<QTensor>),
+}
+
+/// `y = x · Wᵀ (+ b)` on plain buffers, `W` `[rows (out), cols (in)]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Vec<f32>>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Linear {
+    pub fn new(weight: Weight, bias: Option<Vec<f32>>) -> Result<Self> {
+        let (rows, cols) = match &weight {
+            Weight::Blocks(m) => (m.rows(), m.cols()),
+            Weight::Dense { w, rows, cols } => {
+                if w.len() != rows * cols {
+                    return Err(Error::input("linear", format!("{} weights for [{rows}, {cols}]", w.len())));
+                }
+                (*rows, *cols)
+            }
+            Weight::Candle(q) => match q.shape().dims() {
+                &[r, c] => (r, c),
+                d => return Err(Error::input("linear", format!("weight of shape {d:?} is not a matrix"))),
+            },
+        };
+        if let Some(b) = &bias {
+            if b.len() != rows {
+                return Err(Error::input("linear", format!("bias of {} for {rows} outputs", b.len())));
+            }
+        }
+        Ok(Linear { weight, bias, rows, cols })
+    }
+
+    /// The same weight with `other`'s bias.
+    pub fn with_bias_of(mut self, other: &Linear) -> Self {
+        self.bias = other.bias.clone();
+        self
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// Bytes of weight data one pass over the matrix reads.
+    pub fn bytes(&self) -> usize {
+        let b = match &self.weight {
+            Weight::Blocks(m) => m.bytes(),
+            Weight::Dense { w, .. } => w.len() * 4,
+            Weight::Candle(q) => q.storage_size_in_bytes(),
+        };
+        b + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    /// `out[m, rows] = input · Wᵀ (+ b)`; `scratch` holds expanded weight
+    /// rows where the kernel needs them (kept by the caller for reuse).
+    pub fn forward(&self, input: &mut Input<'_>, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<()> {
+        let (m, n, k) = (input.m, self.rows, self.cols);
+        if input.cols != k {
+            return Err(Error::input("linear", format!("input of {} features for a weight of {k}", input.cols)));
+        }
+        if out.len() < m * n {
+            return Err(Error::input("linear", format!("output buffer of {} for [{m}, {n}]", out.len())));
+        }
+        let out = &mut out[..m * n];
+        match &self.weight {
+            Weight::Blocks(w) if m >= GEMM_ROWS && Kernel::detected() != Kernel::Vnni => {
+                let chunk = EXPAND_CHUNK.min(n);
+                scratch.resize(chunk * k, 0.0);
+                let mut r0 = 0;
+                while r0 < n {
+                    let rows = chunk.min(n - r0);
+                    w.dequantize_rows(r0, rows, scratch)?;
+                    fast::matmul_xwt_ld(input.x, m, k, &scratch[..rows * k], rows, &mut out[r0..], n)?;
+                    r0 += rows;
+                }
+            }
+            Weight::Blocks(w) => {
+                if !input.quantized {
+                    input.acts.quantize(input.x, m, k)?;
+                    input.quantized = true;
+                }
+                w.matmul_acts(input.acts, out)?;
+            }
+            Weight::Dense { w, .. } => fast::matmul_xwt(input.x, m, k, w, n, out)?,
+            Weight::Candle(q) => {
+                let x = Tensor::from_slice(&input.x[..m * k], (m, k), &Device::Cpu)?;
+                let y = QMatMul::from_arc(q.clone())?.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(n) {
+                for (v, bi) in row.iter_mut().zip(b) {
+                    *v += bi;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows of an embedding table, looked up by id.
+#[derive(Debug, Clone)]
+pub enum Table {
+    Blocks(Arc<Q8Matrix>),
+    Dense { w: Arc<Vec<f32>>, rows: usize, cols: usize },
+}
+
+impl Table {
+    pub fn rows(&self) -> usize {
+        match self {
+            Table::Blocks(m) => m.rows(),
+            Table::Dense { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Table::Blocks(m) => m.cols(),
+            Table::Dense { cols, .. } => *cols,
+        }
+    }
+
+    /// Row `id` as f32 into `out` (`cols` values).
+    pub fn row_into(&self, id: usize, out: &mut [f32]) -> Result<()> {
+        if id >= self.rows() {
+            return Err(Error::input("embedding", format!("token id {id} outside the table of {}", self.rows())));
+        }
+        match self {
+            Table::Blocks(m) => m.dequantize_rows(id, 1, out),
+            Table::Dense { w, cols, .. } => {
+                out[..*cols].copy_from_slice(&w[id * cols..(id + 1) * cols]);
+                Ok(())
+            }
+        }
+    }
+
+    /// The table read as a projection (a tied output head).
+    pub fn as_linear(&self) -> Result<Linear> {
+        match self {
+            Table::Blocks(m) => Linear::new(Weight::Blocks(m.clone()), None),
+            Table::Dense { w, rows, cols } => Linear::new(Weight::Dense { w: w.clone(), rows: *rows, cols: *cols }, None),
+        }
+    }
+}
+
+/// One matmul input, quantized lazily and shared by the matrices reading it.
+pub struct Input<'a> {
+    x: &'a [f32],
+    m: usize,
+    cols: usize,
+    acts: &'a mut Q8Acts,
+    quantized: bool,
+}
+
+impl<'a> Input<'a> {
+    /// `m` rows of `cols` values; `acts` is the caller's reusable buffer
+    /// for the quantized copy.
+    pub fn new(x: &'a [f32], m: usize, cols: usize, acts: &'a mut Q8Acts) -> Self {
+        Input { x: &x[..m * cols], m, cols, acts, quantized: false }
+    }
+}
