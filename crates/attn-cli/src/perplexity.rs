@@ -43,15 +43,16 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     let ids = g.tokenizer.encode(&text, true)?;
     let start = std::time::Instant::now();
     let json = args.json;
-    let p = perplexity(&g.model, &ids, args.ctx, g.tokenizer.bos_id(), |i, n, ppl| {
-        if !json {
-            if i == 0 {
-                eprintln!("{} tokens, {n} chunks of {}", ids.len(), args.ctx);
+    let p =
+        perplexity(&g.model, &ids, args.ctx, g.tokenizer.bos_id().filter(|_| g.tokenizer.adds_bos()), |i, n, ppl| {
+            if !json {
+                if i == 0 {
+                    eprintln!("{} tokens, {n} chunks of {}", ids.len(), args.ctx);
+                }
+                eprint!("[{}]{ppl:.4},", i + 1);
+                let _ = std::io::stderr().flush();
             }
-            eprint!("[{}]{ppl:.4},", i + 1);
-            let _ = std::io::stderr().flush();
-        }
-    })?;
+        })?;
     if json {
         println!(
             "{}",

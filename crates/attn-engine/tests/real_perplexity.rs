@@ -1,13 +1,14 @@
-//! Gemma 3 270M through the engine: perplexity on a committed text against
-//! HF transformers computing it the llama.cpp way
-//! (fixtures/gemma3_reference.json), and speculative decoding against plain
+//! The real decoders through the engine: perplexity on a committed text
+//! against HF transformers computing it the llama.cpp way
+//! (fixtures/*_reference.json) and against llama.cpp itself
+//! (fixtures/decoder_llamacpp.json), and speculative decoding against plain
 //! greedy decoding.
 
 use attn_engine::{generate_from_ids, generate_speculative, perplexity, ModelDrafter, NgramDrafter, SamplingParams};
-use attn_models::Decoder;
 use attn_models::gguf::GgufFile;
 use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
+use attn_models::Decoder;
 use attn_models::{LanguageModel, Tokenizer};
 
 /// candle's default size for its quantized-matmul pool can exceed the CPUs
@@ -44,6 +45,62 @@ fn gemma3_perplexity_within_3_percent_of_hf() {
     let rel = (p.ppl - reference_ppl).abs() / reference_ppl;
     eprintln!("perplexity {:.4} vs HF {reference_ppl:.4} ({:.2}%)", p.ppl, rel * 100.0);
     assert!(rel < 0.03, "perplexity {} vs {reference_ppl}", p.ppl);
+}
+
+/// Perplexity of the two BPE models on the same text, the llama.cpp way:
+/// within 2% of llama.cpp's own `llama-perplexity` on the same GGUF
+/// (fixtures/decoder_llamacpp.json), and of HF transformers' float32 figure
+/// (fixtures/*_reference.json), with the same tokens as HF.
+fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
+    use attn_models::load::GgufTokenizer;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/");
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}{f}")).unwrap()).unwrap()
+    };
+    let hf = read(reference);
+    let r = &hf["perplexity"];
+    let llamacpp = read("decoder_llamacpp.json")["models"][name]["ppl"].as_f64().unwrap();
+    let mut text = std::fs::read_to_string(format!("{root}perplexity.txt")).unwrap();
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    set_threads();
+    let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
+    let f = GgufFile::open(&path).unwrap();
+    let tok = GgufTokenizer::from_gguf(&f).unwrap();
+    let model = Decoder::from_gguf(&f).unwrap();
+    let ids = tok.encode(&text, true).unwrap();
+    assert_eq!(ids[..128], chunk_ids(&r["first_chunk_ids"])[..], "first chunk's tokens");
+    assert_eq!(ids.len() as u64, r["n_tokens_total"].as_u64().unwrap());
+    // No BOS for these vocabularies: llama.cpp leaves each chunk's first token alone.
+    assert!(!r["first_token_replaced_by_bos"].as_bool().unwrap());
+    let n_ctx = r["n_ctx"].as_u64().unwrap() as usize;
+    let p = perplexity(&model, &ids, n_ctx, None, |_, _, _| {}).unwrap();
+    assert_eq!(p.n_chunks as u64, r["n_chunks"].as_u64().unwrap());
+    assert_eq!(p.n_scored as u64, r["n_scored"].as_u64().unwrap());
+    let hf_ppl = r["ppl"].as_f64().unwrap();
+    let rel = (p.ppl - llamacpp).abs() / llamacpp;
+    eprintln!(
+        "{name}: perplexity {:.4} vs llama.cpp {llamacpp:.4} ({:.2}%), HF float32 {hf_ppl:.4}",
+        p.ppl,
+        rel * 100.0
+    );
+    assert!(rel < 0.02, "perplexity {} vs llama.cpp {llamacpp}", p.ppl);
+    assert!((p.ppl - hf_ppl).abs() / hf_ppl < 0.02, "perplexity {} vs HF {hf_ppl}", p.ppl);
+}
+
+fn chunk_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn smollm2_perplexity_within_2_percent_of_llamacpp() {
+    perplexity_within_2_percent_of_llamacpp("smollm2-135m-instruct", "smollm2_reference.json");
+}
+
+#[test]
+fn qwen2_perplexity_within_2_percent_of_llamacpp() {
+    perplexity_within_2_percent_of_llamacpp("qwen2.5-coder-0.5b-instruct", "qwen2_reference.json");
 }
 
 /// Greedy speculative decoding gives plain greedy decoding's tokens, with

@@ -1,8 +1,8 @@
 //! Times one batched decode step of a GGUF decoder at several batch sizes. `cargo run --release -p attn-models --example batch_decode -- MODEL.gguf`
 use std::time::Instant;
 
-use attn_models::Decoder;
 use attn_models::gguf::GgufFile;
+use attn_models::Decoder;
 use attn_models::{LanguageModel, Logits, SeqStep};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,6 +1,6 @@
-use attn_models::Decoder;
 use attn_models::gguf::GgufFile;
 use attn_models::spm::SpmTokenizer;
+use attn_models::Decoder;
 use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

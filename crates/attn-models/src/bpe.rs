@@ -372,11 +372,6 @@ impl BpeTokenizer {
         self.pad
     }
 
-    /// Whether `encode(.., true)` starts with BOS (`tokenizer.ggml.add_bos_token`).
-    pub fn adds_bos(&self) -> bool {
-        self.add_bos
-    }
-
     /// Token ids of `text` as ordinary text: special-token strings such as
     /// `<|im_end|>` in it become ordinary pieces, never the special id. No
     /// BOS/EOS. For user content that must not open or close chat turns.
@@ -496,6 +491,11 @@ impl Tokenizer for BpeTokenizer {
 
     fn eos_ids(&self) -> Vec<u32> {
         self.eos_ids.clone()
+    }
+
+    /// `tokenizer.ggml.add_bos_token`.
+    fn adds_bos(&self) -> bool {
+        self.add_bos
     }
 }
 

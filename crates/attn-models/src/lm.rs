@@ -225,4 +225,10 @@ pub trait Tokenizer {
 
     /// Tokens that end generation (EOS, end of turn).
     fn eos_ids(&self) -> Vec<u32>;
+
+    /// Whether `encode(text, true)` starts with BOS. llama.cpp's perplexity
+    /// puts BOS in each chunk's first place only for such vocabularies.
+    fn adds_bos(&self) -> bool {
+        self.bos_id().is_some()
+    }
 }

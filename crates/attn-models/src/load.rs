@@ -6,11 +6,11 @@ use attn_nn::{Error, Result};
 use candle_core::Device;
 
 use crate::bert::SentenceEncoder;
+use crate::bpe::BpeTokenizer;
 use crate::chat::{ChatTemplate, GEMMA3_TEMPLATE};
 use crate::decoder::{Decoder, ARCHITECTURES};
 use crate::gguf::GgufFile;
 use crate::lm::Tokenizer;
-use crate::bpe::BpeTokenizer;
 use crate::spm::SpmTokenizer;
 
 /// A text-generation model with its tokenizer and chat template.
@@ -90,16 +90,15 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             let piece = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i)).unwrap_or_default();
             let bos = piece(tokenizer.bos_id());
             let eos = piece(tokenizer.eos_ids().first().copied());
-            let template = match f.meta_opt("tokenizer.chat_template").and_then(|v| v.as_str()) {
-                Some(t) => t,
-                None if arch == "gemma3" => GEMMA3_TEMPLATE,
-                None => {
-                    return Err(Error::format(
+            let template =
+                match f.meta_opt("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                    Some(t) => t,
+                    None if arch == "gemma3" => GEMMA3_TEMPLATE,
+                    None => return Err(Error::format(
                         path,
                         "the GGUF has no chat template (tokenizer.chat_template), and only Gemma 3 has a built-in one",
-                    ))
-                }
-            };
+                    )),
+                };
             let chat_template = ChatTemplate::new(template, &bos, &eos)?;
             let name = f.meta_opt("general.name").and_then(|v| v.as_str()).unwrap_or(arch).to_string();
             Ok(AnyModel::Generator(Box::new(Generator { model, tokenizer, chat_template, name })))
@@ -169,5 +168,9 @@ impl Tokenizer for GgufTokenizer {
 
     fn eos_ids(&self) -> Vec<u32> {
         self.inner().eos_ids()
+    }
+
+    fn adds_bos(&self) -> bool {
+        self.inner().adds_bos()
     }
 }

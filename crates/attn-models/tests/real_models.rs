@@ -47,10 +47,7 @@ fn gemma() -> &'static GemmaFixture {
         set_threads();
         let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
         let f = GgufFile::open(&path).unwrap();
-        GemmaFixture {
-            tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
-            model: Decoder::from_gguf(&f).unwrap(),
-        }
+        GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() }
     })
 }
 
@@ -108,10 +105,7 @@ fn gemma3_incremental_decoding_matches_full_pass() {
     let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
     let mut f = GgufFile::open(&path).unwrap();
     f.dequantize = true;
-    let g = &GemmaFixture {
-        tokenizer: SpmTokenizer::from_gguf(&f).unwrap(),
-        model: Decoder::from_gguf(&f).unwrap(),
-    };
+    let g = &GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() };
     let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
     let mut cache = g.model.new_cache().unwrap();
     let full = g.model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }], Logits::All).unwrap();

@@ -198,7 +198,9 @@ impl Table {
     pub fn as_linear(&self) -> Result<Linear> {
         match self {
             Table::Blocks(m) => Linear::new(Weight::Blocks(m.clone()), None),
-            Table::Dense { w, rows, cols } => Linear::new(Weight::Dense { w: w.clone(), rows: *rows, cols: *cols }, None),
+            Table::Dense { w, rows, cols } => {
+                Linear::new(Weight::Dense { w: w.clone(), rows: *rows, cols: *cols }, None)
+            }
         }
     }
 }
