@@ -19,7 +19,8 @@ pub fn run(args: &PullArgs) -> anyhow::Result<()> {
         println!("model cache: {}", attn_home()?.display());
         for m in KNOWN_MODELS {
             let state = if cached_path(m)?.is_some() { "cached" } else { "not pulled" };
-            println!("  {:<18} {:<11} {}", m.name, state, m.description);
+            let width = KNOWN_MODELS.iter().map(|m| m.name.len()).max().unwrap_or(0);
+            println!("  {:<width$} {:<11} {}", m.name, state, m.description);
         }
         return Ok(());
     }
