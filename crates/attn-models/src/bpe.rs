@@ -394,37 +394,7 @@ impl BpeTokenizer {
     /// Splits `text` on special-token strings, leftmost-longest:
     /// `(segment, Some(id))` for a special token, `(segment, None)` for text.
     fn split_specials<'a>(&self, text: &'a str) -> Vec<(&'a str, Option<u32>)> {
-        let mut out = Vec::new();
-        let bytes = text.as_bytes();
-        let (mut rest_start, mut i) = (0, 0);
-        while i < text.len() {
-            let mut matched = None;
-            // Every special token of these vocabularies starts with `<` or
-            // `[`; the check is cheap and exact for any first byte.
-            if text.is_char_boundary(i) {
-                for (s, id) in &self.specials {
-                    if bytes[i..].starts_with(s.as_bytes()) {
-                        matched = Some((s.len(), *id));
-                        break;
-                    }
-                }
-            }
-            match matched {
-                Some((len, id)) => {
-                    if rest_start < i {
-                        out.push((&text[rest_start..i], None));
-                    }
-                    out.push((&text[i..i + len], Some(id)));
-                    i += len;
-                    rest_start = i;
-                }
-                None => i += 1,
-            }
-        }
-        if rest_start < text.len() {
-            out.push((&text[rest_start..], None));
-        }
-        out
+        crate::spm::split_specials(text, &self.specials)
     }
 }
 

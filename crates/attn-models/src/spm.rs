@@ -193,37 +193,7 @@ impl SpmTokenizer {
     /// Splits `text` on special-token strings: `(segment, Some(id))` for a
     /// special token, `(segment, None)` for ordinary text.
     fn split_specials<'a>(&self, text: &'a str) -> Vec<(&'a str, Option<u32>)> {
-        let mut out = Vec::new();
-        let mut rest_start = 0;
-        let mut i = 0;
-        let bytes = text.as_bytes();
-        while i < text.len() {
-            // Special tokens all start with a character we can test cheaply.
-            let mut matched = None;
-            if text.is_char_boundary(i) {
-                for (s, id) in &self.specials {
-                    if bytes[i..].starts_with(s.as_bytes()) {
-                        matched = Some((s.len(), *id));
-                        break;
-                    }
-                }
-            }
-            match matched {
-                Some((len, id)) => {
-                    if rest_start < i {
-                        out.push((&text[rest_start..i], None));
-                    }
-                    out.push((&text[i..i + len], Some(id)));
-                    i += len;
-                    rest_start = i;
-                }
-                None => i += 1,
-            }
-        }
-        if rest_start < text.len() {
-            out.push((&text[rest_start..], None));
-        }
-        out
+        split_specials(text, &self.specials)
     }
 
     /// SentencePiece BPE of one stretch of ordinary text.
@@ -368,4 +338,40 @@ impl Tokenizer for SpmTokenizer {
         v.dedup();
         v
     }
+}
+
+/// Cuts `text` into plain segments and special-token strings (longest
+/// first: `specials` is sorted by decreasing length): `(segment, Some(id))`
+/// for a special token, `(segment, None)` for text. Shared by the
+/// SentencePiece and byte-level BPE tokenizers.
+pub(crate) fn split_specials<'a>(text: &'a str, specials: &[(String, u32)]) -> Vec<(&'a str, Option<u32>)> {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let (mut rest_start, mut i) = (0, 0);
+    while i < text.len() {
+        let mut matched = None;
+        if text.is_char_boundary(i) {
+            for (s, id) in specials {
+                if bytes[i..].starts_with(s.as_bytes()) {
+                    matched = Some((s.len(), *id));
+                    break;
+                }
+            }
+        }
+        match matched {
+            Some((len, id)) => {
+                if rest_start < i {
+                    out.push((&text[rest_start..i], None));
+                }
+                out.push((&text[i..i + len], Some(id)));
+                i += len;
+                rest_start = i;
+            }
+            None => i += 1,
+        }
+    }
+    if rest_start < text.len() {
+        out.push((&text[rest_start..], None));
+    }
+    out
 }
