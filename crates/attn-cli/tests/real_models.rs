@@ -131,11 +131,14 @@ fn broken_model_files_are_clear_errors() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     one_line_error(&attn(&["generate", "hi", "-m", truncated.to_str().unwrap()]), "truncated");
 
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("general.architecture".to_string(), attn_models::gguf::Value::String("llama".into()));
-    let other = temp("llama.gguf");
-    std::fs::write(&other, attn_models::gguf::write_gguf(&meta, &[]).unwrap()).unwrap();
-    one_line_error(&attn(&["generate", "hi", "-m", other.to_str().unwrap()]), "architecture `llama`");
+    // An architecture attn does not run, and a supported one with no tokenizer or tensors.
+    for (arch, expected) in [("mamba", "architecture `mamba`"), ("llama", "tokenizer.ggml.model")] {
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("general.architecture".to_string(), attn_models::gguf::Value::String(arch.into()));
+        let other = temp(&format!("{arch}.gguf"));
+        std::fs::write(&other, attn_models::gguf::write_gguf(&meta, &[]).unwrap()).unwrap();
+        one_line_error(&attn(&["generate", "hi", "-m", other.to_str().unwrap()]), expected);
+    }
 }
 
 #[test]
