@@ -3,14 +3,14 @@
 use std::time::Instant;
 
 use attn_engine::sampler::argmax;
-use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep};
+use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep, Tokenizer};
 use serde_json::json;
 
 use crate::common::{open_generator, set_threads, set_training_threads, threads_in_use, DEFAULT_GENERATOR};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A known model name or a .gguf file
+    /// A known model name, a .gguf file, or a model trained by `attn train` (its run or model folder)
     #[arg(short, long, default_value = DEFAULT_GENERATOR)]
     model: String,
     /// Prompt length for the prefill test
@@ -161,18 +161,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             m.context_length()
         );
     }
-    // A fixed pseudo-random prompt (as llama-bench uses), BOS first.
+    // A fixed pseudo-random prompt (as llama-bench uses), BOS first where
+    // the vocabulary adds one. Ids stay clear of the special tokens at
+    // either end of large vocabularies.
     let vocab = m.vocab_size() as u64;
+    let (lo, span) = if vocab > 4000 { (1000, vocab - 2000) } else { (4.min(vocab - 1), vocab - 4.min(vocab - 1)) };
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            (1000 + state % (vocab - 2000)) as u32
+            (lo + state % span) as u32
         })
         .collect();
-    prompt[0] = 2;
+    if let Some(bos) = g.tokenizer.bos_id().filter(|_| g.tokenizer.adds_bos()) {
+        prompt[0] = bos;
+    }
     let (mut prefill_s, mut decode_s, mut ttft_s) = (0.0, 0.0, 0.0);
     // One untimed warm-up pass (thread pools, page faults of the weights).
     {
@@ -204,7 +209,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Memory-bandwidth utilisation of decode (the seed's MBU): bytes read
     // per token (every weight once, plus the KV cache at the mean context
     // length of the decode test) times tokens/s over the measured bandwidth.
-    let mbu = Some(m.decode_weight_bytes()).map(|w| {
+    let mbu = m.decode_weight_bytes().map(|w| {
         let kv_per_pos = m.kv_shape().bytes_per_token() as f64;
         let mean_ctx = 1.0 + args.gen_tokens as f64 / 2.0;
         let bytes = w as f64 + kv_per_pos * mean_ctx;

@@ -11,13 +11,15 @@ use attn_models::chat::Message;
 use attn_models::{LanguageModel, Tokenizer};
 use serde_json::json;
 
-use crate::common::{open_generator, set_threads, SamplingArgs, DEFAULT_CHAT, DEFAULT_GENERATOR};
+use attn_models::load::{AnyModel, Seq2Seq};
+
+use crate::common::{open_generator, open_model, set_threads, SamplingArgs, DEFAULT_CHAT, DEFAULT_GENERATOR};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The prompt (read from standard input when absent)
     prompt: Option<String>,
-    /// A known model name, a .gguf file, a model folder, or a model trained by `attn train`
+    /// A known model name, a .gguf file, a model folder, or a model trained by `attn train` (its run or model folder, or its GGUF)
     #[arg(short, long, default_value = DEFAULT_GENERATOR)]
     model: String,
     #[command(flatten)]
@@ -35,7 +37,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     n_best: usize,
     /// Speculative decoding: `ngram` (proposals looked up in the prompt and output so far)
-    /// or a draft model sharing the tokenizer (a known name, a .gguf file). Greedy output
+    /// or a draft model sharing the tokenizer (a known name, a .gguf file, a model trained by `attn train`). Greedy output
     /// equals plain decoding's exactly on the default fused kernels (each row of a
     /// verification call is computed as it would be alone); candle's kernels
     /// (ATTN_KERNELS=candle) round a many-row call differently and can flip a near-tie
@@ -173,23 +175,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             anyhow::bail!("--draft and --beam-width do not combine: speculative decoding samples or decodes greedily");
         }
     }
-    if let Some(dir) = trained_model_dir(&args.model) {
-        if args.draft.as_deref().is_some_and(|d| d != "ngram") {
-            anyhow::bail!(
-                "a draft model works with GGUF models; with a model trained by `attn train` use --draft ngram"
-            );
+    let mut g = match open_model(&args.model)? {
+        AnyModel::Generator(g) => g,
+        AnyModel::Seq2Seq(m) => {
+            if args.draft.is_some() {
+                anyhow::bail!("--draft works with decoder-only models; {} is an encoder-decoder", m.name);
+            }
+            return run_seq2seq(args, &m, &prompt, &params);
         }
-        return run_trained(args, &dir, &prompt, &params);
-    }
-    if let Some(f) = trained_gguf(&args.model)? {
-        if args.draft.as_deref().is_some_and(|d| d != "ngram") {
-            anyhow::bail!(
-                "a draft model works with GGUF language models; with a model trained by `attn train` use --draft ngram"
-            );
+        AnyModel::Classifier(_) => {
+            anyhow::bail!("`{}` is a classifier; score it with `attn eval -m {}`", args.model, args.model)
         }
-        return run_trained(args, &f, &prompt, &params);
-    }
-    let mut g = open_generator(&args.model)?;
+        other => anyhow::bail!("`{}` is a {} model; `attn generate` needs a text-generation model", args.model, other.kind()),
+    };
     if args.batched_kernel {
         g.model = g.model.for_batched_serving()?;
     }
@@ -213,63 +211,20 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
 }
 
-/// A model folder written by `attn train` (its config.json names an
-/// `attn-*` model type).
-fn trained_model_dir(arg: &str) -> Option<std::path::PathBuf> {
-    let p = std::path::Path::new(arg);
-    let dir = if p.join("model").join("config.json").exists() { p.join("model") } else { p.to_path_buf() };
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("model_type")?.as_str()?.starts_with("attn-").then_some(dir)
-}
-
-/// A GGUF file holding a model trained by attn (`attn quantize` output).
-fn trained_gguf(arg: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
-    let p = std::path::Path::new(arg);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    let mut magic = [0u8; 4];
-    let n = std::io::Read::read(&mut std::fs::File::open(p)?, &mut magic)?;
-    if n < 4 || &magic != b"GGUF" {
-        return Ok(None);
-    }
-    let f = attn_models::gguf::GgufFile::open(p)?;
-    Ok(f.header.architecture().is_some_and(|a| a.starts_with("attn-")).then(|| p.to_path_buf()))
-}
-
-/// Generation with a model trained by `attn train` (its exported folder,
-/// or a GGUF made from it by `attn quantize`): a GPT continues the prompt;
-/// an encoder-decoder translates it.
-fn run_trained(
-    args: &GenerateArgs,
-    path: &std::path::Path,
-    prompt: &str,
-    params: &SamplingParams,
-) -> anyhow::Result<()> {
-    use attn_train::task::Net;
+/// Translation with an encoder-decoder trained by `attn train`: the prompt
+/// is the source sentence, the output its translation.
+fn run_seq2seq(args: &GenerateArgs, m: &Seq2Seq, prompt: &str, params: &SamplingParams) -> anyhow::Result<()> {
+    use attn_models::trained::{BOS_ID, EOS_ID};
     let device = candle_core::Device::Cpu;
-    let (net, tok) = attn_train::trainer::load_exported(path, &device)?;
-    match &net {
-        Net::Gpt(m) => {
-            let ids = tok.encode(prompt, false)?;
-            decode_and_print(args, m, &tok, ids, params, None)
-        }
-        Net::Transformer(m) => {
-            let mut src = tok.encode(prompt, false)?;
-            let max = m.config().max_len - 1;
-            if src.len() > max {
-                anyhow::bail!("the source has {} tokens; the model takes at most {max}", src.len());
-            }
-            src.push(attn_train::config::EOS_ID);
-            let ids = candle_core::Tensor::new(src.as_slice(), &device)?.unsqueeze(0)?;
-            let dec = attn_models::ConditionedDecoder::new(m, m.encode(&ids, None, false)?)?;
-            decode_and_print(args, &dec, &tok, vec![attn_train::config::BOS_ID], params, None)
-        }
-        Net::Classifier(_) => {
-            anyhow::bail!("{} is a classifier; score it with `attn eval -m {}`", path.display(), path.display())
-        }
+    let mut src = m.tokenizer.encode(prompt, false)?;
+    let max = m.model.config().max_len - 1;
+    if src.len() > max {
+        anyhow::bail!("the source has {} tokens; the model takes at most {max}", src.len());
     }
+    src.push(EOS_ID);
+    let ids = candle_core::Tensor::new(src.as_slice(), &device)?.unsqueeze(0)?;
+    let dec = attn_models::ConditionedDecoder::new(&m.model, m.model.encode(&ids, None, false)?)?;
+    decode_and_print(args, &dec, &m.tokenizer, vec![BOS_ID], params, None)
 }
 
 /// Beam search or sampling from `ids`, printed as text or JSON; speculative
@@ -359,6 +314,9 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let params = args.sampling.params()?;
     let g = open_generator(&args.model)?;
+    let Some(template) = &g.chat_template else {
+        anyhow::bail!("`{}` has no chat template; use `attn generate` with it", args.model);
+    };
     let interactive = std::io::stdin().is_terminal();
     let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
     let base = messages.clone();
@@ -385,7 +343,7 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", text));
-        let prompt = g.chat_template.render(&messages, true)?;
+        let prompt = template.render(&messages, true)?;
         // The template writes the BOS itself.
         let ids = g.tokenizer.encode(&prompt, false)?;
         let reply = generate_streaming(&g.model, &g.tokenizer, ids, &params, !args.json)?;

@@ -16,7 +16,7 @@ use crate::common::{open_generator, set_threads, DEFAULT_GENERATOR};
 /// per chunk); ppl = exp(mean negative log-likelihood).
 #[derive(clap::Args)]
 pub struct PerplexityArgs {
-    /// A known model name or a .gguf file
+    /// A known model name, a .gguf file, or a model trained by `attn train` (its run or model folder)
     #[arg(short, long, default_value = DEFAULT_GENERATOR)]
     model: String,
     /// The text file to score

@@ -163,12 +163,16 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
                     cfg.num_blocks * cfg.block_size
                 );
                 let worker = GenWorker::spawn(name.clone(), g.model, tokenizer.clone(), cfg, metrics.clone())?;
-                generators.push(GenModel { name, worker, tokenizer, chat_template: Some(g.chat_template) });
+                generators.push(GenModel { name, worker, tokenizer, chat_template: g.chat_template });
             }
             AnyModel::Encoder(e) => {
                 let worker = EmbedWorker::spawn(name.clone(), *e, metrics.clone())?;
                 encoders.push(EmbedModel { name, worker });
             }
+            other => anyhow::bail!(
+                "`{arg}` is a {} model; `attn serve` serves text-generation and embedding models",
+                other.kind()
+            ),
         }
     }
     let limits = ServerLimits {

@@ -89,10 +89,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     if a.beam == 0 {
         anyhow::bail!("--beam must be at least 1");
     }
-    let mut dir = a.model.clone();
-    if !dir.join("config.json").exists() && dir.join("model").join("config.json").exists() {
-        dir = dir.join("model");
-    }
+    let dir = attn_models::trained::exported_dir(&a.model).unwrap_or_else(|| a.model.clone());
     let t = std::time::Instant::now();
     let (r, report) = evaluate_model(&dir, a.split == "test", a.beam, a.limit)?;
     let mut v = r.to_json(0, &a.split);

@@ -52,7 +52,7 @@ fn gemma3_perplexity_within_3_percent_of_hf() {
 /// (fixtures/decoder_llamacpp.json), and of HF transformers' float32 figure
 /// (fixtures/*_reference.json), with the same tokens as HF.
 fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
-    use attn_models::load::GgufTokenizer;
+    use attn_models::load::ModelTokenizer;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/");
     let read = |f: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(format!("{root}{f}")).unwrap()).unwrap()
@@ -67,7 +67,7 @@ fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
     set_threads();
     let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
     let f = GgufFile::open(&path).unwrap();
-    let tok = GgufTokenizer::from_gguf(&f).unwrap();
+    let tok = ModelTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
     assert_eq!(ids[..128], chunk_ids(&r["first_chunk_ids"])[..], "first chunk's tokens");

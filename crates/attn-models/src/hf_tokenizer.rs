@@ -11,6 +11,9 @@ pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Vec<u32>,
+    /// Whether the post-processor puts `bos` first (BERT's `[CLS]` does;
+    /// the tokenizers attn trains add nothing).
+    adds_bos: bool,
 }
 
 impl HfTokenizer {
@@ -37,7 +40,9 @@ impl HfTokenizer {
         let id = |t: &str| inner.token_to_id(t);
         let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<bos>"));
         let eos = ["[SEP]", "</s>", "<eos>"].iter().filter_map(|t| id(t)).collect();
-        Ok(HfTokenizer { inner, bos, eos })
+        let adds_bos = bos.is_some()
+            && inner.encode("a", true).is_ok_and(|e| e.get_ids().first().copied() == bos);
+        Ok(HfTokenizer { inner, bos, eos, adds_bos })
     }
 
     /// Token ids of a batch, each truncated; no padding.
@@ -72,5 +77,9 @@ impl Tokenizer for HfTokenizer {
 
     fn eos_ids(&self) -> Vec<u32> {
         self.eos.clone()
+    }
+
+    fn adds_bos(&self) -> bool {
+        self.adds_bos
     }
 }

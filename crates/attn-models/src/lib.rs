@@ -18,6 +18,7 @@ pub mod quantize;
 pub mod qwen2;
 pub mod registry;
 pub mod spm;
+pub mod trained;
 pub mod transformer;
 
 pub use decoder::{Decoder, DecoderSpec};

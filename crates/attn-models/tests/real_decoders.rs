@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use attn_models::decoder::{Decoder, Kernels};
 use attn_models::gguf::GgufFile;
-use attn_models::load::GgufTokenizer;
+use attn_models::load::ModelTokenizer;
 use attn_models::registry::resolve_model;
 use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep, SequenceCache, Tokenizer};
 use serde_json::Value;
@@ -31,7 +31,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 struct Loaded {
     model: Decoder,
-    tokenizer: GgufTokenizer,
+    tokenizer: ModelTokenizer,
     reference: Value,
 }
 
@@ -40,7 +40,7 @@ fn load(name: &str, fixture_name: &str) -> Loaded {
     let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
     let f = GgufFile::open(&path).unwrap();
     Loaded {
-        tokenizer: GgufTokenizer::from_gguf(&f).unwrap(),
+        tokenizer: ModelTokenizer::from_gguf(&f).unwrap(),
         model: Decoder::from_gguf(&f).unwrap(),
         reference: fixture(fixture_name),
     }

@@ -325,9 +325,7 @@ struct Raw {
 
 /// The special tokens every tokenizer attn trains starts with, in id order.
 pub const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
-pub const PAD_ID: u32 = 0;
-pub const BOS_ID: u32 = 1;
-pub const EOS_ID: u32 = 2;
+pub use attn_models::trained::{BOS_ID, EOS_ID, PAD_ID};
 
 impl TrainConfig {
     pub fn load(path: &Path) -> Result<Self> {

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use attn_models::bert::{BertClassifier, BertConfig};
-use attn_models::gpt::{Gpt, GptConfig};
-use attn_models::{ConditionedDecoder, Transformer, TransformerConfig};
+use attn_models::{ConditionedDecoder, Transformer};
 use attn_nn::{
     lengths_to_valid, load_balancing_loss, Error, ParamStore, Result, SafetensorsSource, WeightSource, Weights,
 };
@@ -223,76 +221,25 @@ pub fn prepare(cfg: &TrainConfig, saved_tokenizer: Option<&Path>) -> Result<Prep
     }
 }
 
-/// A model's architecture and config, as written into checkpoints and the
-/// exported `config.json`.
-#[derive(Debug, Clone)]
-pub enum ModelKind {
-    Gpt(GptConfig),
-    Transformer(TransformerConfig),
-    Classifier { bert: BertConfig, num_labels: usize, dropout: f32 },
-}
+pub use attn_models::trained::{ModelKind, Net};
 
-impl ModelKind {
-    pub fn from_config(cfg: &TrainConfig, vocab_size: usize) -> Result<Self> {
-        Ok(match &cfg.model {
-            ModelSpec::Gpt(_) => ModelKind::Gpt(cfg.gpt_config(vocab_size)?),
-            ModelSpec::Transformer(_) => ModelKind::Transformer(cfg.transformer_config(vocab_size)?),
-            ModelSpec::BertClassifier(b) => {
-                let dir = pretrained_dir(cfg, &b.pretrained)?;
-                let bert = crate::config::read_bert_config(&dir)?;
-                if bert.vocab_size != vocab_size {
-                    return Err(Error::config(
-                        "tokenizer",
-                        format!("has {vocab_size} tokens but the pretrained encoder has {}", bert.vocab_size),
-                    ));
-                }
-                ModelKind::Classifier { bert, num_labels: b.num_labels, dropout: b.dropout }
+/// The model a training config describes, for a tokenizer of `vocab_size` tokens.
+pub fn model_kind(cfg: &TrainConfig, vocab_size: usize) -> Result<ModelKind> {
+    Ok(match &cfg.model {
+        ModelSpec::Gpt(_) => ModelKind::Gpt(cfg.gpt_config(vocab_size)?),
+        ModelSpec::Transformer(_) => ModelKind::Transformer(cfg.transformer_config(vocab_size)?),
+        ModelSpec::BertClassifier(b) => {
+            let dir = pretrained_dir(cfg, &b.pretrained)?;
+            let bert = crate::config::read_bert_config(&dir)?;
+            if bert.vocab_size != vocab_size {
+                return Err(Error::config(
+                    "tokenizer",
+                    format!("has {vocab_size} tokens but the pretrained encoder has {}", bert.vocab_size),
+                ));
             }
-        })
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            ModelKind::Gpt(c) => json!({"model_type": "attn-gpt", "config": c}),
-            ModelKind::Transformer(c) => json!({"model_type": "attn-transformer", "config": c}),
-            ModelKind::Classifier { bert, num_labels, dropout } => json!({
-                "model_type": "attn-bert-classifier", "config": bert, "num_labels": num_labels, "dropout": dropout
-            }),
+            ModelKind::Classifier { bert, num_labels: b.num_labels, dropout: b.dropout }
         }
-    }
-
-    pub fn from_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
-        let bad = |e: serde_json::Error| Error::format(path, format!("invalid model config: {e}"));
-        let cfg = v.get("config").cloned().unwrap_or_default();
-        match v.get("model_type").and_then(|m| m.as_str()) {
-            Some("attn-gpt") => Ok(ModelKind::Gpt(serde_json::from_value(cfg).map_err(bad)?)),
-            Some("attn-transformer") => Ok(ModelKind::Transformer(serde_json::from_value(cfg).map_err(bad)?)),
-            Some("attn-bert-classifier") => Ok(ModelKind::Classifier {
-                bert: serde_json::from_value(cfg).map_err(bad)?,
-                num_labels: v.get("num_labels").and_then(|n| n.as_u64()).unwrap_or(2) as usize,
-                dropout: v.get("dropout").and_then(|n| n.as_f64()).unwrap_or(0.1) as f32,
-            }),
-            other => Err(Error::format(path, format!("model_type {other:?} is not an attn-trained model"))),
-        }
-    }
-}
-
-pub enum Net {
-    Gpt(Gpt),
-    Transformer(Transformer),
-    Classifier(BertClassifier),
-}
-
-impl Net {
-    pub fn build(kind: &ModelKind, w: &Weights) -> Result<Net> {
-        Ok(match kind {
-            ModelKind::Gpt(c) => Net::Gpt(Gpt::load(w, c)?),
-            ModelKind::Transformer(c) => Net::Transformer(Transformer::load(w, c)?),
-            ModelKind::Classifier { bert, num_labels, dropout } => {
-                Net::Classifier(BertClassifier::load(w, bert, *num_labels, *dropout)?)
-            }
-        })
-    }
+    })
 }
 
 /// Trainable parameters and the model built from them.
@@ -351,16 +298,6 @@ impl Model {
     pub fn eval_net(&self) -> Result<Net> {
         let w = Weights::new(self.store.clone(), DType::F32, &self.device);
         Net::build(&self.kind, &w)
-    }
-}
-
-impl Clone for Net {
-    fn clone(&self) -> Self {
-        match self {
-            Net::Gpt(m) => Net::Gpt(m.clone()),
-            Net::Transformer(m) => Net::Transformer(m.clone()),
-            Net::Classifier(m) => Net::Classifier(m.clone()),
-        }
     }
 }
 

@@ -289,7 +289,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     report["prepare_s"] = json!(started.elapsed().as_secs_f64());
     write_atomic(&run_dir.join("data.json"), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
 
-    let kind = ModelKind::from_config(&cfg, prepared.tokenizer.vocab_size())?;
+    let kind = task::model_kind(&cfg, prepared.tokenizer.vocab_size())?;
     let model_json = kind.to_json();
     let model = Model::new(kind, &cfg, cfg.train.precision, &device)?;
     let params = model.store.vars();
@@ -622,33 +622,7 @@ fn load_run_config_from_model(model_dir: &Path) -> Result<TrainConfig> {
     TrainConfig::parse(&text, &info.config_dir)
 }
 
-/// Builds an exported model from its folder.
-pub fn load_net(model_dir: &Path, kind: &ModelKind, device: &Device) -> Result<Net> {
-    let files = [model_dir.join("model.safetensors")];
-    let w = attn_nn::Weights::from_safetensors(&files, candle_core::DType::F32, device)?;
-    Net::build(kind, &w)
-}
-
-/// A model trained by attn and its tokenizer, from its exported folder or
-/// from a GGUF file made of it by `attn quantize` (matrices stay
-/// quantized; see [`attn_models::quantize`]).
-pub fn load_exported(path: &Path, device: &Device) -> Result<(Net, attn_models::hf_tokenizer::HfTokenizer)> {
-    use attn_models::hf_tokenizer::HfTokenizer;
-    if path.is_dir() {
-        let cj_path = path.join("config.json");
-        let text = fs::read_to_string(&cj_path).map_err(|e| Error::io(&cj_path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cj_path, e.to_string()))?;
-        let kind = ModelKind::from_json(&v, &cj_path)?;
-        let net = load_net(path, &kind, device)?;
-        return Ok((net, HfTokenizer::from_file(&path.join("tokenizer.json"), None)?));
-    }
-    let f = std::sync::Arc::new(attn_models::gguf::GgufFile::open(path)?);
-    let (cfg, tok) = attn_models::quantize::attn_model_parts(&f)?;
-    let kind = ModelKind::from_json(&cfg, path)?;
-    let source = attn_models::gguf::GgufSource::new(f, Default::default());
-    let w = attn_nn::Weights::new(std::sync::Arc::new(source), candle_core::DType::F32, device);
-    Ok((Net::build(&kind, &w)?, HfTokenizer::from_json(&tok, None, path)?))
-}
+pub use attn_models::trained::{load_exported, load_net};
 
 /// For tests: parameter tensors by name.
 pub fn param_tensors(model: &Model) -> HashMap<String, Tensor> {
@@ -677,7 +651,7 @@ pub fn bench_training(cfg: &TrainConfig, rows: usize, seq: usize, steps: usize, 
         TokenizerKind::Char => 96,
         TokenizerKind::Pretrained => 30522,
     };
-    let kind = ModelKind::from_config(cfg, vocab)?;
+    let kind = task::model_kind(cfg, vocab)?;
     let model = Model::new(kind, cfg, cfg.train.precision, &Device::Cpu)?;
     let params = model.store.vars();
     let n_params = params.iter().map(|(_, v)| v.elem_count()).sum();

@@ -7,7 +7,7 @@ mod common;
 use attn_train::config::Precision;
 use attn_train::data::batch::{make_batch, plan_epoch, Cursor, Examples};
 use attn_train::optim::AdamW;
-use attn_train::task::{prepare, Model, ModelKind};
+use attn_train::task::{prepare, Model};
 use attn_train::trainer::accumulate_gradients;
 use attn_train::TrainConfig;
 use candle_core::Device;
@@ -21,7 +21,7 @@ fn setup(dir: &std::path::Path) -> (TrainConfig, attn_train::task::Prepared) {
 }
 
 fn model(cfg: &TrainConfig, vocab: usize) -> Model {
-    Model::new(ModelKind::from_config(cfg, vocab).unwrap(), cfg, Precision::F32, &Device::Cpu).unwrap()
+    Model::new(attn_train::task::model_kind(cfg, vocab).unwrap(), cfg, Precision::F32, &Device::Cpu).unwrap()
 }
 
 #[test]
