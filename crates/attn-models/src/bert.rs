@@ -140,7 +140,7 @@ impl Bert {
     }
 
     /// The same model with every linear layer in 8-bit blocks (weight-only
-    /// int8 inference; see [`attn_nn::q8`]).
+    /// int8 inference; see [`attn_nn::kernels::q8`]).
     pub fn to_q8(&self) -> Result<Self> {
         let f = |l: &Linear| l.to_q8();
         let layers = self
@@ -358,7 +358,7 @@ impl SentenceEncoder {
     }
 
     /// The same encoder with every linear layer in 8-bit blocks
-    /// ([`attn_nn::q8`]): weight-only int8, activations quantized per row.
+    /// ([`attn_nn::kernels::q8`]): weight-only int8, activations quantized per row.
     pub fn into_q8(mut self) -> Result<Self> {
         self.model = self.model.to_q8()?;
         self.fast = None;

@@ -19,7 +19,7 @@
 //!
 //! It says *what* is computed; the kernels are chosen by the nn blocks
 //! ([`attn_nn::infer::Linear`] picks the block-quantized, `gemm` or candle
-//! matmul from the weights; [`attn_nn::fast`] holds the norm, RoPE,
+//! matmul from the weights; [`attn_nn::kernels::fast`] holds the norm, RoPE,
 //! activation and attention loops). Tensor names are llama.cpp's GGUF names,
 //! the same for every architecture.
 //!
@@ -29,9 +29,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use attn_nn::fast::{self, AttnCall};
+use attn_nn::kernels::fast::{self, AttnCall};
 use attn_nn::infer::{Input, Linear, Table, Weight};
-use attn_nn::q8::{Q8Acts, Q8Matrix};
+use attn_nn::kernels::q8::{Q8Acts, Q8Matrix};
 use attn_nn::{Error, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{Device, Tensor};

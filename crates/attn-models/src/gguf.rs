@@ -627,8 +627,8 @@ impl GgufFile {
     /// Q4_1, Q4_K and Q6_K exactly (at their stored width with the VNNI
     /// kernel); any other type dequantized by candle sixteen rows at a time
     /// and quantized to 8 bits (never a whole f32 copy of the tensor).
-    pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::q8::Q8Matrix> {
-        use attn_nn::q8::Q8Matrix;
+    pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::kernels::q8::Q8Matrix> {
+        use attn_nn::kernels::q8::Q8Matrix;
         let info = self.checked_info(name, &[rows, cols])?;
         let data = self.tensor_data(info);
         let context = |e: Error| Error::format(self.path(), format!("tensor `{name}` ({}): {e}", info.ty.name()));

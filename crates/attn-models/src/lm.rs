@@ -6,7 +6,7 @@
 //! the same call. A seq2seq model becomes a causal LM conditioned on its
 //! encoded source (see [`crate::transformer`]).
 
-use attn_nn::fast::{AttnCall, RawKv};
+use attn_nn::kernels::fast::{AttnCall, RawKv};
 use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvShape, PagedCache, Result};
 
 use candle_core::Tensor;
@@ -122,7 +122,7 @@ impl KvStore for LayerCaches {
         }
         let past = c.len();
         c.append(k, v);
-        attn_nn::fast::attend(q, t, &AttnCall { past, ..*call }, &*c, out)
+        attn_nn::kernels::fast::attend(q, t, &AttnCall { past, ..*call }, &*c, out)
     }
 }
 

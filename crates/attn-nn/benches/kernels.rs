@@ -8,7 +8,7 @@
 //! criterion's test mode, only to prove it still runs. Numbers go to
 //! BENCHMARKS.md, never into assertions.
 
-use attn_nn::q8::{Kernel, Q8Acts, Q8Matrix};
+use attn_nn::kernels::q8::{Kernel, Q8Acts, Q8Matrix};
 use attn_nn::{causal_mask, flash_attention, scaled_dot_product_attention, FlashMask, SdpaOptions};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};

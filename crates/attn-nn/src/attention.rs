@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::dropout::Dropout;
 use crate::error::{Error, Result};
-use crate::flash::{flash_applies, flash_attention, FlashMask, FLASH_MIN_LEN, FLASH_MIN_LEN_ENCODER};
+use crate::kernels::flash::{flash_applies, flash_attention, FlashMask, FLASH_MIN_LEN, FLASH_MIN_LEN_ENCODER};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::RotaryEmbedding;

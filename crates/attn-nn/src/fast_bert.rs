@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::fast::gemm_raw;
+use crate::kernels::fast::gemm_raw;
 
 /// Below this many elements a row-wise pass stays on the calling thread.
 const PAR_ELEMS: usize = 1 << 15;
@@ -34,7 +34,7 @@ impl Par {
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major) with `gemm`, split over
 /// rayon's threads when `par` is [`Par::Inner`] and the product is large.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], par: Par) -> Result<()> {
-    crate::fast::matmul_xwt_par(x, (m, k), w, n, out, n, par == Par::Inner)
+    crate::kernels::fast::matmul_xwt_par(x, (m, k), w, n, out, n, par == Par::Inner)
 }
 
 /// `x[r, c] = layer_norm(x[r, :] + bias + residual[r, :])`, row by row:
@@ -125,8 +125,8 @@ pub fn erf(x: f32) -> f32 {
     p / q
 }
 
-/// `exp(x)` without a libm call (vectorisable): [`crate::fast::exp_fast`].
-pub use crate::fast::exp_fast as exp;
+/// `exp(x)` without a libm call (vectorisable): [`crate::kernels::fast::exp_fast`].
+pub use crate::kernels::fast::exp_fast as exp;
 
 /// The activation of an encoder's feed-forward layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -347,7 +347,7 @@ fn softmax_row(x: &[f32], y: &mut [f32]) {
     }
     let mut sum = 0f32;
     for (y, &x) in y.iter_mut().zip(x) {
-        let e = crate::fast::exp_fast(x - max);
+        let e = crate::kernels::fast::exp_fast(x - max);
         *y = e;
         sum += e;
     }
@@ -473,7 +473,7 @@ fn argmax(x: &[f32]) -> u32 {
 /// `log(sum(exp(x - max))) + max` of one row.
 fn log_sum_exp(x: &[f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = x.iter().map(|&v| crate::fast::exp_fast(v - max)).sum();
+    let sum: f32 = x.iter().map(|&v| crate::kernels::fast::exp_fast(v - max)).sum();
     sum.ln() + max
 }
 
@@ -544,7 +544,7 @@ impl CustomOp2 for CrossEntropyBwd {
                 let lse = log_sum_exp(xr);
                 let uniform = eps / v as f32;
                 for (d, &x) in dr.iter_mut().zip(xr) {
-                    *d = g * (crate::fast::exp_fast(x - lse) - uniform);
+                    *d = g * (crate::kernels::fast::exp_fast(x - lse) - uniform);
                 }
                 dr[*t as usize] -= g * (1.0 - eps);
             },
@@ -598,7 +598,7 @@ fn gemm_strided(
     // SAFETY: the callers derive every size and stride from the operands'
     // checked shapes; the debug assertions restate the bounds.
     unsafe {
-        crate::fast::gemm_raw((m, n, k), dst.as_mut_ptr(), n, a.as_ptr(), (a_rs, a_cs), b.as_ptr(), (b_rs, b_cs), true)
+        crate::kernels::fast::gemm_raw((m, n, k), dst.as_mut_ptr(), n, a.as_ptr(), (a_rs, a_cs), b.as_ptr(), (b_rs, b_cs), true)
     }
 }
 
@@ -1190,7 +1190,7 @@ impl ActivationOp {
             Relu => x.max(0.0),
             GeluErf => 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
             GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
-            Silu => x / (1.0 + crate::fast::exp_fast(-x)),
+            Silu => x / (1.0 + crate::kernels::fast::exp_fast(-x)),
         }
     }
 
@@ -1207,7 +1207,7 @@ impl ActivationOp {
             }
             GeluErf => {
                 let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = crate::fast::exp_fast(-0.5 * x * x) * 0.398_942_3; // 1/sqrt(2 pi)
+                let pdf = crate::kernels::fast::exp_fast(-0.5 * x * x) * 0.398_942_3; // 1/sqrt(2 pi)
                 cdf + x * pdf
             }
             GeluTanh => {
@@ -1216,7 +1216,7 @@ impl ActivationOp {
                 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
             }
             Silu => {
-                let s = 1.0 / (1.0 + crate::fast::exp_fast(-x));
+                let s = 1.0 / (1.0 + crate::kernels::fast::exp_fast(-x));
                 s * (1.0 + x * (1.0 - s))
             }
         }

@@ -6,7 +6,7 @@
 //!
 //! - block-quantized weights ([`Q8Matrix`]: Q8_0, Q5_0, Q4_0 and the other
 //!   GGUF block types at their own width) use the batched block matmul of
-//!   [`crate::q8`] (AVX-512 VNNI, AVX2 or portable, picked at run time);
+//!   [`crate::kernels::q8`] (AVX-512 VNNI, AVX2 or portable, picked at run time);
 //!   without VNNI, a call with many rows (prefill) expands the weight to f32
 //!   a chunk of rows at a time and multiplies with `gemm` instead, since the
 //!   AVX2 block kernel's cost grows with every row;
@@ -25,8 +25,8 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fast;
-use crate::q8::{Kernel, Q8Acts, Q8Matrix};
+use crate::kernels::fast;
+use crate::kernels::q8::{Kernel, Q8Acts, Q8Matrix};
 
 /// Without AVX-512 VNNI, from this many rows on a block-quantized matmul
 /// expands the weight to f32 and uses `gemm`. With VNNI the block kernel is

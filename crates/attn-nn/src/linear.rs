@@ -33,8 +33,8 @@ pub struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    /// 8-bit blocks with a batched kernel (serving; see [`crate::q8`]).
-    Q8(Arc<crate::q8::Q8Matrix>),
+    /// 8-bit blocks with a batched kernel (serving; see [`crate::kernels::q8`]).
+    Q8(Arc<crate::kernels::q8::Q8Matrix>),
 }
 
 impl Linear {
@@ -101,7 +101,7 @@ impl Linear {
     }
 
     /// The same layer with its weight converted to 8-bit blocks and the
-    /// batched kernel of [`crate::q8`]: each weight is read once per call
+    /// batched kernel of [`crate::kernels::q8`]: each weight is read once per call
     /// however many rows the input has (continuous batching).
     pub fn to_q8(&self) -> Result<Linear> {
         let w = match &self.weight {
@@ -110,7 +110,7 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
             LinearWeight::Q8(_) => return Ok(self.clone()),
         };
-        Ok(Linear { weight: LinearWeight::Q8(Arc::new(crate::q8::Q8Matrix::from_tensor(&w)?)), ..self.clone() })
+        Ok(Linear { weight: LinearWeight::Q8(Arc::new(crate::kernels::q8::Q8Matrix::from_tensor(&w)?)), ..self.clone() })
     }
 
     /// `x`: `[..., in]` -> `[..., out]`.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::fast::{AttnCall, KvRows};
+use crate::kernels::fast::{AttnCall, KvRows};
 
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
@@ -239,7 +239,7 @@ impl KvPool {
     }
 
     /// [`KvPool::write_and_attend`] on token-major slices (the fused
-    /// inference path, [`crate::fast`]): `k`, `v` `[t, n_kv_heads, head_dim]`
+    /// inference path, [`crate::kernels::fast`]): `k`, `v` `[t, n_kv_heads, head_dim]`
     /// of positions `past..past + t` are written, then `q`
     /// `[t, n_heads, head_dim]` attends; `out` is `q`'s shape.
     #[allow(clippy::too_many_arguments)]
@@ -273,7 +273,7 @@ impl KvPool {
             }
         }
         let rows = PagedRows { pool: self, blocks: &l, table };
-        crate::fast::attend(q, t, call, &rows, out)
+        crate::kernels::fast::attend(q, t, call, &rows, out)
     }
 
     /// One query row over keys `lo..hi` of kv head `head`.
