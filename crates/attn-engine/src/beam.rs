@@ -16,7 +16,7 @@ use attn_models::{LanguageModel, Logits, SeqStep};
 use attn_nn::{Error, Result};
 
 use crate::generate::{forward_last, logits_to_vec, FinishReason};
-use crate::kernels::{check, max_finite, sum_exp, top_n};
+use attn_nn::kernels::logits::{check, max_finite, sum_exp, top_n};
 
 /// Beam search settings.
 #[derive(Debug, Clone, PartialEq)]

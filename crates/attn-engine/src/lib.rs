@@ -12,7 +12,6 @@ pub mod beam;
 pub mod block_manager;
 pub mod detok;
 pub mod generate;
-mod kernels;
 pub mod llm_engine;
 pub mod perplexity;
 pub mod processors;

@@ -17,7 +17,7 @@
 
 use attn_nn::{Error, Result};
 
-use crate::kernels::{desc, exp_neg, finite, max_finite, sum_exp, top_n};
+use attn_nn::kernels::logits::{desc, exp_neg, finite, max_finite, sum_exp, top_n};
 
 /// How to choose tokens, and when to stop. The defaults change nothing:
 /// plain sampling at temperature 1 from the full distribution.

@@ -10,7 +10,7 @@ use attn_nn::{Error, Result};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::kernels::{self, check, exp_into, max_finite, sum};
+use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite, sum};
 use crate::processors::{process, SamplingParams};
 
 /// Processors plus chooser, with the RNG state of one generation.

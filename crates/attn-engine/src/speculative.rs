@@ -39,7 +39,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::detok::Detokenizer;
 use crate::generate::{forward_last, logits_to_vec, FinishReason, Generation, StopFilter, Timings};
-use crate::kernels::{self, check, exp_into, max_finite};
+use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite};
 use crate::processors::{process, SamplingParams};
 use crate::sampler::{draw, uniform};
 

@@ -9,6 +9,8 @@
 //! - [`q8`]: block-quantized matmul at the file's own width (Q8_0, Q5_0,
 //!   Q4_0, Q4_1, Q4_K, Q6_K) on AVX-512 VNNI, AVX2 or portable code, bit
 //!   identical across the three.
+//! - [`logits`]: the loops over a whole vocabulary row of every decoding
+//!   step (checks, max, softmax sums, argmax, top-n), on the same `exp`.
 //! - [`flash`]: tiled ("flash") attention on candle tensors, for the
 //!   tensor-level blocks (training-side models, the 2017 Transformer).
 //!
@@ -17,4 +19,5 @@
 
 pub mod fast;
 pub mod flash;
+pub mod logits;
 pub mod q8;

@@ -12,12 +12,12 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
-use attn_nn::{Error, Result};
+use crate::error::{Error, Result};
 
 const LANES: usize = 8;
 
 /// Errors on an empty row or one with NaN or `+inf` (a broken model).
-pub(crate) fn check(op: &'static str, logits: &[f32]) -> Result<()> {
+pub fn check(op: &'static str, logits: &[f32]) -> Result<()> {
     if logits.is_empty() {
         return Err(Error::input(op, "empty logits"));
     }
@@ -36,7 +36,7 @@ pub(crate) fn check(op: &'static str, logits: &[f32]) -> Result<()> {
 }
 
 /// The largest finite logit, or `None` if every entry is `-inf`.
-pub(crate) fn max_finite(logits: &[f32]) -> Option<f32> {
+pub fn max_finite(logits: &[f32]) -> Option<f32> {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = logits.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -49,39 +49,16 @@ pub(crate) fn max_finite(logits: &[f32]) -> Option<f32> {
     (max > f32::NEG_INFINITY).then_some(max)
 }
 
-/// `exp(x)` for `x <= 0` (including `-inf`, which gives exactly 0).
+/// `exp(x)` for `x <= 0` (including `-inf`, which gives exactly 0): the
+/// one [`exp_fast`](super::fast::exp_fast) of the attention and activation
+/// kernels.
 #[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n * LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    const MIN_X: f32 = -87.3; // exp(MIN_X) is still a normal f32
-    let xc = if x > MIN_X { x } else { MIN_X };
-    let v = xc * LOG2E + ROUND;
-    let n = v - ROUND;
-    // The integer n sits in v's low mantissa bits: no float-to-int cast.
-    let ni = (v.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
-    if x > MIN_X {
-        y * scale
-    } else {
-        0.0
-    }
+pub fn exp_neg(x: f32) -> f32 {
+    super::fast::exp_fast(x)
 }
 
 /// Writes `exp(logits - max)` into `out` (resized) and returns their sum.
-pub(crate) fn exp_into(logits: &[f32], max: f32, out: &mut Vec<f32>) -> f64 {
+pub fn exp_into(logits: &[f32], max: f32, out: &mut Vec<f32>) -> f64 {
     out.clear();
     out.resize(logits.len(), 0.0);
     for (o, &l) in out.iter_mut().zip(logits) {
@@ -91,7 +68,7 @@ pub(crate) fn exp_into(logits: &[f32], max: f32, out: &mut Vec<f32>) -> f64 {
 }
 
 /// `sum(exp(logits - max))` without storing the terms.
-pub(crate) fn sum_exp(logits: &[f32], max: f32) -> f64 {
+pub fn sum_exp(logits: &[f32], max: f32) -> f64 {
     // Through a small buffer: the exp loop and the sum each vectorise on
     // their own, fused they do not.
     let mut buf = [0f32; 1024];
@@ -107,7 +84,7 @@ pub(crate) fn sum_exp(logits: &[f32], max: f32) -> f64 {
 }
 
 /// Sum of non-negative weights.
-pub(crate) fn sum(w: &[f32]) -> f64 {
+pub fn sum(w: &[f32]) -> f64 {
     let mut total = 0.0f64;
     for block in w.chunks(1024) {
         let mut acc = [0f32; LANES];
@@ -124,7 +101,7 @@ pub(crate) fn sum(w: &[f32]) -> f64 {
 }
 
 /// Index of the largest logit; the lowest index wins a tie. `None` if all are `-inf`.
-pub(crate) fn argmax(logits: &[f32]) -> Option<usize> {
+pub fn argmax(logits: &[f32]) -> Option<usize> {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut at = [usize::MAX; LANES];
     let chunks = logits.chunks_exact(LANES);
@@ -154,7 +131,7 @@ pub(crate) fn argmax(logits: &[f32]) -> Option<usize> {
 }
 
 /// Decoding's total order on `(logit, id)`: higher logit first, then lower id.
-pub(crate) fn desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+pub fn desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
@@ -178,7 +155,7 @@ impl Ord for Ranked {
 
 /// The `n` best finite `(logit, id)` pairs, sorted in [`desc`] order (fewer if
 /// fewer are finite).
-pub(crate) fn top_n(logits: &[f32], n: usize) -> Vec<(f32, u32)> {
+pub fn top_n(logits: &[f32], n: usize) -> Vec<(f32, u32)> {
     if n == 0 {
         return Vec::new();
     }
@@ -224,7 +201,7 @@ pub(crate) fn top_n(logits: &[f32], n: usize) -> Vec<(f32, u32)> {
 }
 
 /// Every finite `(logit, id)`.
-pub(crate) fn finite(logits: &[f32]) -> Vec<(f32, u32)> {
+pub fn finite(logits: &[f32]) -> Vec<(f32, u32)> {
     logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (l, i as u32)).collect()
 }
 
