@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// Worker threads for the tensor kernels
     #[arg(short, long)]
     threads: Option<usize>,
+    /// Context already in the cache before the decode test (llama-bench's
+    /// `-d`): decode runs at positions depth..depth + gen-tokens
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
     /// Runs of each test; the mean is reported
     #[arg(short, long, default_value_t = 3)]
     repetitions: usize,
@@ -153,10 +157,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let bw = measure_read_bandwidth();
     let g = open_generator(&args.model)?;
     let m = &g.model;
-    if args.prompt_tokens + args.gen_tokens > m.context_length() {
+    if args.prompt_tokens.max(args.depth) + args.gen_tokens > m.context_length() {
         anyhow::bail!(
             "{} + {} tokens exceed the context length {}",
-            args.prompt_tokens,
+            args.prompt_tokens.max(args.depth),
             args.gen_tokens,
             m.context_length()
         );
@@ -167,7 +171,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let vocab = m.vocab_size() as u64;
     let (lo, span) = if vocab > 4000 { (1000, vocab - 2000) } else { (4.min(vocab - 1), vocab - 4.min(vocab - 1)) };
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut prompt: Vec<u32> = (0..args.prompt_tokens)
+    let mut prompt: Vec<u32> = (0..args.prompt_tokens.max(args.depth).max(1))
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
@@ -187,13 +191,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.repetitions {
         let mut cache = m.new_cache()?;
         let t0 = Instant::now();
-        let logits = m.forward(&mut [SeqStep { tokens: &prompt, cache: &mut cache }], Logits::Last)?;
+        let logits =
+            m.forward(&mut [SeqStep { tokens: &prompt[..args.prompt_tokens], cache: &mut cache }], Logits::Last)?;
         prefill_s += t0.elapsed().as_secs_f64();
         let mut next = argmax(&logits[0].to_vec1::<f32>()?)?;
         ttft_s += t0.elapsed().as_secs_f64();
 
+        // The decode test starts after `depth` tokens of context (one at least).
         let mut cache = m.new_cache()?;
-        m.forward(&mut [SeqStep { tokens: &prompt[..1], cache: &mut cache }], Logits::Last)?;
+        for chunk in prompt[..args.depth.max(1)].chunks(512) {
+            m.forward(&mut [SeqStep { tokens: chunk, cache: &mut cache }], Logits::Last)?;
+        }
         let t1 = Instant::now();
         for _ in 0..args.gen_tokens {
             let logits = m.forward(&mut [SeqStep { tokens: &[next], cache: &mut cache }], Logits::Last)?;
@@ -211,7 +219,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // length of the decode test) times tokens/s over the measured bandwidth.
     let mbu = m.decode_weight_bytes().map(|w| {
         let kv_per_pos = m.kv_shape().bytes_per_token() as f64;
-        let mean_ctx = 1.0 + args.gen_tokens as f64 / 2.0;
+        let mean_ctx = args.depth.max(1) as f64 + args.gen_tokens as f64 / 2.0;
         let bytes = w as f64 + kv_per_pos * mean_ctx;
         (bytes, bw, bytes * decode / (bw * 1e9))
     });
@@ -220,7 +228,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "model": g.name, "threads": threads_in_use(), "prompt_tokens": args.prompt_tokens,
-                "gen_tokens": args.gen_tokens, "repetitions": args.repetitions,
+                "gen_tokens": args.gen_tokens, "depth": args.depth, "repetitions": args.repetitions,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                 "ttft_ms": ttft_ms, "peak_rss_mb": peak,
                 "decode_bytes_per_token": mbu.map(|m| m.0), "read_bandwidth_gb_s": mbu.map(|m| m.1),
@@ -230,7 +238,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         println!("model        {} ({} threads)", g.name, threads_in_use());
         println!("prefill      {prefill:8.1} tok/s  ({} tokens)", args.prompt_tokens);
-        println!("decode       {decode:8.1} tok/s  ({} tokens)", args.gen_tokens);
+        println!("decode       {decode:8.1} tok/s  ({} tokens after {} of context)", args.gen_tokens, args.depth.max(1));
         println!("first token  {ttft_ms:8.1} ms");
         if let Some(p) = peak {
             println!("peak memory  {p:8.1} MiB");

@@ -35,9 +35,9 @@
 //!   super-block: `w = d·sc·(q - 32)` (26.25 = 26.25).
 //!
 //! The narrow planes are widened to a line of bytes in registers just
-//! before the `vpdpbusd`. The other kernels (AVX2, portable) get the
-//! weights widened to 8-bit lines at load (with the same scales), since
-//! expanding planes block by block made them slow.
+//! before the `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw` (AVX2), so decode
+//! reads the file's bytes, not 8 bits per weight. The portable kernel gets
+//! the weights widened to 8-bit lines at load (with the same scales).
 //!
 //! Activations are quantized per row to blocks of 32 `i8` with an f32 scale
 //! `sx`, keeping each block's sum `Σx` and the sum of its first 16 values.
@@ -680,13 +680,12 @@ impl Q8Matrix {
     }
 
     /// From GGUF Q5_0 blocks (22 bytes each: an f16 scale, 32 high bits,
-    /// then 16 bytes of low nibbles), exactly. With the VNNI kernel the
-    /// panels stay 5-bit (22 bytes per 32 weights, as in the file); the
-    /// other kernels expand nibble panels block by block (criterion, one row
-    /// 2048 -> 640 with AVX2: 2.0 ms against 57 µs in 8 bits), so for them
-    /// the weights are widened to 8 bits at load.
+    /// then 16 bytes of low nibbles), exactly. With the VNNI and AVX2
+    /// kernels the panels stay 5-bit (22 bytes per 32 weights, as in the
+    /// file) and are unpacked in registers; for the portable kernel the
+    /// weights are widened to 8 bits at load.
     pub fn from_q5_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        Self::from_q5_0_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+        Self::from_q5_0_bytes_packed(data, rows, cols, Kernel::detected() != Kernel::Portable)
     }
 
     fn from_q5_0_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
@@ -715,7 +714,7 @@ impl Q8Matrix {
     /// nibbles, element `j` low and `j + 16` high, value minus 8), exactly;
     /// in 4 bits with the VNNI kernel, else widened to 8 (as Q5_0).
     pub fn from_q4_0_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        Self::from_q4_0_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+        Self::from_q4_0_bytes_packed(data, rows, cols, Kernel::detected() != Kernel::Portable)
     }
 
     fn from_q4_0_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
@@ -741,7 +740,7 @@ impl Q8Matrix {
     /// value `q·d + m`), exactly; in 4 bits with the VNNI kernel, else
     /// widened to 8 (as Q5_0).
     pub fn from_q4_1_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        Self::from_q4_1_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+        Self::from_q4_1_bytes_packed(data, rows, cols, Kernel::detected() != Kernel::Portable)
     }
 
     fn from_q4_1_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
@@ -773,7 +772,7 @@ impl Q8Matrix {
     /// `d·sc·q - dmin·mn`), exactly; in 4 bits with the VNNI kernel, else
     /// widened to 8 (as Q5_0).
     pub fn from_q4_k_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        Self::from_q4_k_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+        Self::from_q4_k_bytes_packed(data, rows, cols, Kernel::detected() != Kernel::Portable)
     }
 
     fn from_q4_k_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
@@ -811,7 +810,7 @@ impl Q8Matrix {
     /// of 16 weights each, an f16 `d`; value `d·sc·(q - 32)`), exactly; in
     /// 6 bits with the VNNI kernel, else widened to 8 (as Q5_0).
     pub fn from_q6_k_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        Self::from_q6_k_bytes_packed(data, rows, cols, Kernel::detected() == Kernel::Vnni)
+        Self::from_q6_k_bytes_packed(data, rows, cols, Kernel::detected() != Kernel::Portable)
     }
 
     fn from_q6_k_bytes_packed(data: &[u8], rows: usize, cols: usize, packed: bool) -> Result<Self> {
@@ -910,21 +909,6 @@ impl Q8Matrix {
         }
     }
 
-    /// Group `g`'s block `b` as an 8-bit panel (`w + 128`), for kernels
-    /// without a narrow path.
-    fn panel_q8(&self, g: usize, b: usize, out: &mut [Line; LINES]) {
-        for (k, line) in out.iter_mut().enumerate() {
-            for lane in 0..64 {
-                let (j, t) = (lane / 4, lane % 4);
-                line.0[lane] = if g * GROUP + j < self.rows {
-                    (self.weight(g * GROUP + j, b * BLOCK + 4 * k + t) as u8) ^ 0x80
-                } else {
-                    0x80
-                };
-            }
-        }
-    }
-
     /// Row `r`'s two factors `(a, c)` for block `b` (module docs; `c` is 0
     /// for one-scale formats).
     #[inline]
@@ -1018,11 +1002,11 @@ impl Q8Matrix {
                 match kernel {
                     Kernel::Portable => self.tile_portable(g, gt, a, n0, nt, &mut res),
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => match nt {
-                        1 => tile_avx2::<1>(self, g, a, n0, &mut res),
-                        2 => tile_avx2::<2>(self, g, a, n0, &mut res),
-                        3 => tile_avx2::<3>(self, g, a, n0, &mut res),
-                        _ => tile_avx2::<4>(self, g, a, n0, &mut res),
+                    Kernel::Avx2 => match self.quants {
+                        Quants::Q8(_) => tiles_avx2::<W_Q8>(self, g, a, n0, nt, &mut res),
+                        Quants::Q5 { .. } => tiles_avx2::<W_Q5>(self, g, a, n0, nt, &mut res),
+                        Quants::Q4 { .. } => tiles_avx2::<W_Q4>(self, g, a, n0, nt, &mut res),
+                        Quants::Q6 { .. } => tiles_avx2::<W_Q6>(self, g, a, n0, nt, &mut res),
                     },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Vnni => match self.quants {
@@ -1382,6 +1366,20 @@ unsafe fn tile_vnni<const G: usize, const N: usize, const W: u8>(
     }
 }
 
+/// [`tile_avx2`] for `nt` (1 to 4) activation rows.
+///
+/// # Safety
+/// As [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles_avx2<const W: u8>(w: &Q8Matrix, g: usize, a: &Q8Acts, n0: usize, nt: usize, res: &mut [[f32; GROUP]]) {
+    match nt {
+        1 => tile_avx2::<1, W>(w, g, a, n0, res),
+        2 => tile_avx2::<2, W>(w, g, a, n0, res),
+        3 => tile_avx2::<3, W>(w, g, a, n0, res),
+        _ => tile_avx2::<4, W>(w, g, a, n0, res),
+    }
+}
+
 /// Rows `8h..8h + 8` of group `g`'s factors `(a, c)` for block `b` (as
 /// [`Q8Matrix::factors`]).
 ///
@@ -1431,54 +1429,119 @@ unsafe fn factors_avx2(
     }
 }
 
-/// One group × `N` activation rows with AVX2, eight weight rows at a time:
-/// the 8-bit values are widened to 16 bits, `vpmaddwd` gives pair sums, and
-/// one horizontal add per block (per half for Q6_K) makes each row's sum.
-/// Narrow panels are first expanded to 8-bit ones.
+/// One group × `N` activation rows with AVX2, eight weight rows at a time,
+/// on the weights at their stored width. Each 32-byte half line holds 4
+/// weights of 8 rows; `vpmaddubsw` multiplies them by 4 activation bytes
+/// (broadcast) into pair sums and `vpmaddwd` by ones makes each row's sum
+/// of 4 in its own lane, so rows never need a horizontal add. Narrow
+/// weights are unpacked in registers to unsigned bytes `u = w + off`
+/// (at most 63: pair sums stay below `i16::MAX`), and `off · Σx` is taken
+/// off each block's integer sum; 8-bit weights go through the sign trick
+/// (`|w|` times `x` with `w`'s sign), exact since `|x| <= 127`.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist.
+/// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist;
+/// the matrix's storage is the one `W` names.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const N: usize>(w: &Q8Matrix, g0: usize, a: &Q8Acts, n0: usize, res: &mut [[f32; GROUP]]) {
+unsafe fn tile_avx2<const N: usize, const W: u8>(
+    w: &Q8Matrix,
+    g0: usize,
+    a: &Q8Acts,
+    n0: usize,
+    res: &mut [[f32; GROUP]],
+) {
     use std::arch::x86_64::*;
     let nb = w.blocks;
+    let (mut q8, mut nib, mut high, mut crumbs) =
+        (std::ptr::null::<Line>(), std::ptr::null::<Line>(), std::ptr::null::<u64>(), std::ptr::null::<Line>());
+    match &w.quants {
+        Quants::Q8(q) => q8 = q.as_ptr().add(g0 * nb * LINES),
+        Quants::Q5 { nib: n, high: h } => {
+            nib = n.as_ptr().add(g0 * nb * 4);
+            high = h.as_ptr().add(g0 * nb * LINES);
+        }
+        Quants::Q4 { nib: n, .. } => nib = n.as_ptr().add(g0 * nb * 4),
+        Quants::Q6 { nib: n, crumbs: c } => {
+            nib = n.as_ptr().add(g0 * nb * 4);
+            crumbs = c.as_ptr().add(g0 * nb * 2);
+        }
+    }
+    // The sign trick computes `Σ w·x` itself; narrow weights carry `off`.
+    let off = if W == W_Q8 { 0 } else { w.quants.offset() };
     let form = w.form();
     let (segs, per) = if form == Form::Halves { (2, LINES / 2) } else { (1, LINES) };
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
     let xsum = a.sums.as_ptr().add(n0 * nb);
-    let flip = _mm_set1_epi8(-128);
-    let mut buf = [Line([0; 64]); LINES];
+    let xlow = a.lows.as_ptr().add(n0 * nb);
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let low4 = _mm256_set1_epi8(0x0f);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let bits45 = _mm256_set1_epi8(0x30);
+    // Byte i of a 32-bit mask to bytes 8i..8i + 8, then one bit per byte.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let mut facc = [[_mm256_setzero_ps(); N]; 2];
     for b in 0..nb {
-        let lines = match &w.quants {
-            Quants::Q8(q) => q.as_ptr().add((g0 * nb + b) * LINES) as *const u8,
-            Quants::Q5 { .. } | Quants::Q4 { .. } | Quants::Q6 { .. } => {
-                w.panel_q8(g0, b, &mut buf);
-                buf.as_ptr() as *const u8
-            }
-        };
         for (h, fh) in facc.iter_mut().enumerate() {
             let (fa, fc) = factors_avx2(w, g0, b, h);
             for seg in 0..segs {
-                let mut lo = [_mm256_setzero_si256(); N];
-                let mut hi = [_mm256_setzero_si256(); N];
+                let mut acc = [_mm256_setzero_si256(); N];
                 for k in seg * per..(seg + 1) * per {
-                    let p = lines.add(k * 64 + 32 * h);
-                    let wa = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p as *const __m128i), flip));
-                    let wb = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128(p.add(16) as *const __m128i), flip));
-                    for n in 0..N {
+                    // Line k of rows 8h..8h + 8.
+                    let line = if W == W_Q8 {
+                        _mm256_xor_si256(
+                            _mm256_load_si256((q8.add(b * LINES + k) as *const u8).add(32 * h) as *const __m256i),
+                            flip,
+                        )
+                    } else {
+                        let two = _mm256_load_si256((nib.add(b * 4 + k / 2) as *const u8).add(32 * h) as *const __m256i);
+                        let plane = if k % 2 == 0 { two } else { _mm256_srli_epi16::<4>(two) };
+                        let low = _mm256_and_si256(plane, low4);
+                        if W == W_Q5 {
+                            let m = (*high.add(b * LINES + k) >> (32 * h)) as u32;
+                            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, select), select);
+                            _mm256_or_si256(low, _mm256_and_si256(set, bit4))
+                        } else if W == W_Q6 {
+                            let cr =
+                                _mm256_load_si256((crumbs.add(b * 2 + k / 4) as *const u8).add(32 * h) as *const __m256i);
+                            let cr = match k % 4 {
+                                0 => _mm256_slli_epi16::<4>(cr),
+                                1 => _mm256_slli_epi16::<2>(cr),
+                                2 => cr,
+                                _ => _mm256_srli_epi16::<2>(cr),
+                            };
+                            _mm256_or_si256(low, _mm256_and_si256(cr, bits45))
+                        } else {
+                            low
+                        }
+                    };
+                    let mag = if W == W_Q8 { _mm256_abs_epi8(line) } else { line };
+                    for (n, acc) in acc.iter_mut().enumerate() {
                         let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
-                        let xb = _mm256_cvtepi8_epi16(_mm_set1_epi32(x4));
-                        lo[n] = _mm256_add_epi32(lo[n], _mm256_madd_epi16(wa, xb));
-                        hi[n] = _mm256_add_epi32(hi[n], _mm256_madd_epi16(wb, xb));
+                        let xb = _mm256_set1_epi32(x4);
+                        let xb = if W == W_Q8 { _mm256_sign_epi8(xb, line) } else { xb };
+                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xb), ones));
                     }
                 }
                 let f = if seg == 0 { fa } else { fc };
                 for n in 0..N {
-                    // Rows 0,1,4,5 | 2,3,6,7 after the add; the permute orders them.
-                    let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(lo[n], hi[n]));
+                    let s = if off == 0 {
+                        acc[n]
+                    } else {
+                        let sum = *xsum.add(n * nb + b);
+                        let sx = match (segs, seg) {
+                            (1, _) => sum,
+                            (_, 0) => *xlow.add(n * nb + b),
+                            _ => sum - *xlow.add(n * nb + b),
+                        };
+                        _mm256_sub_epi32(acc[n], _mm256_set1_epi32(off * sx))
+                    };
                     let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
                     fh[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fh[n]);
                 }
