@@ -1,7 +1,8 @@
 //! What attn's tests share, written once: paths to the committed fixtures
 //! and scratch directories ([`files`]), reading reference JSON ([`json`]),
-//! comparing numbers ([`diff`]) and plain nested-loop reference maths for
-//! the nn blocks ([`reference`]).
+//! comparing numbers ([`diff`]), plain nested-loop reference maths for the
+//! nn blocks ([`reference`]), a toy language model and a byte-level
+//! tokenizer ([`toy`]) and a tiny random GPT ([`gpt`]).
 //!
 //! A dev-dependency only. It depends on `attn-nn` and `attn-models` (never
 //! on `attn-engine` or above): the integration tests of those two crates
@@ -11,9 +12,12 @@
 
 pub mod diff;
 pub mod files;
+pub mod gpt;
 pub mod json;
 pub mod reference;
+pub mod toy;
 
 pub use diff::{assert_close, assert_tensor_close, cosine, max_abs_diff, rel_rms, tensor_max_abs_diff, to_vec};
 pub use files::{fixture_json, fixture_path, fixture_text, process_temp_dir, set_threads, tempdir, workspace_root};
+pub use gpt::tiny_gpt;
 pub use json::{floats, ids};
