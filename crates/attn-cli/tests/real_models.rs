@@ -40,9 +40,7 @@ fn one_line_error(o: &Output, expect: &str) {
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-cli-models-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    attn_test_support::process_temp_dir("cli-models").join(name)
 }
 
 #[test]
