@@ -123,7 +123,7 @@ fn bad_generation_input_is_a_clear_error() {
 
 #[test]
 fn broken_model_files_are_clear_errors() {
-    let gemma = attn_models::registry::resolve_model("gemma3-270m", false).unwrap();
+    let gemma = attn_test_support::real_model("gemma3-270m");
     let bytes = std::fs::read(&gemma).unwrap();
     let truncated = temp("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();

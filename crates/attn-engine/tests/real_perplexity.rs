@@ -5,12 +5,10 @@
 //! greedy decoding.
 
 use attn_engine::{generate_from_ids, generate_speculative, perplexity, ModelDrafter, NgramDrafter, SamplingParams};
-use attn_models::gguf::GgufFile;
-use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
 use attn_models::Decoder;
 use attn_models::{LanguageModel, Tokenizer};
-use attn_test_support::{fixture_json, fixture_text, set_threads};
+use attn_test_support::{fixture_json, fixture_text, real_gguf};
 
 /// The committed perplexity text, without its final newline.
 fn perplexity_text() -> String {
@@ -26,9 +24,7 @@ fn gemma3_perplexity_within_3_percent_of_hf() {
     let reference = fixture_json("gemma3_reference.json");
     let r = &reference["perplexity"];
     let text = perplexity_text();
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf("gemma3-270m");
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
@@ -53,9 +49,7 @@ fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
     let r = &hf["perplexity"];
     let llamacpp = fixture_json("decoder_llamacpp.json")["models"][name]["ppl"].as_f64().unwrap();
     let text = perplexity_text();
-    set_threads();
-    let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf(name);
     let tok = GgufTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
@@ -100,9 +94,7 @@ fn qwen2_perplexity_within_2_percent_of_llamacpp() {
 /// build's test).
 #[test]
 fn gemma3_greedy_speculative_decoding_equals_plain_decoding() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf("gemma3-270m");
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let prompt = "Numbers: one, two, three, four, five, six, seven, eight. Again: one, two, three,";

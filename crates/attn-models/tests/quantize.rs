@@ -10,7 +10,7 @@ use attn_models::gguf::{write_gguf, GgufFile, TensorToWrite, TensorType, Value};
 use attn_models::load::{load_model, AnyModel};
 use attn_models::quantize::{quantize, QuantType};
 use attn_test_support::diff::{cosine, quant_max_error, rel_rms};
-use attn_test_support::{set_threads, tempdir};
+use attn_test_support::{real_model, tempdir};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -270,8 +270,7 @@ fn quantize_rejects_bad_input() {
 /// cosine above 0.99 to the float model's.
 #[test]
 fn minilm_q8_0_embeddings_stay_close_to_float() {
-    set_threads();
-    let path = attn_models::registry::resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
+    let path = real_model("all-minilm-l6-v2");
     let v = attn_test_support::fixture_json("minilm_reference.json");
     let texts: Vec<&str> = v["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
     let float = SentenceEncoder::load(&path, &Device::Cpu).unwrap();

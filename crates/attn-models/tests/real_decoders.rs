@@ -7,11 +7,9 @@
 use std::sync::OnceLock;
 
 use attn_models::decoder::{Decoder, Kernels};
-use attn_models::gguf::GgufFile;
 use attn_models::load::GgufTokenizer;
-use attn_models::registry::resolve_model;
 use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep, SequenceCache, Tokenizer};
-use attn_test_support::{fixture_json, ids, set_threads, tensor_max_abs_diff};
+use attn_test_support::{fixture_json, ids, real_gguf, tensor_max_abs_diff};
 use serde_json::Value;
 
 struct Loaded {
@@ -21,9 +19,7 @@ struct Loaded {
 }
 
 fn load(name: &str, fixture_name: &str) -> Loaded {
-    set_threads();
-    let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf(name);
     Loaded {
         tokenizer: GgufTokenizer::from_gguf(&f).unwrap(),
         model: Decoder::from_gguf(&f).unwrap(),

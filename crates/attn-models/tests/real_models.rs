@@ -7,12 +7,10 @@ use std::sync::OnceLock;
 
 use attn_models::bert::SentenceEncoder;
 use attn_models::decoder::{Decoder, Kernels};
-use attn_models::gguf::GgufFile;
-use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
 use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
 use attn_test_support::diff::{cosine, max_abs_diff_rows};
-use attn_test_support::{fixture_json, fixture_text, floats, ids, set_threads, tensor_max_abs_diff};
+use attn_test_support::{fixture_json, fixture_text, floats, ids, real_gguf, real_model, tensor_max_abs_diff};
 use candle_core::{Device, Tensor};
 
 struct GemmaFixture {
@@ -23,9 +21,7 @@ struct GemmaFixture {
 fn gemma() -> &'static GemmaFixture {
     static G: OnceLock<GemmaFixture> = OnceLock::new();
     G.get_or_init(|| {
-        set_threads();
-        let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-        let f = GgufFile::open(&path).unwrap();
+        let f = real_gguf("gemma3-270m");
         GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() }
     })
 }
@@ -80,9 +76,7 @@ fn gemma3_top1_agreement_with_hf_transformers() {
 /// difference 0.2 between the two), which would hide a cache bug.
 #[test]
 fn gemma3_incremental_decoding_matches_full_pass() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let mut f = GgufFile::open(&path).unwrap();
+    let mut f = real_gguf("gemma3-270m");
     f.dequantize = true;
     let g = &GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() };
     let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
@@ -138,9 +132,7 @@ fn gemma3_rejects_bad_input() {
 
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
-    set_threads();
-    let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
-    let enc = SentenceEncoder::load(&path, &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap();
     assert_eq!(enc.max_seq_length, 256);
     let reference = fixture_json("minilm_reference.json");
     let sentences = reference["sentences"].as_array().unwrap();
@@ -162,11 +154,7 @@ fn minilm_embeddings_match_sentence_transformers() {
 
 fn minilm() -> &'static SentenceEncoder {
     static E: OnceLock<SentenceEncoder> = OnceLock::new();
-    E.get_or_init(|| {
-        set_threads();
-        let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
-        SentenceEncoder::load(&path, &Device::Cpu).unwrap()
-    })
+    E.get_or_init(|| SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap())
 }
 
 /// The fused path (plain buffers, packed batches, gemm) against candle's
@@ -233,9 +221,7 @@ fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
 /// logits by up to ~1.
 #[test]
 fn gemma3_paged_cache_matches_contiguous_cache() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let mut f = GgufFile::open(&path).unwrap();
+    let mut f = real_gguf("gemma3-270m");
     f.dequantize = true;
     let dequantized = Decoder::from_gguf(&f).unwrap();
     assert_eq!(dequantized.kernels(), Kernels::Dense);

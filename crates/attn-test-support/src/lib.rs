@@ -2,7 +2,8 @@
 //! and scratch directories ([`files`]), reading reference JSON ([`json`]),
 //! comparing numbers ([`diff`]), plain nested-loop reference maths for the
 //! nn blocks ([`reference`]), a toy language model and a byte-level
-//! tokenizer ([`toy`]) and a tiny random GPT ([`gpt`]).
+//! tokenizer ([`toy`]), a tiny random GPT ([`gpt`]) and the real models of
+//! the registry, pulled once into the model cache ([`real`]).
 //!
 //! A dev-dependency only. It depends on `attn-nn` and `attn-models` (never
 //! on `attn-engine` or above): the integration tests of those two crates
@@ -14,6 +15,7 @@ pub mod diff;
 pub mod files;
 pub mod gpt;
 pub mod json;
+pub mod real;
 pub mod reference;
 pub mod toy;
 
@@ -21,3 +23,4 @@ pub use diff::{assert_close, assert_tensor_close, cosine, max_abs_diff, rel_rms,
 pub use files::{fixture_json, fixture_path, fixture_text, process_temp_dir, set_threads, tempdir, workspace_root};
 pub use gpt::tiny_gpt;
 pub use json::{floats, ids};
+pub use real::{real_gguf, real_model};
