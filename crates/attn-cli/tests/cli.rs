@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use attn_test_support::{fixture_path, process_temp_dir};
+
 fn attn(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().expect("run attn")
 }
 
 fn fixture(name: &str) -> String {
-    format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    fixture_path(name).display().to_string()
 }
 
 fn stderr(o: &Output) -> String {
@@ -16,9 +18,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    process_temp_dir("cli-test").join(name)
 }
 
 #[test]

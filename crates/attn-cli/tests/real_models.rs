@@ -40,9 +40,7 @@ fn one_line_error(o: &Output, expect: &str) {
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-cli-models-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    attn_test_support::process_temp_dir("cli-models").join(name)
 }
 
 #[test]
@@ -125,7 +123,7 @@ fn bad_generation_input_is_a_clear_error() {
 
 #[test]
 fn broken_model_files_are_clear_errors() {
-    let gemma = attn_models::registry::resolve_model("gemma3-270m", false).unwrap();
+    let gemma = attn_test_support::real_model("gemma3-270m");
     let bytes = std::fs::read(&gemma).unwrap();
     let truncated = temp("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();

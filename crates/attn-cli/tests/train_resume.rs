@@ -5,13 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use attn_test_support::{fixture_path, workspace_root};
 
 fn config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/ci/shakespeare-tiny.toml")).unwrap();
-    let data = std::fs::canonicalize(root().join("fixtures/corpora/shakespeare")).unwrap();
+    let text = std::fs::read_to_string(workspace_root().join("configs/ci/shakespeare-tiny.toml")).unwrap();
+    let data = std::fs::canonicalize(fixture_path("corpora/shakespeare")).unwrap();
     let text = text
         .lines()
         .map(|l| match l.split('=').next().unwrap_or("").trim() {

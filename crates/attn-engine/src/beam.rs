@@ -239,8 +239,8 @@ mod tests {
     use super::*;
     use crate::generate::generate_from_ids;
     use crate::processors::SamplingParams;
-    use crate::testutil::{ByteTokenizer, ToyModel, BOS, EOS};
     use attn_models::Tokenizer;
+    use attn_test_support::toy::{ByteTokenizer, ToyModel, BOS, EOS};
 
     const A: u32 = b'A' as u32;
     const B: u32 = b'B' as u32;

@@ -79,7 +79,7 @@ impl Detokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{ByteTokenizer, FIRST_PIECE};
+    use attn_test_support::toy::{ByteTokenizer, FIRST_PIECE};
 
     fn stream(tok: &impl Tokenizer, context: &[u32], ids: &[u32]) -> Vec<String> {
         let mut d = Detokenizer::new(context);
@@ -105,7 +105,7 @@ mod tests {
     #[test]
     fn tokens_holding_parts_of_two_characters() {
         let pieces: Vec<&[u8]> = vec![b"caf\xC3", b"\xA9 \xF0\x9F", b"\xA6\x80!"];
-        let tok = ByteTokenizer { pieces: pieces.iter().map(|p| p.to_vec()).collect() };
+        let tok = ByteTokenizer::with_pieces(&pieces);
         let ids = [FIRST_PIECE, FIRST_PIECE + 1, FIRST_PIECE + 2];
         // A token whose text ends in an incomplete character is held back
         // whole until a later token completes it.
@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn control_tokens_are_skipped() {
         let tok = ByteTokenizer::new();
-        let ids = [crate::testutil::BOS, b'o' as u32, crate::testutil::EOS, b'k' as u32];
+        let ids = [attn_test_support::toy::BOS, b'o' as u32, attn_test_support::toy::EOS, b'k' as u32];
         assert_eq!(stream(&tok, &[], &ids).concat(), "ok");
     }
 }

@@ -283,7 +283,7 @@ pub(crate) fn check_prompt(prompt_ids: &[u32], ctx: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{ByteTokenizer, ToyModel, BOS, EOS, FIRST_PIECE};
+    use attn_test_support::toy::{ByteTokenizer, ToyModel, BOS, EOS, FIRST_PIECE};
 
     const CTX: usize = 64;
     /// "hi" encodes to [BOS, 'h', 'i'].
@@ -295,7 +295,7 @@ mod tests {
 
     /// A tokenizer whose extra pieces are `pieces`, and their ids.
     fn pieces(pieces: &[&[u8]]) -> (ByteTokenizer, Vec<u32>) {
-        let tok = ByteTokenizer { pieces: pieces.iter().map(|p| p.to_vec()).collect() };
+        let tok = ByteTokenizer::with_pieces(&pieces);
         let ids = (0..pieces.len() as u32).map(|i| FIRST_PIECE + i).collect();
         (tok, ids)
     }

@@ -19,9 +19,6 @@ pub mod sampler;
 pub mod scheduler;
 pub mod speculative;
 
-#[cfg(test)]
-mod testutil;
-
 pub use beam::{beam_search, BeamParams, Hypothesis};
 pub use block_manager::{BlockManager, BlockStats};
 pub use detok::Detokenizer;

@@ -528,22 +528,13 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
 mod tests {
     use super::*;
     use crate::generate::generate_from_ids;
-    use crate::testutil::{ByteTokenizer, EOS};
-    use attn_models::gpt::{Gpt, GptConfig};
+    use attn_models::gpt::Gpt;
     use attn_models::LanguageModel;
-    use attn_nn::{ParamStore, Weights};
-    use candle_core::Device;
+    use attn_test_support::toy::ByteTokenizer;
 
     /// A small random GPT over the byte tokenizer's vocabulary.
     fn model(seed: u64) -> Gpt {
-        let cfg: GptConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 258, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-            "d_ff": 64, "max_len": 96, "eos_id": EOS
-        }))
-        .unwrap();
-        attn_nn::rng::seed(seed);
-        let w = Weights::new(std::sync::Arc::new(ParamStore::new()), DType::F32, &Device::Cpu);
-        Gpt::load(&w, &cfg).unwrap()
+        attn_test_support::tiny_gpt(seed, 96)
     }
 
     fn engine(num_blocks: usize, max_batched_tokens: usize) -> LlmEngine<Gpt, ByteTokenizer> {
@@ -732,8 +723,8 @@ mod tests {
             let s = &toks[at..at + n];
             let a = LanguageModel::forward(&m, &mut [SeqStep { tokens: s, cache: &mut cont }], Logits::All).unwrap();
             let b = m.forward_paged(&mut [SeqStep { tokens: s, cache: &mut paged }], Logits::All).unwrap();
-            let d = (&a[0] - &b[0]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "chunk {n} at {at}: {d}");
+            let d = attn_test_support::tensor_max_abs_diff(&a[0], &b[0]);
+            assert!(d < 1e-5, "chunk {n} at {at}: {d}");
             at += n;
         }
     }

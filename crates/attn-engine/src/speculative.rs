@@ -562,7 +562,7 @@ mod tests {
 
     use super::*;
     use crate::generate::generate_from_ids;
-    use crate::testutil::{ByteTokenizer, ToyModel, BOS, EOS};
+    use attn_test_support::toy::{ByteTokenizer, ToyModel, BOS};
 
     fn bytes(s: &str) -> Vec<u32> {
         s.bytes().map(u32::from).collect()
@@ -723,16 +723,7 @@ mod tests {
     /// A small random GPT over the byte vocabulary (real KV caches, cut back
     /// on rejection).
     fn gpt(seed: u64) -> attn_models::gpt::Gpt {
-        use attn_nn::{ParamStore, Weights};
-        let cfg: attn_models::gpt::GptConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 258, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-            "d_ff": 64, "max_len": 96, "eos_id": EOS
-        }))
-        .unwrap();
-        attn_nn::rng::seed(seed);
-        let w =
-            Weights::new(std::sync::Arc::new(ParamStore::new()), candle_core::DType::F32, &candle_core::Device::Cpu);
-        attn_models::gpt::Gpt::load(&w, &cfg).unwrap()
+        attn_test_support::tiny_gpt(seed, 96)
     }
 
     #[test]

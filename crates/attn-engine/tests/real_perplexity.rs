@@ -5,34 +5,26 @@
 //! greedy decoding.
 
 use attn_engine::{generate_from_ids, generate_speculative, perplexity, ModelDrafter, NgramDrafter, SamplingParams};
-use attn_models::gguf::GgufFile;
-use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
 use attn_models::Decoder;
 use attn_models::{LanguageModel, Tokenizer};
+use attn_test_support::{fixture_json, fixture_text, real_gguf};
 
-/// candle's default size for its quantized-matmul pool can exceed the CPUs
-/// available, and its workers spin: pin it to the real count.
-fn set_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+/// The committed perplexity text, without its final newline.
+fn perplexity_text() -> String {
+    let mut text = fixture_text("perplexity.txt");
+    if text.ends_with('\n') {
+        text.pop();
     }
+    text
 }
 
 #[test]
 fn gemma3_perplexity_within_3_percent_of_hf() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}gemma3_reference.json")).unwrap()).unwrap();
+    let reference = fixture_json("gemma3_reference.json");
     let r = &reference["perplexity"];
-    let mut text = std::fs::read_to_string(format!("{root}perplexity.txt")).unwrap();
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let f = GgufFile::open(&path).unwrap();
+    let text = perplexity_text();
+    let f = real_gguf("gemma3-270m");
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
@@ -53,24 +45,15 @@ fn gemma3_perplexity_within_3_percent_of_hf() {
 /// (fixtures/*_reference.json), with the same tokens as HF.
 fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
     use attn_models::load::ModelTokenizer;
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/");
-    let read = |f: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}{f}")).unwrap()).unwrap()
-    };
-    let hf = read(reference);
+    let hf = fixture_json(reference);
     let r = &hf["perplexity"];
-    let llamacpp = read("decoder_llamacpp.json")["models"][name]["ppl"].as_f64().unwrap();
-    let mut text = std::fs::read_to_string(format!("{root}perplexity.txt")).unwrap();
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    set_threads();
-    let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
-    let f = GgufFile::open(&path).unwrap();
+    let llamacpp = fixture_json("decoder_llamacpp.json")["models"][name]["ppl"].as_f64().unwrap();
+    let text = perplexity_text();
+    let f = real_gguf(name);
     let tok = ModelTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let ids = tok.encode(&text, true).unwrap();
-    assert_eq!(ids[..128], chunk_ids(&r["first_chunk_ids"])[..], "first chunk's tokens");
+    assert_eq!(ids[..128], attn_test_support::ids(&r["first_chunk_ids"])[..], "first chunk's tokens");
     assert_eq!(ids.len() as u64, r["n_tokens_total"].as_u64().unwrap());
     // No BOS for these vocabularies: llama.cpp leaves each chunk's first token alone.
     assert!(!r["first_token_replaced_by_bos"].as_bool().unwrap());
@@ -87,10 +70,6 @@ fn perplexity_within_2_percent_of_llamacpp(name: &str, reference: &str) {
     );
     assert!(rel < 0.02, "perplexity {} vs llama.cpp {llamacpp}", p.ppl);
     assert!((p.ppl - hf_ppl).abs() / hf_ppl < 0.02, "perplexity {} vs HF {hf_ppl}", p.ppl);
-}
-
-fn chunk_ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -115,9 +94,7 @@ fn qwen2_perplexity_within_2_percent_of_llamacpp() {
 /// build's test).
 #[test]
 fn gemma3_greedy_speculative_decoding_equals_plain_decoding() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf("gemma3-270m");
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
     let prompt = "Numbers: one, two, three, four, five, six, seven, eight. Again: one, two, three,";

@@ -10,22 +10,15 @@ use std::sync::OnceLock;
 use attn_models::bpe::{BpeTokenizer, PreTokenizer, TokenType};
 use attn_models::chat::{ChatTemplate, Message};
 use attn_models::gguf::{write_gguf, GgufFile, Value as GValue};
-use attn_models::registry::resolve_model;
 use attn_models::Tokenizer;
+use attn_test_support::{fixture_json, ids, real_gguf};
 use serde_json::Value;
 
 const MODELS: [&str; 2] = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"];
 
 fn fixture() -> &'static Value {
     static F: OnceLock<Value> = OnceLock::new();
-    F.get_or_init(|| {
-        let p = format!("{}/../../fixtures/bpe_tokenizer_reference.json", env!("CARGO_MANIFEST_DIR"));
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    F.get_or_init(|| fixture_json("bpe_tokenizer_reference.json"))
 }
 
 struct Loaded {
@@ -39,8 +32,7 @@ fn load(name: &str) -> &'static Loaded {
         MODELS
             .iter()
             .map(|m| {
-                let path = resolve_model(m, false).unwrap_or_else(|e| panic!("pull {m}: {e}"));
-                let f = GgufFile::open(&path).unwrap();
+                let f = real_gguf(m);
                 let template = f.meta_str("tokenizer.chat_template").unwrap().to_string();
                 Loaded { tokenizer: BpeTokenizer::from_gguf(&f).unwrap(), template }
             })

@@ -58,9 +58,7 @@ fn build() -> Built {
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-gguf-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let p = attn_test_support::process_temp_dir("gguf-test").join(name);
     std::fs::write(&p, bytes).unwrap();
     p
 }
@@ -80,8 +78,7 @@ fn round_trip_metadata_and_tensors() {
     let f = GgufFile::open(&path).unwrap();
     for (name, tol) in [("w.f32", 0.0), ("w.f16", 2e-3), ("w.q8", 3e-2)] {
         let t = f.qtensor(name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
-        let d =
-            (t - &b.weight).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = attn_test_support::tensor_max_abs_diff(&t, &b.weight);
         assert!(d <= tol, "{name}: {d}");
     }
     let e = f.qtensor("nope", &Device::Cpu).unwrap_err().to_string();

@@ -3,51 +3,21 @@
 //! derived from each type's rounding step; and the real MiniLM.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use attn_models::bert::SentenceEncoder;
 use attn_models::gguf::{write_gguf, GgufFile, TensorToWrite, TensorType, Value};
 use attn_models::load::{load_model, AnyModel};
 use attn_models::quantize::{quantize, QuantType};
+use attn_test_support::diff::{cosine, quant_max_error, rel_rms};
+use attn_test_support::{real_model, tempdir};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-fn tempdir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let d = std::env::temp_dir().join(format!("attn-quantize-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Largest rounding error of one weight, as a fraction of the largest
-/// magnitude in its block. Q8_0 (symmetric, step amax/127): half a step.
-/// Q4_0 and Q5_0 (ggml's reference: step amax/8 resp. amax/16 signed by
-/// the extreme value, so the opposite extreme is clamped): one step.
-/// Q4_K: (max - min)/15 per 32 values with 6-bit scales and mins, bounded
-/// by 2 amax/15 (a whole step, for the scale rounding); F16: 2^-11.
+/// Largest rounding error of one weight relative to its block's largest
+/// magnitude (derived in [`attn_test_support::diff::quant_max_error`]).
 fn max_error(ty: &str) -> f32 {
-    match ty {
-        "Q8_0" => 0.5 / 127.0,
-        "Q4_0" => 1.0 / 8.0,
-        "Q5_0" => 1.0 / 16.0,
-        "Q4K" => 2.0 / 15.0,
-        "F16" => 1.0 / 2048.0,
-        "F32" => 0.0,
-        other => panic!("no bound for {other}"),
-    }
-}
-
-fn rel_rms(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f32 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (na * nb)
+    quant_max_error(ty).unwrap_or_else(|| panic!("no bound for {ty}"))
 }
 
 const WORDS: &[&str] = &["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "quick", "brown", "fox"];
@@ -300,13 +270,8 @@ fn quantize_rejects_bad_input() {
 /// cosine above 0.99 to the float model's.
 #[test]
 fn minilm_q8_0_embeddings_stay_close_to_float() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    }
-    let path = attn_models::registry::resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
-    let text = std::fs::read_to_string(format!("{}/../../fixtures/minilm_reference.json", env!("CARGO_MANIFEST_DIR")));
-    let v: serde_json::Value = serde_json::from_str(&text.unwrap()).unwrap();
+    let path = real_model("all-minilm-l6-v2");
+    let v = attn_test_support::fixture_json("minilm_reference.json");
     let texts: Vec<&str> = v["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
     let float = SentenceEncoder::load(&path, &Device::Cpu).unwrap();
     let reference = float.embed(&texts, 32).unwrap().to_vec2::<f32>().unwrap();

@@ -7,27 +7,10 @@
 use std::sync::OnceLock;
 
 use attn_models::decoder::{Decoder, Kernels};
-use attn_models::gguf::GgufFile;
 use attn_models::load::ModelTokenizer;
-use attn_models::registry::resolve_model;
 use attn_models::{LanguageModel, Logits, PagedLanguageModel, SeqStep, SequenceCache, Tokenizer};
+use attn_test_support::{fixture_json, ids, real_gguf, tensor_max_abs_diff};
 use serde_json::Value;
-
-fn set_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    }
-}
-
-fn fixture(name: &str) -> Value {
-    let p = format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 struct Loaded {
     model: Decoder,
@@ -36,13 +19,11 @@ struct Loaded {
 }
 
 fn load(name: &str, fixture_name: &str) -> Loaded {
-    set_threads();
-    let path = resolve_model(name, false).unwrap_or_else(|e| panic!("pull {name}: {e}"));
-    let f = GgufFile::open(&path).unwrap();
+    let f = real_gguf(name);
     Loaded {
         tokenizer: ModelTokenizer::from_gguf(&f).unwrap(),
         model: Decoder::from_gguf(&f).unwrap(),
-        reference: fixture(fixture_name),
+        reference: fixture_json(fixture_name),
     }
 }
 
@@ -185,10 +166,8 @@ fn cache_paths_agree(m: &Loaded) {
         let a = m.model.forward(&mut [SeqStep { tokens: step, cache: &mut cache }], Logits::All).unwrap();
         let b = m.model.forward_paged(&mut [SeqStep { tokens: step, cache: &mut paged }], Logits::All).unwrap();
         let want = full[0].narrow(0, at, chunk).unwrap();
-        let d = (&a[0] - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "incremental vs one pass at {at}");
-        let d = (&b[0] - &a[0]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let d = d.to_scalar::<f32>().unwrap();
+        assert_eq!(tensor_max_abs_diff(&a[0], &want), 0.0, "incremental vs one pass at {at}");
+        let d = tensor_max_abs_diff(&b[0], &a[0]);
         assert!(d < 1e-3, "paged vs contiguous at {at}: max abs logit diff {d}");
         at += chunk;
     }

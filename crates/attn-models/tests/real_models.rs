@@ -7,34 +7,11 @@ use std::sync::OnceLock;
 
 use attn_models::bert::SentenceEncoder;
 use attn_models::decoder::{Decoder, Kernels};
-use attn_models::gguf::GgufFile;
-use attn_models::registry::resolve_model;
 use attn_models::spm::SpmTokenizer;
 use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
+use attn_test_support::diff::{cosine, max_abs_diff_rows};
+use attn_test_support::{fixture_json, fixture_text, floats, ids, real_gguf, real_model, tensor_max_abs_diff};
 use candle_core::{Device, Tensor};
-use serde_json::Value;
-
-/// candle's default size for its quantized-matmul pool can exceed the CPUs
-/// available, and its workers spin: pin it to the real count.
-fn set_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    }
-}
-
-fn fixture(name: &str) -> Value {
-    let p = format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
 
 struct GemmaFixture {
     model: Decoder,
@@ -44,9 +21,7 @@ struct GemmaFixture {
 fn gemma() -> &'static GemmaFixture {
     static G: OnceLock<GemmaFixture> = OnceLock::new();
     G.get_or_init(|| {
-        set_threads();
-        let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-        let f = GgufFile::open(&path).unwrap();
+        let f = real_gguf("gemma3-270m");
         GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() }
     })
 }
@@ -54,7 +29,7 @@ fn gemma() -> &'static GemmaFixture {
 #[test]
 fn gemma3_tokenizer_matches_reference_ids() {
     let g = gemma();
-    let reference = fixture("gemma3_reference.json");
+    let reference = fixture_json("gemma3_reference.json");
     let cases = reference["tokenizer_cases"].as_array().unwrap();
     assert!(cases.len() >= 25);
     for case in cases {
@@ -73,7 +48,7 @@ fn gemma3_tokenizer_matches_reference_ids() {
 #[test]
 fn gemma3_top1_agreement_with_hf_transformers() {
     let g = gemma();
-    let reference = fixture("gemma3_reference.json");
+    let reference = fixture_json("gemma3_reference.json");
     let (mut agree, mut total, mut long_seen) = (0usize, 0usize, false);
     for p in reference["teacher_forced"].as_array().unwrap() {
         let tokens = ids(&p["ids"]);
@@ -101,9 +76,7 @@ fn gemma3_top1_agreement_with_hf_transformers() {
 /// difference 0.2 between the two), which would hide a cache bug.
 #[test]
 fn gemma3_incremental_decoding_matches_full_pass() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let mut f = GgufFile::open(&path).unwrap();
+    let mut f = real_gguf("gemma3-270m");
     f.dequantize = true;
     let g = &GemmaFixture { tokenizer: SpmTokenizer::from_gguf(&f).unwrap(), model: Decoder::from_gguf(&f).unwrap() };
     let tokens = g.tokenizer.encode("The quick brown fox jumps over the lazy dog because it", true).unwrap();
@@ -159,11 +132,9 @@ fn gemma3_rejects_bad_input() {
 
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
-    set_threads();
-    let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
-    let enc = SentenceEncoder::load(&path, &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap();
     assert_eq!(enc.max_seq_length, 256);
-    let reference = fixture("minilm_reference.json");
+    let reference = fixture_json("minilm_reference.json");
     let sentences = reference["sentences"].as_array().unwrap();
     let texts: Vec<&str> = sentences.iter().map(|s| s["text"].as_str().unwrap()).collect();
     assert!(sentences.iter().any(|s| s["truncated"].as_bool() == Some(true)), "fixture has truncated inputs");
@@ -174,10 +145,8 @@ fn minilm_embeddings_match_sentence_transformers() {
     let emb = enc.embed(&texts, 32).unwrap().to_vec2::<f32>().unwrap();
     for (s, e) in sentences.iter().zip(&emb) {
         let r = floats(&s["embedding"]);
-        let dot: f32 = r.iter().zip(e).map(|(a, b)| a * b).sum();
-        let na: f32 = r.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let cos = cosine(&r, e);
         let nb: f32 = e.iter().map(|a| a * a).sum::<f32>().sqrt();
-        let cos = dot / (na * nb);
         assert!(cos >= 0.9999, "cosine {cos} for {:?}", s["text"]);
         assert!((nb - 1.0).abs() < 1e-4, "embedding not normalised: {nb}");
     }
@@ -185,16 +154,7 @@ fn minilm_embeddings_match_sentence_transformers() {
 
 fn minilm() -> &'static SentenceEncoder {
     static E: OnceLock<SentenceEncoder> = OnceLock::new();
-    E.get_or_init(|| {
-        set_threads();
-        let path = resolve_model("all-minilm-l6-v2", false).expect("pull all-minilm-l6-v2");
-        SentenceEncoder::load(&path, &Device::Cpu).unwrap()
-    })
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max)
+    E.get_or_init(|| SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap())
 }
 
 /// The fused path (plain buffers, packed batches, gemm) against candle's
@@ -203,12 +163,12 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn minilm_fused_path_matches_candle_and_reference_hidden_states() {
     let enc = minilm();
     assert!(enc.is_fused(), "a float safetensors encoder loads with the fused path");
-    let reference = fixture("minilm_reference.json");
+    let reference = fixture_json("minilm_reference.json");
     let texts: Vec<&str> =
         reference["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
     let fused = enc.embed(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
     let candle = enc.embed_candle(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
-    let diff = max_abs_diff(&fused, &candle);
+    let diff = max_abs_diff_rows(&fused, &candle);
     assert!(diff < 2e-6, "fused vs candle embeddings: max diff {diff}");
     // Per-token last hidden state of one sentence (values ~1, fixture rounded to 7 digits).
     let dbg = &reference["token_embeddings_debug"];
@@ -218,7 +178,7 @@ fn minilm_fused_path_matches_candle_and_reference_hidden_states() {
     let (hidden, offsets) = fast.forward_packed(&[vec![101, 2023, 102], ids.clone()]).unwrap();
     assert_eq!(offsets, [0, 3, 3 + ids.len()]);
     let got: Vec<Vec<f32>> = hidden[3 * 384..].chunks(384).map(<[f32]>::to_vec).collect();
-    let diff = max_abs_diff(&got, &want);
+    let diff = max_abs_diff_rows(&got, &want);
     assert!(diff < 1e-4, "hidden states vs sentence-transformers: max diff {diff}");
     assert!(fast.forward_packed(&[vec![101, 999_999]]).unwrap_err().to_string().contains("outside the vocabulary"));
     assert!(fast.forward_packed(&[vec![101; 513]]).unwrap_err().to_string().contains("positions"));
@@ -229,8 +189,7 @@ fn minilm_fused_path_matches_candle_and_reference_hidden_states() {
 #[test]
 fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
     let enc = minilm();
-    let p = format!("{}/../../fixtures/embed_bench_sentences.txt", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(p).unwrap();
+    let text = fixture_text("embed_bench_sentences.txt");
     let all: Vec<&str> = text.lines().collect();
     // the short and the long ones: every length class, truncated inputs included
     let mut texts: Vec<&str> = all.iter().copied().take(40).collect();
@@ -244,7 +203,7 @@ fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
     let mut reversed = enc.embed(&rev, 7).unwrap().to_vec2::<f32>().unwrap();
     reversed.reverse();
     for (name, other) in [("one batch", &one_batch), ("alone", &alone), ("reversed, batches of 7", &reversed)] {
-        let diff = max_abs_diff(&b32, other);
+        let diff = max_abs_diff_rows(&b32, other);
         assert!(diff < 1e-6, "{name} vs batches of 32: max diff {diff}");
     }
     for e in &b32 {
@@ -262,9 +221,7 @@ fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
 /// logits by up to ~1.
 #[test]
 fn gemma3_paged_cache_matches_contiguous_cache() {
-    set_threads();
-    let path = resolve_model("gemma3-270m", false).expect("pull gemma3-270m");
-    let mut f = GgufFile::open(&path).unwrap();
+    let mut f = real_gguf("gemma3-270m");
     f.dequantize = true;
     let dequantized = Decoder::from_gguf(&f).unwrap();
     assert_eq!(dequantized.kernels(), Kernels::Dense);
@@ -293,7 +250,7 @@ fn paged_matches_contiguous(model: &Decoder) {
         let step = &tokens[at..at + chunk];
         let a = model.forward(&mut [SeqStep { tokens: step, cache: &mut contiguous }], Logits::Last).unwrap();
         let b = model.forward_paged(&mut [SeqStep { tokens: step, cache: &mut paged }], Logits::Last).unwrap();
-        let d = (&a[0] - &b[0]).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = tensor_max_abs_diff(&a[0], &b[0]);
         assert_eq!(
             a[0].argmax(0).unwrap().to_scalar::<u32>().unwrap(),
             b[0].argmax(0).unwrap().to_scalar::<u32>().unwrap()

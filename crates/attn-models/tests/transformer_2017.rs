@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use attn_models::{Transformer, TransformerConfig};
 use attn_nn::{cross_entropy, lengths_to_valid, ParamStore, SafetensorsSource, Weights};
+use attn_test_support::tensor_max_abs_diff;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/transformer_2017.safetensors");
@@ -58,10 +59,6 @@ fn fixture() -> Fixture {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 #[test]
 fn log_probs_match_pytorch_with_padding_and_causal_masks() {
     let f = fixture();
@@ -75,14 +72,14 @@ fn log_probs_match_pytorch_with_padding_and_causal_masks() {
     let reference = f.source.load_raw("output.logprobs", &Device::Cpu).unwrap();
     let mut worst = 0f32;
     for (b, &len) in f.tgt_len.iter().enumerate() {
-        let d = max_abs_diff(&ours.i((b, ..len)).unwrap(), &reference.i((b, ..len)).unwrap());
+        let d = tensor_max_abs_diff(&ours.i((b, ..len)).unwrap(), &reference.i((b, ..len)).unwrap());
         worst = worst.max(d);
     }
     assert!(worst < 1e-4, "max abs error {worst}");
     // Padding must matter: without the source mask the result changes.
     let unmasked =
         Transformer::log_softmax(&model.forward(&f.src, &f.tgt, None, Some(&tgt_valid), false).unwrap()).unwrap();
-    let d = max_abs_diff(&unmasked.i((2, ..f.tgt_len[2])).unwrap(), &reference.i((2, ..f.tgt_len[2])).unwrap());
+    let d = tensor_max_abs_diff(&unmasked.i((2, ..f.tgt_len[2])).unwrap(), &reference.i((2, ..f.tgt_len[2])).unwrap());
     assert!(d > 1e-3, "source padding mask had no effect ({d})");
 }
 
@@ -102,7 +99,7 @@ fn incremental_decoding_with_kv_cache_matches_full_forward() {
         for pos in 0..f.tgt_len[b] {
             let tok = f.tgt.i((b..b + 1, pos..pos + 1)).unwrap();
             let lp = Transformer::log_softmax(&model.decode_step(&tok, &mut state).unwrap()).unwrap();
-            let d = max_abs_diff(&lp.i((0, 0)).unwrap(), &reference.i((b, pos)).unwrap());
+            let d = tensor_max_abs_diff(&lp.i((0, 0)).unwrap(), &reference.i((b, pos)).unwrap());
             assert!(d < 1e-4, "row {b} position {pos}: {d}");
         }
 
@@ -123,7 +120,7 @@ fn incremental_decoding_with_kv_cache_matches_full_forward() {
         let tgt = Tensor::new(&tokens[..8], &dev).unwrap().unsqueeze(0).unwrap();
         let full = Transformer::log_softmax(&model.decode(&tgt, &enc, None, false).unwrap()).unwrap();
         for (pos, lp) in step_lps.iter().enumerate() {
-            let d = max_abs_diff(lp, &full.i((0, pos)).unwrap());
+            let d = tensor_max_abs_diff(lp, &full.i((0, pos)).unwrap());
             assert!(d < 1e-5, "greedy row {b} step {pos}: {d}");
         }
     }
@@ -155,7 +152,7 @@ fn label_smoothed_loss_and_gradients_match_pytorch() {
         let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         let theirs = f.source.load_raw(&format!("grad.{name}"), &Device::Cpu).unwrap();
         let scale = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let d = max_abs_diff(ours, &theirs);
+        let d = tensor_max_abs_diff(ours, &theirs);
         assert!(d < 1e-5 + 1e-4 * scale, "gradient of {name}: max abs diff {d} (max |grad| {scale})");
         checked += 1;
     }

@@ -3,8 +3,6 @@
 
 #![allow(clippy::needless_range_loop)] // the references index on purpose
 
-mod common;
-
 use std::sync::Arc;
 
 use attn_nn::attention::MASK_VALUE;
@@ -13,8 +11,9 @@ use attn_nn::{
     AttentionConfig, ContiguousKvCache, Error, KvCache, MultiHeadAttention, ParamStore, RmsNorm, RopeLayout,
     RotaryEmbedding, SdpaOptions, Weights,
 };
+use attn_test_support::diff::*;
+use attn_test_support::reference::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use rand::rngs::StdRng;
 
 const TOL: f32 = 1e-5;

@@ -2,15 +2,14 @@
 //! dropout, the output head and the cross-entropy loss, against nested-loop
 //! references.
 
-mod common;
-
 use attn_nn::moe::{expert_utilisation, top_k_indices};
 use attn_nn::{
     cross_entropy, load_balancing_loss, Activation, Dropout, Error, FeedForward, FfnKind, LayerNorm, Linear,
     MoeFeedForward, Norm, OutputHead, Residual, RmsNorm,
 };
+use attn_test_support::diff::*;
+use attn_test_support::reference::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use rand::rngs::StdRng;
 
 const TOL: f32 = 1e-5;

@@ -3,14 +3,13 @@
 
 #![allow(clippy::needless_range_loop)] // the references index on purpose
 
-mod common;
-
 use attn_nn::{
     positions, Error, LearnedPositionalEmbedding, RopeLayout, RotaryEmbedding, SinusoidalPositionalEncoding,
     TokenEmbedding,
 };
+use attn_test_support::diff::*;
+use attn_test_support::reference::*;
 use candle_core::{DType, Device};
-use common::*;
 
 const TOL: f32 = 1e-5;
 

@@ -1,8 +1,6 @@
 //! The building blocks against the committed PyTorch fixtures (see
 //! scripts/fixtures/README.md for exactly what each file holds).
 
-mod common;
-
 use std::sync::Arc;
 
 use attn_nn::moe::top_k_indices;
@@ -11,8 +9,8 @@ use attn_nn::{
     AttentionConfig, FfnKind, MoeFeedForward, MultiHeadAttention, ParamStore, RopeLayout, RotaryEmbedding,
     SafetensorsSource, Weights,
 };
+use attn_test_support::diff::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 
 const MOE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/moe.safetensors");
 const GQA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/gqa_attention.safetensors");

@@ -5,6 +5,7 @@
 
 use attn_nn::grad_ops;
 use attn_nn::{scaled_dot_product_attention, Dropout, SdpaOptions};
+use attn_test_support::to_vec;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -17,13 +18,9 @@ fn var(shape: &[usize], seed: u64) -> Var {
     Var::from_tensor(&rand(shape, seed)).unwrap()
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
-}
-
 fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
     assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let (g, w) = (flat(got), flat(want));
+    let (g, w) = (to_vec(got), to_vec(want));
     let scale = w.iter().fold(1f32, |m, x| m.max(x.abs()));
     let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst <= tol * scale, "{name}: max abs diff {worst} (scale {scale})");

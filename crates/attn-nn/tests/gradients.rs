@@ -2,8 +2,6 @@
 //! `ParamStore` receives a gradient (nothing silently detaches it, see
 //! DESIGN.md §7), and the gradients agree with finite differences.
 
-mod common;
-
 use std::sync::Arc;
 
 use attn_nn::{
@@ -11,8 +9,9 @@ use attn_nn::{
     FfnKind, FfnNames, Init, LayerNorm, Linear, MultiHeadAttention, OutputHead, ParamStore, Residual, RmsNorm,
     RopeLayout, RotaryEmbedding, TokenEmbedding, Weights,
 };
+use attn_test_support::diff::*;
+use attn_test_support::reference::*;
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
 
 const VOCAB: usize = 13;
 const D: usize = 16;

@@ -1,23 +1,15 @@
 //! Loading weights: names, shapes and malformed files give errors that name
 //! what was wrong.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use attn_nn::{Error, Linear, ParamStore, SafetensorsSource, Weights};
+use attn_test_support::diff::*;
+use attn_test_support::reference::*;
+use attn_test_support::tempdir;
 use candle_core::{DType, Device, Tensor};
-use common::*;
-
-/// A fresh, empty directory under the system temp dir for this test.
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-nn-tests-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Writes a small valid safetensors file and returns its path and bytes.
 fn write_valid(dir: &std::path::Path) -> (PathBuf, Vec<u8>) {
@@ -33,7 +25,7 @@ fn write_valid(dir: &std::path::Path) -> (PathBuf, Vec<u8>) {
 
 #[test]
 fn loads_named_tensors_with_prefixes() {
-    let dir = temp_dir("load");
+    let dir = tempdir("nn-load");
     let (path, _) = write_valid(&dir);
     let w = Weights::from_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap();
     let lin = Linear::load(&w.pp("layer"), 3, 2, true).unwrap();
@@ -53,7 +45,7 @@ fn loads_named_tensors_with_prefixes() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = temp_dir("missing");
+    let dir = tempdir("nn-missing");
     let (path, _) = write_valid(&dir);
     let w = Weights::from_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap();
     match w.pp("layer").pp("proj").get(&[2, 3], "weight") {
@@ -72,7 +64,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn wrong_shape_is_named() {
-    let dir = temp_dir("shape");
+    let dir = tempdir("nn-shape");
     let (path, _) = write_valid(&dir);
     let w = Weights::from_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap();
     match Linear::load(&w.pp("layer"), 2, 3, true) {
@@ -96,7 +88,7 @@ fn wrong_shape_is_named() {
 
 #[test]
 fn corrupt_files_are_format_errors() {
-    let dir = temp_dir("corrupt");
+    let dir = tempdir("nn-corrupt");
     let (_, bytes) = write_valid(&dir);
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut cases: Vec<(&str, Vec<u8>)> = vec![

@@ -4,6 +4,7 @@
 
 mod common;
 
+use attn_test_support::tempdir;
 use attn_train::config::Precision;
 use attn_train::data::batch::{make_batch, plan_epoch, Cursor, Examples};
 use attn_train::optim::AdamW;
@@ -11,7 +12,7 @@ use attn_train::task::{prepare, Model};
 use attn_train::trainer::accumulate_gradients;
 use attn_train::TrainConfig;
 use candle_core::Device;
-use common::{ci_config, tempdir};
+use common::ci_config;
 
 fn setup(dir: &std::path::Path) -> (TrainConfig, attn_train::task::Prepared) {
     let p = ci_config("de-en-tiny", dir, &[("dropout", "0.0"), ("label_smoothing", "0.1")]);

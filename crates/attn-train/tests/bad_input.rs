@@ -5,18 +5,19 @@ mod common;
 
 use std::path::Path;
 
+use attn_test_support::{tempdir, workspace_root};
 use attn_train::{train, TrainConfig, TrainOptions};
-use common::{ci_config, root, tempdir};
+use common::ci_config;
 
 fn err_of(text: &str) -> String {
-    match TrainConfig::parse(text, &root()) {
+    match TrainConfig::parse(text, &workspace_root()) {
         Ok(_) => panic!("config accepted:\n{text}"),
         Err(e) => e.to_string(),
     }
 }
 
 fn base() -> String {
-    std::fs::read_to_string(root().join("configs/ci/shakespeare-tiny.toml")).unwrap()
+    std::fs::read_to_string(workspace_root().join("configs/ci/shakespeare-tiny.toml")).unwrap()
 }
 
 #[test]

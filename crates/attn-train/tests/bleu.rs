@@ -8,9 +8,7 @@ use serde_json::Value;
 const TOL: f64 = 1e-6;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/bleu_reference.json");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    serde_json::from_str(&text).expect("parsing bleu_reference.json")
+    attn_test_support::fixture_json("bleu_reference.json")
 }
 
 fn strings(v: &Value) -> Vec<String> {

@@ -9,7 +9,7 @@ use attn_nn::Error;
 use attn_train::data::corpus::{load_ding, load_sentiment_tsv, load_text_dir};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpora")
+    attn_test_support::fixture_path("corpora")
 }
 
 fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
@@ -327,7 +327,7 @@ fn sentiment_errors() {
 fn data_dir() -> PathBuf {
     std::env::var_os("ATTN_DATA_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data"))
+        .unwrap_or_else(|| attn_test_support::workspace_root().join("data"))
 }
 
 fn require(path: &Path) -> &Path {

@@ -4,10 +4,11 @@
 
 mod common;
 
+use attn_test_support::tempdir;
 use attn_train::metrics::train_losses;
 use attn_train::trainer::evaluate_model;
 use attn_train::{train, TrainOptions};
-use common::{ci_config, tempdir};
+use common::ci_config;
 
 fn run(name: &str, tag: &str, overrides: &[(&str, &str)]) -> (std::path::PathBuf, attn_train::TrainSummary) {
     let dir = tempdir(tag);

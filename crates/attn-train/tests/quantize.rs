@@ -5,23 +5,18 @@
 mod common;
 
 use attn_models::quantize::{quantize, QuantType};
+use attn_test_support::tempdir;
 use attn_train::task::Net;
 use attn_train::trainer::load_exported;
 use attn_train::{train, TrainOptions};
 use candle_core::{Device, Tensor};
-use common::{ci_config, tempdir};
+use common::ci_config;
 
 /// Largest rounding error of one weight relative to its block's largest
-/// magnitude (see attn-models' quantize tests for the derivation).
+/// magnitude (derived in [`attn_test_support::diff::quant_max_error`]); 0
+/// for the types left unquantized.
 fn max_error(ty: &str) -> f32 {
-    match ty {
-        "Q8_0" => 0.5 / 127.0,
-        "Q4_0" => 1.0 / 8.0,
-        "Q5_0" => 1.0 / 16.0,
-        "Q4K" => 2.0 / 15.0,
-        "F16" => 1.0 / 2048.0,
-        _ => 0.0,
-    }
+    attn_test_support::diff::quant_max_error(ty).unwrap_or(0.0)
 }
 
 fn logits(net: &Net, ids: &Tensor) -> Vec<f32> {

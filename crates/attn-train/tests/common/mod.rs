@@ -5,15 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use attn_test_support::workspace_root;
 
 /// `configs/ci/NAME.toml` with `key = value` lines replaced (first match
 /// after the given table header, or anywhere when the key is unique), the
 /// corpus path made absolute, written into `dir`.
 pub fn ci_config(name: &str, dir: &Path, overrides: &[(&str, &str)]) -> PathBuf {
-    let src = root().join("configs/ci").join(format!("{name}.toml"));
+    let src = workspace_root().join("configs/ci").join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&src).unwrap();
     let mut out = String::new();
     let mut applied = vec![false; overrides.len()];
@@ -22,7 +20,7 @@ pub fn ci_config(name: &str, dir: &Path, overrides: &[(&str, &str)]) -> PathBuf 
         let mut l = line.to_string();
         if key == "path" {
             let rel = line.split('"').nth(1).unwrap();
-            let abs = std::fs::canonicalize(root().join("configs/ci").join(rel)).unwrap();
+            let abs = std::fs::canonicalize(workspace_root().join("configs/ci").join(rel)).unwrap();
             l = format!("path = \"{}\"", abs.display());
         }
         for (i, (k, v)) in overrides.iter().enumerate() {
@@ -42,14 +40,4 @@ pub fn ci_config(name: &str, dir: &Path, overrides: &[(&str, &str)]) -> PathBuf 
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, out).unwrap();
     p
-}
-
-pub fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("attn-test-{tag}-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_007
 }

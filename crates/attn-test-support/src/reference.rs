@@ -1,10 +1,6 @@
-//! Helpers shared by the attn-nn integration tests: seeded random data,
-//! tensor <-> Vec conversions, and plain nested-loop reference math.
-//!
-//! Everything here is deliberately naive (f64 loops over `Vec`s), so that the
-//! tests compare candle's tensor code with something obviously correct.
-
-#![allow(dead_code)]
+//! Deliberately naive reference maths for the nn blocks (f64 loops over
+//! `Vec`s), so that tests compare candle's tensor code and attn's kernels
+//! with something obviously correct; seeded random data and weights.
 
 use attn_nn::{Linear, WeightSource};
 use candle_core::{DType, Device, Tensor};
@@ -59,30 +55,6 @@ pub fn tensor(data: &[f32], shape: &[usize]) -> Tensor {
 
 pub fn u32_tensor(data: &[u32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
-}
-
-/// All elements of `t` (any shape, converted to f32) in row-major order.
-pub fn to_vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
-}
-
-/// Asserts that `got` and `want` have the same length, are finite, and
-/// differ by at most `tol` anywhere.
-pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} != {}", got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
-    let err = max_abs_diff(got, want);
-    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
-}
-
-pub fn assert_tensor_close(got: &Tensor, want: &[f32], shape: &[usize], tol: f32, what: &str) {
-    assert_eq!(got.dims(), shape, "{what}: shape");
-    assert_close(&to_vec(got), want, tol, what);
 }
 
 /// A random dense [`Linear`] and the plain copies of its weight (`[out, in]`)
