@@ -909,6 +909,55 @@ impl Q8Matrix {
         }
     }
 
+    /// The 32 integer weights `w` of row `r`, block `b`: [`Self::weight`]
+    /// for a whole block, reading each panel byte once.
+    fn block_weights(&self, r: usize, b: usize) -> [i8; BLOCK] {
+        let panel = r / GROUP * self.blocks + b;
+        let j = 4 * (r % GROUP);
+        let mut q = [0i8; BLOCK];
+        match &self.quants {
+            Quants::Q8(lines) => {
+                for k in 0..LINES {
+                    for t in 0..4 {
+                        q[4 * k + t] = (lines[panel * LINES + k].0[j + t] ^ 0x80) as i8;
+                    }
+                }
+            }
+            Quants::Q5 { nib, high } => {
+                for i in 0..LINES / 2 {
+                    let (h0, h1) = (high[panel * LINES + 2 * i] >> j, high[panel * LINES + 2 * i + 1] >> j);
+                    for t in 0..4 {
+                        let byte = nib[panel * 4 + i].0[j + t];
+                        q[8 * i + t] = ((byte & 0x0f) | (((h0 >> t) & 1) as u8) << 4) as i8 - 16;
+                        q[8 * i + 4 + t] = ((byte >> 4) | (((h1 >> t) & 1) as u8) << 4) as i8 - 16;
+                    }
+                }
+            }
+            Quants::Q4 { nib, off } => {
+                for i in 0..LINES / 2 {
+                    for t in 0..4 {
+                        let byte = nib[panel * 4 + i].0[j + t];
+                        q[8 * i + t] = (byte & 0x0f) as i8 - *off as i8;
+                        q[8 * i + 4 + t] = (byte >> 4) as i8 - *off as i8;
+                    }
+                }
+            }
+            Quants::Q6 { nib, crumbs } => {
+                for i in 0..LINES / 2 {
+                    for t in 0..4 {
+                        let byte = nib[panel * 4 + i].0[j + t];
+                        for (half, low) in [(0, byte & 0x0f), (1, byte >> 4)] {
+                            let k = 2 * i + half;
+                            let hb = (crumbs[panel * 2 + k / 4].0[j + t] >> (2 * (k % 4))) & 3;
+                            q[4 * k + t] = (low | (hb << 4)) as i8 - 32;
+                        }
+                    }
+                }
+            }
+        }
+        q
+    }
+
     /// Row `r`'s two factors `(a, c)` for block `b` (module docs; `c` is 0
     /// for one-scale formats).
     #[inline]
@@ -1084,8 +1133,9 @@ impl Q8Matrix {
             let r = r0 + k;
             for (b, chunk) in dst.chunks_mut(BLOCK).enumerate() {
                 let (fa, fc) = self.factors(r, b);
+                let q = self.block_weights(r, b);
                 for (t, v) in chunk.iter_mut().enumerate() {
-                    let w = self.weight(r, b * BLOCK + t) as f32;
+                    let w = q[t] as f32;
                     *v = match form {
                         Form::One => fa * w,
                         // q·d + m (Q4_1), d·sc·q - dmin·mn (Q4_K).
