@@ -11,7 +11,6 @@ pub mod dropout;
 pub mod embedding;
 pub mod error;
 pub mod fast;
-pub mod fast_bert;
 pub mod ffn;
 pub mod flash;
 pub mod grad_ops;
