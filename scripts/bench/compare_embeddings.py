@@ -9,6 +9,12 @@ neither always runs first on a warm or cold machine), after one warm-up each.
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py            # 5 rounds
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --rounds 9 --attn target/release/attn
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --wait-idle 0.3 --wait-max 30
+    ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --equal-length 64   # equal-length batches
+
+With --equal-length N the sentences are rewritten so that every one is exactly N word pieces
+([CLS] and [SEP] included): the fixture's sentences are joined end to end, cut into N - 2 word
+pieces each, decoded back to text, and kept when they re-tokenize to exactly N (--count of them,
+default 256). Then no engine pads or skips padding: the ratio is the kernels' alone.
 
 What is measured:
   sentence-transformers  `model.encode(sentences, batch_size=32, normalize_embeddings=True)` in
@@ -117,6 +123,22 @@ def read_sentences(path):
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
+def equal_length_sentences(tokenizer, sentences, n, count):
+    """`count` texts of exactly `n` word pieces each (special tokens included), cut from `sentences`."""
+    pieces = []
+    for s in sentences:
+        pieces.extend(tokenizer.tokenize(s))
+    out, i = [], 0
+    while len(out) < count:
+        if i + n - 2 > len(pieces):
+            i = (i % 7) + 1  # wrap around at another offset: new cuts, same text
+        text = tokenizer.convert_tokens_to_string(pieces[i:i + n - 2])
+        i += n - 2
+        if len(tokenizer(text)["input_ids"]) == n:
+            out.append(text)
+    return out
+
+
 def cosine_check(a, b):
     import numpy as np
 
@@ -185,6 +207,9 @@ def main():
     ap.add_argument("--wait-idle", type=float, metavar="CORES",
                     help="before each round, wait until the machine uses less than CORES cores")
     ap.add_argument("--wait-max", type=float, default=60, help="longest wait for --wait-idle, seconds")
+    ap.add_argument("--equal-length", type=int, metavar="N",
+                    help="rewrite the sentences to exactly N word pieces each (equal-length batches)")
+    ap.add_argument("--count", type=int, default=256, help="sentences for --equal-length")
     ap.add_argument("--out", help="result JSON (default scripts/bench/results/minilm-embed-b32-t2-DATE.json)")
     a = ap.parse_args()
 
@@ -194,7 +219,7 @@ def main():
         target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
         a.attn = os.path.join(target, "release", "attn")
     sentences = read_sentences(a.sentences)
-    n = len(sentences)
+    source = os.path.relpath(a.sentences, REPO)
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fast tokenizer's own threads: off
     import numpy as np
@@ -205,6 +230,14 @@ def main():
     torch.set_num_threads(a.threads)
     st = SentenceTransformer(a.model, device="cpu")
     st.eval()
+    tmp = None
+    if a.equal_length:
+        sentences = equal_length_sentences(st.tokenizer, sentences, a.equal_length, a.count)
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
+        tmp.write("\n".join(sentences) + "\n")
+        tmp.close()
+        a.sentences = tmp.name
+    n = len(sentences)
     tok = st.tokenizer(sentences, truncation=True, max_length=st.max_seq_length)["input_ids"]
     lens = [len(t) for t in tok]
     log(f"{n} sentences, {sum(lens)} word pieces (min {min(lens)}, median {int(np.median(lens))}, "
@@ -269,14 +302,16 @@ def main():
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "sentence_transformers": version("sentence-transformers"),
                      "transformers": version("transformers"), "attn_commit": git_commit()},
-        "setup": {"model": a.model, "sentences_file": os.path.relpath(a.sentences, REPO), "sentences": n,
+        "setup": {"model": a.model, "sentences_file": (f"{source}, cut to {a.equal_length} word pieces each"
+                                                        if tmp else source), "sentences": n,
                   "word_pieces": sum(lens), "batch_size": a.batch_size, "threads": a.threads,
                   "rounds": a.rounds, "wait_idle": a.wait_idle, "wait_max": a.wait_max},
         "summary": summary,
         "rounds": rows,
     }
     out = a.out or os.path.join(REPO, "scripts", "bench", "results",
-                                f"minilm-embed-b{a.batch_size}-t{a.threads}-{datetime.date.today()}.json")
+                                f"minilm-embed-b{a.batch_size}-t{a.threads}"
+                                f"{f'-len{a.equal_length}' if a.equal_length else ''}-{datetime.date.today()}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
