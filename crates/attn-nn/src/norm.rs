@@ -196,3 +196,80 @@ impl Residual {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{AttentionConfig, MultiHeadAttention};
+    use crate::ffn::{Activation, FeedForward};
+    use crate::linear::Linear;
+    use crate::Dropout;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_t(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0) * scale + offset).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    }
+
+    /// Every residual wiring and both norms on plain rows against the
+    /// tensor forward, with a linear layer (dense and 8-bit) as the sublayer,
+    /// and a packed attention / FFN against their padded tensor forwards.
+    #[test]
+    fn row_paths_match_the_tensor_forward() {
+        let (m, d) = (7, 16);
+        let x = rand_t(&[m, d], 1, 2.0, 0.0);
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ln = || Norm::Layer(LayerNorm::new(rand_t(&[d], 2, 0.5, 1.0), Some(rand_t(&[d], 3, 0.5, 0.0)), 1e-5));
+        let rms = |add_one| Norm::Rms(RmsNorm::new(rand_t(&[d], 4, 0.5, 0.5), 1e-6, add_one));
+        let dense = Linear::new(rand_t(&[d, d], 5, 0.3, 0.0), Some(rand_t(&[d], 6, 0.1, 0.0))).unwrap();
+        for lin in [dense.clone(), dense.to_q8().unwrap()] {
+            for res in [
+                Residual::Post(ln()),
+                Residual::Pre(rms(false)),
+                Residual::Sandwich { pre: rms(true), post: ln() },
+            ] {
+                let want = res.forward(&x, |h| lin.forward(h)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut got = xv.clone();
+                res.forward_rows(&mut got, |h, y| lin.forward_rows(h, m, y, d)).unwrap();
+                assert!(max_diff(&got, &want) < 1e-5, "{res:?}: {}", max_diff(&got, &want));
+            }
+        }
+        // A projection into columns of a wider buffer (rows `ld` apart).
+        let mut wide = vec![7f32; m * 3 * d];
+        dense.forward_rows(&xv, m, &mut wide[d..], 3 * d).unwrap();
+        let want = dense.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (r, w) in want.iter().enumerate() {
+            assert!(max_diff(&wide[r * 3 * d + d..r * 3 * d + 2 * d], w) < 1e-5);
+            assert!(wide[r * 3 * d..r * 3 * d + d].iter().all(|v| *v == 7.0));
+        }
+        // Packed attention and FFN against the padded tensor path: two sequences of 3 and 4.
+        let lin = |s| Linear::new(rand_t(&[d, d], s, 0.3, 0.0), Some(rand_t(&[d], s + 10, 0.1, 0.0))).unwrap();
+        let attn = MultiHeadAttention::new(AttentionConfig::mha(d, 4), lin(11), lin(12), lin(13), lin(14)).unwrap();
+        let up = Linear::new(rand_t(&[32, d], 15, 0.3, 0.0), Some(rand_t(&[32], 16, 0.1, 0.0))).unwrap();
+        let down = Linear::new(rand_t(&[d, 32], 17, 0.3, 0.0), None).unwrap();
+        let ffn = FeedForward::new(None, up, down, Activation::GeluErf, Dropout::new(0.0).unwrap()).unwrap();
+        let (lens, t) = ([3usize, 4], 4);
+        let mut padded = vec![0f32; 2 * t * d];
+        padded[..3 * d].copy_from_slice(&xv[..3 * d]);
+        padded[t * d..].copy_from_slice(&xv[3 * d..]);
+        let xp = Tensor::from_vec(padded, (2, t, d), &Device::Cpu).unwrap();
+        let a = attn.forward_padded(&xp, &lens, false).unwrap().to_vec3::<f32>().unwrap();
+        let f = ffn.forward(&xp, false).unwrap().to_vec3::<f32>().unwrap();
+        let unpad = |v: Vec<Vec<Vec<f32>>>| -> Vec<f32> {
+            v.into_iter().zip(lens).flat_map(|(s, l)| s.into_iter().take(l).flatten()).collect()
+        };
+        let mut got = vec![0f32; m * d];
+        attn.forward_packed(&xv, &[0, 3, 7], &mut got).unwrap();
+        assert!(max_diff(&got, &unpad(a)) < 1e-5);
+        ffn.forward_rows(&xv, m, &mut got).unwrap();
+        assert!(max_diff(&got, &unpad(f)) < 1e-5);
+    }
+}
