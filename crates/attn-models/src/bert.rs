@@ -218,7 +218,11 @@ impl Bert {
             if s.len() > self.cfg.max_position_embeddings {
                 return Err(Error::input(
                     "bert",
-                    format!("{} tokens exceed the {} positions of the model", s.len(), self.cfg.max_position_embeddings),
+                    format!(
+                        "{} tokens exceed the {} positions of the model",
+                        s.len(),
+                        self.cfg.max_position_embeddings
+                    ),
                 ));
             }
             offsets.push(offsets[offsets.len() - 1] + s.len());

@@ -777,7 +777,14 @@ pub fn attend_packed(
 
 /// Attention of one sequence (`qkv` its `[l, 3 * hidden]` rows) into `dst`
 /// (`[l, hidden]`), `scores` a scratch buffer.
-fn attend_one(qkv: &[f32], l: usize, (n_heads, hd): (usize, usize), scale: f32, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_one(
+    qkv: &[f32],
+    l: usize,
+    (n_heads, hd): (usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
     if l == 0 {
         return;
     }
@@ -881,7 +888,8 @@ mod tests {
                 let want = match act {
                     Activation::GeluErf => 0.5 * x64 * (1.0 + erf_ref(x64 / 2f64.sqrt())),
                     Activation::GeluTanh => {
-                        0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044_715 * x64.powi(3))).tanh())
+                        0.5 * x64
+                            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044_715 * x64.powi(3))).tanh())
                     }
                     Activation::Relu => x64.max(0.0),
                     Activation::Silu => x64 / (1.0 + (-x64).exp()),

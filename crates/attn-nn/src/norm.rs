@@ -231,12 +231,11 @@ mod tests {
         let rms = |add_one| Norm::Rms(RmsNorm::new(rand_t(&[d], 4, 0.5, 0.5), 1e-6, add_one));
         let dense = Linear::new(rand_t(&[d, d], 5, 0.3, 0.0), Some(rand_t(&[d], 6, 0.1, 0.0))).unwrap();
         for lin in [dense.clone(), dense.to_q8().unwrap()] {
-            for res in [
-                Residual::Post(ln()),
-                Residual::Pre(rms(false)),
-                Residual::Sandwich { pre: rms(true), post: ln() },
-            ] {
-                let want = res.forward(&x, |h| lin.forward(h)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for res in
+                [Residual::Post(ln()), Residual::Pre(rms(false)), Residual::Sandwich { pre: rms(true), post: ln() }]
+            {
+                let want =
+                    res.forward(&x, |h| lin.forward(h)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let mut got = xv.clone();
                 res.forward_rows(&mut got, |h, y| lin.forward_rows(h, m, y, d)).unwrap();
                 assert!(max_diff(&got, &want) < 1e-5, "{res:?}: {}", max_diff(&got, &want));
