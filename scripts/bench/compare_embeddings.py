@@ -9,6 +9,12 @@ neither always runs first on a warm or cold machine), after one warm-up each.
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py            # 5 rounds
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --rounds 9 --attn target/release/attn
     ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --wait-idle 0.3 --wait-max 30
+    ~/.venvs/torch/bin/python scripts/bench/compare_embeddings.py --equal-length 64   # equal-length batches
+
+With --equal-length N the sentences are rewritten so that every one is exactly N word pieces
+([CLS] and [SEP] included): the fixture's sentences are joined end to end, cut into N - 2 word
+pieces each, decoded back to text, and kept when they re-tokenize to exactly N (--count of them,
+default 256). Then no engine pads or skips padding: the ratio is the kernels' alone.
 
 What is measured:
   sentence-transformers  `model.encode(sentences, batch_size=32, normalize_embeddings=True)` in
@@ -117,6 +123,22 @@ def read_sentences(path):
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
+def equal_length_sentences(tokenizer, sentences, n, count):
+    """`count` texts of exactly `n` word pieces each (special tokens included), cut from `sentences`."""
+    pieces = []
+    for s in sentences:
+        pieces.extend(tokenizer.tokenize(s))
+    out, i = [], 0
+    while len(out) < count:
+        if i + n - 2 > len(pieces):
+            i = (i % 7) + 1  # wrap around at another offset: new cuts, same text
+        text = tokenizer.convert_tokens_to_string(pieces[i:i + n - 2])
+        i += n - 2
+        if len(tokenizer(text)["input_ids"]) == n:
+            out.append(text)
+    return out
+
+
 def cosine_check(a, b):
     import numpy as np
 
@@ -131,14 +153,15 @@ def run_st(model, sentences, a):
     emb = model.encode(sentences, batch_size=a.batch_size, normalize_embeddings=True, convert_to_numpy=True,
                        show_progress_bar=False)
     s = time.perf_counter() - t0
-    other = max(0.0, ((busy_jiffies() - b0) / HZ - (self_cpu() - cpu0)) / s)
+    cpu = self_cpu() - cpu0
+    other = max(0.0, ((busy_jiffies() - b0) / HZ - cpu) / s)
     return {"engine": "sentence-transformers", "seconds": s, "sentences_per_s": len(sentences) / s,
-            "other_cores": other}, emb
+            "cpu_seconds": cpu, "sentences_per_cpu_s": len(sentences) / cpu, "other_cores": other}, emb
 
 
 def run_attn(a, n):
     cmd = [a.attn, "embed", "-m", a.model, "--file", a.sentences, "--threads", str(a.threads),
-           "--batch-size", str(a.batch_size), "--timing", "--json"]
+           "--batch-size", str(a.batch_size), "--timing", "--json"] + (["--int8"] if a.int8 else [])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         b0 = busy_jiffies()
         t0 = time.perf_counter()
@@ -157,11 +180,27 @@ def run_attn(a, n):
     got_n, secs = int(line.split()[0].lstrip("[")), float(line.split(" in ")[1].split()[0])
     assert got_n == n, (got_n, n)
     child_cpu = ru.ru_utime + ru.ru_stime
+    # the embedding's CPU time: the process's minus that of a run embedding one word (start, load, exit)
+    cpu = child_cpu - a.attn_overhead_cpu if a.attn_overhead_cpu is not None else None
     other = max(0.0, ((b1 - b0) / HZ - child_cpu) / wall)
     emb = [d["embedding"] for d in json.loads(stdout)["data"]]
-    return {"engine": "attn", "seconds": secs, "sentences_per_s": n / secs, "process_wall_s": wall,
+    return {"engine": "attn", "seconds": secs, "sentences_per_s": n / secs, "cpu_seconds": cpu,
+            "sentences_per_cpu_s": n / cpu if cpu else None, "process_wall_s": wall,
             "process_sentences_per_s": n / wall, "peak_rss_mib": ru.ru_maxrss / 1024,
             "other_cores": other}, emb
+
+
+def attn_overhead_cpu(a):
+    """CPU seconds of `attn embed` on one word (process start, model load, exit), median of 3."""
+    v = []
+    for _ in range(3):
+        p = subprocess.Popen([a.attn, "embed", "-m", a.model, "--threads", str(a.threads), "--json", "x"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, ru = os.wait4(p.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            return None
+        v.append(ru.ru_utime + ru.ru_stime)
+    return statistics.median(v)
 
 
 def git_commit():
@@ -185,6 +224,10 @@ def main():
     ap.add_argument("--wait-idle", type=float, metavar="CORES",
                     help="before each round, wait until the machine uses less than CORES cores")
     ap.add_argument("--wait-max", type=float, default=60, help="longest wait for --wait-idle, seconds")
+    ap.add_argument("--equal-length", type=int, metavar="N",
+                    help="rewrite the sentences to exactly N word pieces each (equal-length batches)")
+    ap.add_argument("--count", type=int, default=256, help="sentences for --equal-length")
+    ap.add_argument("--int8", action="store_true", help="run `attn embed --int8` (8-bit weights and activations)")
     ap.add_argument("--out", help="result JSON (default scripts/bench/results/minilm-embed-b32-t2-DATE.json)")
     a = ap.parse_args()
 
@@ -194,7 +237,7 @@ def main():
         target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
         a.attn = os.path.join(target, "release", "attn")
     sentences = read_sentences(a.sentences)
-    n = len(sentences)
+    source = os.path.relpath(a.sentences, REPO)
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fast tokenizer's own threads: off
     import numpy as np
@@ -205,11 +248,21 @@ def main():
     torch.set_num_threads(a.threads)
     st = SentenceTransformer(a.model, device="cpu")
     st.eval()
+    tmp = None
+    if a.equal_length:
+        sentences = equal_length_sentences(st.tokenizer, sentences, a.equal_length, a.count)
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
+        tmp.write("\n".join(sentences) + "\n")
+        tmp.close()
+        a.sentences = tmp.name
+    n = len(sentences)
     tok = st.tokenizer(sentences, truncation=True, max_length=st.max_seq_length)["input_ids"]
     lens = [len(t) for t in tok]
     log(f"{n} sentences, {sum(lens)} word pieces (min {min(lens)}, median {int(np.median(lens))}, "
         f"max {max(lens)}); torch threads {torch.get_num_threads()}")
 
+    a.attn_overhead_cpu = attn_overhead_cpu(a)
+    log(f"attn start + load + exit: {a.attn_overhead_cpu} CPU seconds (subtracted from its rounds' CPU time)")
     log("warm-up")
     _, st_emb = run_st(st, sentences, a)
     _, attn_emb = run_attn(a, n)
@@ -231,8 +284,9 @@ def main():
             row["round"] = r
             rows.append(row)
             extra = f", whole process {row['process_sentences_per_s']:.1f}/s" if eng == "attn" else ""
+            cpu = f", {row['sentences_per_cpu_s']:.1f}/cpu-s" if row["sentences_per_cpu_s"] else ""
             log(f"round {r} {row['engine']:>21}: {row['sentences_per_s']:7.1f} sentences/s "
-                f"({row['seconds']:.3f} s{extra}; other load {row['other_cores']:.2f} cores)")
+                f"({row['seconds']:.3f} s{extra}{cpu}; other load {row['other_cores']:.2f} cores)")
     if min_cos < 0.999:
         raise SystemExit(f"embeddings disagree: min cosine {min_cos}")
 
@@ -251,6 +305,12 @@ def main():
         "ratio_best": s_at["best"] / s_st["best"],
         "ratio_median": s_at["median"] / s_st["median"],
         "ratio_whole_process_median": s_proc["median"] / s_st["median"],
+        # sentences per CPU-second (all threads): the cost, less sensitive to other load than wall time
+        "cpu": ({"st_sentences_per_cpu_s": stats("sentence-transformers", "sentences_per_cpu_s"),
+                 "attn_sentences_per_cpu_s": stats("attn", "sentences_per_cpu_s"),
+                 "ratio_median": stats("attn", "sentences_per_cpu_s")["median"]
+                 / stats("sentence-transformers", "sentences_per_cpu_s")["median"]}
+                if all(x["sentences_per_cpu_s"] for x in rows) else None),
         "quiet_rounds": {
             "st": quiet["sentence-transformers"], "attn": quiet["attn"],
             "ratio_median": (statistics.median(quiet["attn"]) / statistics.median(quiet["sentence-transformers"])
@@ -269,14 +329,18 @@ def main():
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "sentence_transformers": version("sentence-transformers"),
                      "transformers": version("transformers"), "attn_commit": git_commit()},
-        "setup": {"model": a.model, "sentences_file": os.path.relpath(a.sentences, REPO), "sentences": n,
-                  "word_pieces": sum(lens), "batch_size": a.batch_size, "threads": a.threads,
+        "setup": {"model": a.model, "sentences_file": (f"{source}, cut to {a.equal_length} word pieces each"
+                                                        if tmp else source), "sentences": n,
+                  "word_pieces": sum(lens), "batch_size": a.batch_size, "attn_int8": a.int8,
+                  "attn_overhead_cpu_s": a.attn_overhead_cpu, "threads": a.threads,
                   "rounds": a.rounds, "wait_idle": a.wait_idle, "wait_max": a.wait_max},
         "summary": summary,
         "rounds": rows,
     }
     out = a.out or os.path.join(REPO, "scripts", "bench", "results",
-                                f"minilm-embed-b{a.batch_size}-t{a.threads}-{datetime.date.today()}.json")
+                                f"minilm-embed-b{a.batch_size}-t{a.threads}"
+                                f"{f'-len{a.equal_length}' if a.equal_length else ''}{'-int8' if a.int8 else ''}"
+                                f"-{datetime.date.today()}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -286,6 +350,10 @@ def main():
           f"whole process incl. start and load {s_proc['median']:.1f}")
     print(f"ratio attn / sentence-transformers: median {summary['ratio_median']:.2f}x, "
           f"best {summary['ratio_best']:.2f}x, whole process {summary['ratio_whole_process_median']:.2f}x")
+    if summary["cpu"]:
+        c = summary["cpu"]
+        print(f"per CPU-second: sentence-transformers {c['st_sentences_per_cpu_s']['median']:.1f}, attn "
+              f"{c['attn_sentences_per_cpu_s']['median']:.1f} sentences; ratio of medians {c['ratio_median']:.2f}x")
     q = summary["quiet_rounds"]
     if q["ratio_median"] is not None:
         print(f"quiet rounds only (others < 0.25 cores): {len(q['attn'])} attn, {len(q['st'])} "

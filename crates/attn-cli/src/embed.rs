@@ -20,8 +20,8 @@ pub struct EmbedArgs {
     /// Sentences per forward pass
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Worker threads for the tensor kernels (float encoders: one group of
-    /// sentences per thread; ATTN_KERNELS=candle runs candle's padded path)
+    /// Worker threads for the kernels (one group of sentences per thread on
+    /// the packed path; ATTN_KERNELS=candle runs candle's padded path)
     #[arg(short, long)]
     threads: Option<usize>,
     /// Print JSON (model, dimension, one embedding per text)

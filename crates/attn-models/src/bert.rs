@@ -4,6 +4,15 @@
 //!
 //! Parameter names are HF's (`embeddings.*`, `encoder.layer.{i}.*`), with or
 //! without a `bert.` prefix.
+//!
+//! One model, two ways to run the same block wiring: [`Bert::forward_t`] on
+//! tensors (right-padded batches, differentiable: training and fine-tuning,
+//! and the reference), and [`Bert::forward_packed`] on plain rows for
+//! inference, where a batch is packed without padding (`[tokens, hidden]`)
+//! and every block picks its own kernel (`gemm` or the 8-bit block matmul
+//! for the projections, one pass for residual + LayerNorm and for the
+//! activation, attention per sequence over its own rows: see the blocks'
+//! `forward_rows` / `forward_packed` in `attn-nn`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,9 +22,9 @@ use attn_nn::{
     Norm, Residual, Result, SafetensorsSource, TokenEmbedding, WeightSource, Weights,
 };
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::bert_fast::FastBert;
 use crate::gguf::{GgufFile, GgufSource};
 use crate::hf_tokenizer::HfTokenizer;
 
@@ -86,8 +95,8 @@ struct BertLayer {
 pub struct Bert {
     cfg: BertConfig,
     word: TokenEmbedding,
-    position: Tensor,
-    token_type: Tensor,
+    position: TokenEmbedding,
+    token_type: TokenEmbedding,
     embed_norm: LayerNorm,
     layers: Vec<BertLayer>,
     /// Hidden dropout (after the embeddings and every sublayer), training only.
@@ -130,8 +139,14 @@ impl Bert {
         }
         Ok(Bert {
             word: TokenEmbedding::load(&e.pp("word_embeddings"), cfg.vocab_size, d, false)?,
-            position: e.pp("position_embeddings").get(&[cfg.max_position_embeddings, d], "weight")?,
-            token_type: e.pp("token_type_embeddings").get(&[cfg.type_vocab_size, d], "weight")?,
+            position: TokenEmbedding::new(
+                e.pp("position_embeddings").get(&[cfg.max_position_embeddings, d], "weight")?,
+                false,
+            )?,
+            token_type: TokenEmbedding::new(
+                e.pp("token_type_embeddings").get(&[cfg.type_vocab_size, d], "weight")?,
+                false,
+            )?,
             embed_norm: LayerNorm::load(&e.pp("LayerNorm"), d, cfg.layer_norm_eps, true)?,
             layers,
             cfg: cfg.clone(),
@@ -179,8 +194,8 @@ impl Bert {
                 format!("{t} tokens exceed the {} positions of the model", self.cfg.max_position_embeddings),
             ));
         }
-        let pos = self.position.narrow(0, 0, t)?;
-        let typ = self.token_type.get(0)?;
+        let pos = self.position.table().narrow(0, 0, t)?;
+        let typ = self.token_type.table().get(0)?;
         let x = self.word.forward(ids)?.broadcast_add(&pos)?.broadcast_add(&typ)?;
         let mut x = self.dropout.forward(&self.embed_norm.forward(&x)?, train)?;
         let drop = |y: Tensor| self.dropout.forward(&y, train);
@@ -189,6 +204,98 @@ impl Bert {
             x = l.res_ffn.forward(&x, |h| drop(l.ffn.forward(h, train)?))?;
         }
         Ok(x)
+    }
+
+    /// Last hidden states of the sequences `ids` for inference, packed
+    /// without padding: `[sum of lengths, hidden]`, sequence `s` in rows
+    /// `offsets[s] .. offsets[s + 1]`. Returns the states and the offsets.
+    /// The same network as [`Bert::forward_t`] (no dropout, no autograd).
+    pub fn forward_packed(&self, ids: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<usize>)> {
+        let d = self.cfg.hidden_size;
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        offsets.push(0usize);
+        for s in ids {
+            if s.len() > self.cfg.max_position_embeddings {
+                return Err(Error::input(
+                    "bert",
+                    format!(
+                        "{} tokens exceed the {} positions of the model",
+                        s.len(),
+                        self.cfg.max_position_embeddings
+                    ),
+                ));
+            }
+            offsets.push(offsets[offsets.len() - 1] + s.len());
+        }
+        let total = offsets[ids.len()];
+        let mut x = vec![0f32; total * d];
+        self.word.add_rows(&ids.concat(), &mut x)?;
+        let positions: Vec<u32> = ids.iter().flat_map(|s| 0..s.len() as u32).collect();
+        self.position.add_rows(&positions, &mut x)?;
+        self.token_type.add_rows(&vec![0; total], &mut x)?;
+        self.embed_norm.forward_rows(&mut x, None)?;
+        for l in &self.layers {
+            l.res_attn.forward_rows(&mut x, |h, y| l.attn.forward_packed(h, &offsets, y))?;
+            l.res_ffn.forward_rows(&mut x, |h, y| l.ffn.forward_rows(h, total, y))?;
+        }
+        Ok((x, offsets))
+    }
+
+    /// Mean-pooled, L2-normalised embeddings `[ids.len(), hidden]` of the
+    /// sequences `ids` ([`Bert::forward_packed`]). With several threads and
+    /// sequences, the batch is split into one group per thread, balanced by
+    /// estimated cost, and each group runs the whole forward on its own
+    /// thread (the blocks then keep their kernels on that thread: on 2
+    /// cores a 2-thread `gemm` over the whole batch ran only 1.1-1.4x
+    /// faster than one thread). A sentence's embedding does not depend on
+    /// the other sentences of its batch beyond float rounding (tested).
+    pub fn embed_packed(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let d = self.cfg.hidden_size;
+        let threads = rayon::current_num_threads();
+        if threads < 2 || ids.len() < 2 {
+            let (x, offsets) = self.forward_packed(ids)?;
+            return Ok(attn_nn::fast::mean_pool_packed(&x, d, &offsets, true));
+        }
+        let groups = self.balanced_groups(ids, threads);
+        let pooled = groups
+            .par_iter()
+            .map(|g| {
+                let seqs: Vec<Vec<u32>> = g.iter().map(|&i| ids[i].clone()).collect();
+                let (x, offsets) = self.forward_packed(&seqs)?;
+                Ok(attn_nn::fast::mean_pool_packed(&x, d, &offsets, true))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![0f32; ids.len() * d];
+        for (g, p) in groups.iter().zip(&pooled) {
+            for (&i, row) in g.iter().zip(p.chunks_exact(d)) {
+                out[i * d..(i + 1) * d].copy_from_slice(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Splits sequence indices into at most `n` groups of about equal cost
+    /// (longest first, each to the cheapest group so far). Cost of a
+    /// sequence of `l` tokens: its matmul work `l * (4 d² + 2 d i)` plus
+    /// attention `2 l² d`.
+    fn balanced_groups(&self, ids: &[Vec<u32>], n: usize) -> Vec<Vec<usize>> {
+        let (d, i) = (self.cfg.hidden_size as u64, self.cfg.intermediate_size as u64);
+        let cost = |l: usize| {
+            let l = l as u64;
+            l * (4 * d * d + 2 * d * i) + 2 * l * l * d
+        };
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&s| std::cmp::Reverse(ids[s].len()));
+        let n = n.min(ids.len()).max(1);
+        let mut groups = vec![Vec::new(); n];
+        let mut load = vec![0u64; n];
+        for s in order {
+            let g = (0..n).min_by_key(|&g| load[g]).unwrap_or(0);
+            load[g] += cost(ids[s].len());
+            groups[g].push(s);
+        }
+        groups.retain(|g| !g.is_empty());
+        groups
     }
 }
 
@@ -249,16 +356,16 @@ pub fn mean_pool_normalize(hidden: &Tensor, lengths: &[usize]) -> Result<Tensor>
 
 /// A sentence-transformers model: BERT, tokenizer and the truncation length.
 ///
-/// [`SentenceEncoder::embed`] runs the fused path ([`FastBert`]) when the
-/// encoder has one (float weights from safetensors, CPU), else the candle
-/// model; [`SentenceEncoder::embed_candle`] always runs the candle model
-/// (the reference).
+/// [`SentenceEncoder::embed`] runs the packed inference path
+/// ([`Bert::embed_packed`]) on the CPU, else the tensor forward;
+/// [`SentenceEncoder::embed_candle`] always runs the tensor forward on
+/// candle's kernels with padded batches (the reference).
 pub struct SentenceEncoder {
     pub model: Bert,
     pub tokenizer: HfTokenizer,
     pub max_seq_length: usize,
     device: Device,
-    fast: Option<FastBert>,
+    packed: bool,
 }
 
 #[derive(Deserialize)]
@@ -295,13 +402,12 @@ impl SentenceEncoder {
         let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(&files)?);
         let weights = Weights::new(source, DType::F32, device);
         let model = Bert::load(&weights, &cfg)?;
-        let fast = if device.is_cpu() { FastBert::load(&weights, &cfg)? } else { None };
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
             return Err(Error::format(&tok_path, "missing: the folder needs a tokenizer.json"));
         }
         let tokenizer = HfTokenizer::from_file(&tok_path, Some(max_seq_length))?;
-        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), fast })
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), packed: device.is_cpu() })
     }
 
     /// Loads a BERT GGUF as `attn quantize` writes it: llama.cpp's tensor
@@ -353,41 +459,34 @@ impl SentenceEncoder {
         let source: Arc<dyn WeightSource> =
             Arc::new(GgufSource::new(f.clone(), crate::quantize::bert_rename_map(cfg.num_hidden_layers)));
         let model = Bert::load(&Weights::new(source, DType::F32, device), &cfg)?;
-        // Quantized weights: candle's kernels (no fused path).
-        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), fast: None })
+        Ok(SentenceEncoder { model, tokenizer, max_seq_length, device: device.clone(), packed: device.is_cpu() })
     }
 
     /// The same encoder with every linear layer in 8-bit blocks
     /// ([`attn_nn::kernels::q8`]): weight-only int8, activations quantized per row.
     pub fn into_q8(mut self) -> Result<Self> {
         self.model = self.model.to_q8()?;
-        self.fast = None;
         Ok(self)
     }
 
-    /// The same encoder without the fused path: [`SentenceEncoder::embed`]
-    /// runs candle's kernels (`ATTN_KERNELS=candle`).
+    /// The same encoder without the packed path: [`SentenceEncoder::embed`]
+    /// runs the tensor forward on candle's kernels (`ATTN_KERNELS=candle`).
     pub fn with_candle_kernels(mut self) -> Self {
-        self.fast = None;
+        self.packed = false;
         self
     }
 
-    /// Whether [`SentenceEncoder::embed`] runs the fused path.
-    pub fn is_fused(&self) -> bool {
-        self.fast.is_some()
-    }
-
-    /// The fused model, when the encoder has one.
-    pub fn fast_model(&self) -> Option<&FastBert> {
-        self.fast.as_ref()
+    /// Whether [`SentenceEncoder::embed`] runs the packed path.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Normalised sentence embeddings `[n, hidden]` of `texts`, run in
-    /// batches of `batch_size` (on the fused path when the encoder has one).
+    /// batches of `batch_size` (on the packed path unless turned off).
     pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
-        let Some(fast) = &self.fast else {
+        if !self.packed {
             return self.embed_candle(texts, batch_size);
-        };
+        }
         if texts.is_empty() {
             return Err(Error::input("embed", "no texts"));
         }
@@ -395,7 +494,7 @@ impl SentenceEncoder {
         let mut out = Vec::with_capacity(texts.len() * d);
         for chunk in texts.chunks(batch_size.max(1)) {
             let ids = self.tokenizer.encode_batch(chunk)?;
-            out.extend(fast.embed_ids(&ids)?);
+            out.extend(self.model.embed_packed(&ids)?);
         }
         Ok(Tensor::from_vec(out, (texts.len(), d), &self.device)?)
     }

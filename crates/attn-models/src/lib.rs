@@ -2,7 +2,6 @@
 //! readers of the weight formats they load from.
 
 pub mod bert;
-pub mod bert_fast;
 pub mod bpe;
 pub mod chat;
 pub mod decoder;

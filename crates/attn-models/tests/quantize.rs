@@ -122,18 +122,18 @@ fn random_bert_folder_round_trips_within_the_quantization_error() {
     };
     let reference = valid(float.model.forward(&ids_t, &lengths).unwrap());
     let ref_emb = float.embed(&texts, 8).unwrap().to_vec2::<f32>().unwrap();
-    // The float folder embeds on the fused path: its packed hidden states and
+    // The float folder embeds on the packed path: its packed hidden states and
     // embeddings against candle's padded forward.
-    assert!(float.is_fused());
-    let (packed, offsets) = float.fast_model().unwrap().forward_packed(&ids).unwrap();
+    assert!(float.is_packed());
+    let (packed, offsets) = float.model.forward_packed(&ids).unwrap();
     assert_eq!(offsets.last(), Some(&lengths.iter().sum::<usize>()));
     let hidden_diff = packed.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert_eq!(packed.len(), reference.len());
-    assert!(hidden_diff < 2e-5, "fused vs candle hidden states: max diff {hidden_diff}");
+    assert!(hidden_diff < 2e-5, "packed vs candle hidden states: max diff {hidden_diff}");
     let candle_emb = float.embed_candle(&texts, 8).unwrap().to_vec2::<f32>().unwrap();
     let emb_diff =
         ref_emb.iter().flatten().zip(candle_emb.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(emb_diff < 1e-6, "fused vs candle embeddings: max diff {emb_diff}");
+    assert!(emb_diff < 1e-6, "packed vs candle embeddings: max diff {emb_diff}");
     for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4K] {
         let out = dir.join(format!("bert-{}.gguf", ty.name()));
         let s = quantize(&dir, &out, ty).unwrap();

@@ -157,37 +157,38 @@ fn minilm() -> &'static SentenceEncoder {
     E.get_or_init(|| SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap())
 }
 
-/// The fused path (plain buffers, packed batches, gemm) against candle's
-/// padded path and against sentence-transformers' per-token encoder output.
+/// The packed path (plain buffers, packed batches, the blocks' own kernels)
+/// against candle's padded path and against sentence-transformers'
+/// per-token encoder output.
 #[test]
-fn minilm_fused_path_matches_candle_and_reference_hidden_states() {
+fn minilm_packed_path_matches_candle_and_reference_hidden_states() {
     let enc = minilm();
-    assert!(enc.is_fused(), "a float safetensors encoder loads with the fused path");
+    assert!(enc.is_packed(), "a CPU encoder embeds on the packed path");
     let reference = fixture_json("minilm_reference.json");
     let texts: Vec<&str> =
         reference["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
     let fused = enc.embed(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
     let candle = enc.embed_candle(&texts, 4).unwrap().to_vec2::<f32>().unwrap();
     let diff = max_abs_diff_rows(&fused, &candle);
-    assert!(diff < 2e-6, "fused vs candle embeddings: max diff {diff}");
+    assert!(diff < 2e-6, "packed vs candle embeddings: max diff {diff}");
     // Per-token last hidden state of one sentence (values ~1, fixture rounded to 7 digits).
     let dbg = &reference["token_embeddings_debug"];
     let ids = ids(&dbg["ids"]);
     let want: Vec<Vec<f32>> = dbg["last_hidden_state"].as_array().unwrap().iter().map(floats).collect();
-    let fast = enc.fast_model().unwrap();
-    let (hidden, offsets) = fast.forward_packed(&[vec![101, 2023, 102], ids.clone()]).unwrap();
+    let model = &enc.model;
+    let (hidden, offsets) = model.forward_packed(&[vec![101, 2023, 102], ids.clone()]).unwrap();
     assert_eq!(offsets, [0, 3, 3 + ids.len()]);
     let got: Vec<Vec<f32>> = hidden[3 * 384..].chunks(384).map(<[f32]>::to_vec).collect();
     let diff = max_abs_diff_rows(&got, &want);
     assert!(diff < 1e-4, "hidden states vs sentence-transformers: max diff {diff}");
-    assert!(fast.forward_packed(&[vec![101, 999_999]]).unwrap_err().to_string().contains("outside the vocabulary"));
-    assert!(fast.forward_packed(&[vec![101; 513]]).unwrap_err().to_string().contains("positions"));
+    assert!(model.forward_packed(&[vec![101, 999_999]]).unwrap_err().to_string().contains("outside the vocabulary"));
+    assert!(model.forward_packed(&[vec![101; 513]]).unwrap_err().to_string().contains("positions"));
 }
 
-/// A sentence's embedding on the fused path does not depend on the batch it
+/// A sentence's embedding on the packed path does not depend on the batch it
 /// is in: alone, in batches of 32, all in one batch, in reverse order.
 #[test]
-fn minilm_fused_embeddings_do_not_depend_on_the_batch() {
+fn minilm_packed_embeddings_do_not_depend_on_the_batch() {
     let enc = minilm();
     let text = fixture_text("embed_bench_sentences.txt");
     let all: Vec<&str> = text.lines().collect();

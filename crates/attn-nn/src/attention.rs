@@ -505,6 +505,39 @@ impl MultiHeadAttention {
         self.attend(&q, &k, &v, Some(&mask), train)
     }
 
+    /// Inference on packed rows: bidirectional self-attention of each
+    /// sequence of `x` (`[total, d_model]`, sequence `s` in rows
+    /// `offsets[s] .. offsets[s + 1]`) over its own rows, no mask and no
+    /// padding (the encoder's attention). q, k and v are projected side by
+    /// side into one `[total, 3 * d_model]` buffer; the projections pick
+    /// their kernels ([`Linear::forward_rows`]). Writes `[total, d_model]`
+    /// to `out`. Plain multi-head attention only (no RoPE, q/k norm,
+    /// grouped heads or soft-cap). No dropout, no autograd.
+    pub fn forward_packed(&self, x: &[f32], offsets: &[usize], out: &mut [f32]) -> Result<()> {
+        let c = &self.cfg;
+        if self.rope.is_some() || self.q_norm.is_some() || c.n_kv_heads != c.n_heads || c.softcap.is_some() {
+            return Err(Error::Unsupported(
+                "packed attention runs plain multi-head self-attention (no RoPE, q/k norm, GQA or soft-cap)".into(),
+            ));
+        }
+        let total = offsets.last().copied().unwrap_or(0);
+        let (dm, hidden) = (c.d_model, c.q_dim());
+        if x.len() != total * dm || out.len() != total * dm {
+            return Err(Error::input(
+                "self-attention",
+                format!("{} input and {} output values for {total} rows of {dm}", x.len(), out.len()),
+            ));
+        }
+        let mut qkv = vec![0f32; total * 3 * hidden];
+        for (i, p) in [&self.q_proj, &self.k_proj, &self.v_proj].into_iter().enumerate() {
+            p.forward_rows(x, total, &mut qkv[i * hidden..], 3 * hidden)?;
+        }
+        let mut ctx = vec![0f32; total * hidden];
+        let scale = self.sdpa_options().scale as f32;
+        crate::fast::attend_packed(&qkv, offsets, (c.n_heads, c.head_dim), scale, &mut ctx)?;
+        self.o_proj.forward_rows(&ctx, total, out, dm)
+    }
+
     /// Self-attention over `x` `[1, t, d_model]` whose keys and values are
     /// kept by the caller: `attend(q, k, v, spec)` receives the projected
     /// (normed, rotated) heads of the new positions and returns the attended

@@ -49,6 +49,27 @@ impl TokenEmbedding {
         self.table.dims()[0]
     }
 
+    /// Inference on plain rows: adds row `ids[i]` of the table (scaled as
+    /// [`TokenEmbedding::forward`] scales it) to row `i` of `out`
+    /// (`[ids.len(), d_model]`).
+    pub fn add_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let (n, d) = self.table.dims2()?;
+        if out.len() != ids.len() * d {
+            return Err(Error::input("token embedding", format!("{} values for {} rows of {d}", out.len(), ids.len())));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::input("token embedding", format!("token id {id} outside the vocabulary of {n}")));
+        }
+        let scale = self.scale.unwrap_or(1.0) as f32;
+        crate::fast::view_f32(&self.table, |t| {
+            for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                let src = &t[id as usize * d..(id as usize + 1) * d];
+                row.iter_mut().zip(src).for_each(|(o, v)| *o += v * scale);
+            }
+            Ok(())
+        })
+    }
+
     /// `ids` `[...]` -> `[..., d_model]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let x = lookup(&self.table, ids, "token embedding")?;

@@ -133,6 +133,33 @@ impl FeedForward {
         Self::new(gate, up, down, act, Dropout::new(dropout)?)
     }
 
+    /// Inference on plain rows: `out` (`[m, d_model]`) = the FFN of the `m`
+    /// rows of `x`. The projections pick their kernels
+    /// ([`Linear::forward_rows`]); the activation runs as one pass. No
+    /// dropout, no autograd.
+    pub fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let f = self.up.out_features();
+        let mut h = vec![0f32; m * f];
+        self.up.forward_rows(x, m, &mut h, f)?;
+        match &self.gate {
+            Some(g) => {
+                let mut gh = vec![0f32; m * f];
+                g.forward_rows(x, m, &mut gh, f)?;
+                match self.act {
+                    Activation::GeluTanh => crate::fast::gelu_tanh_mul(&mut gh, &h),
+                    Activation::Silu => crate::fast::silu_mul(&mut gh, &h),
+                    act => {
+                        crate::fast::activation_in_place(&mut gh, act);
+                        gh.iter_mut().zip(&h).for_each(|(a, b)| *a *= b);
+                    }
+                }
+                h = gh;
+            }
+            None => crate::fast::activation_in_place(&mut h, self.act),
+        }
+        self.down.forward_rows(&h, m, out, self.down.out_features())
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = match &self.gate {
             Some(g) => (self.act.forward(&g.forward(x)?)? * self.up.forward(x)?)?,

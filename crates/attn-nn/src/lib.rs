@@ -10,7 +10,6 @@ pub mod attention;
 pub mod dropout;
 pub mod embedding;
 pub mod error;
-pub mod fast_bert;
 pub mod ffn;
 pub mod grad_ops;
 pub mod head;

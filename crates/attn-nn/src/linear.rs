@@ -6,6 +6,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
+use crate::fast;
 use crate::weights::{Init, Weights};
 
 fn check_bias(bias: Option<&Tensor>, out_features: usize) -> Result<()> {
@@ -111,6 +112,45 @@ impl Linear {
             LinearWeight::Q8(_) => return Ok(self.clone()),
         };
         Ok(Linear { weight: LinearWeight::Q8(Arc::new(crate::kernels::q8::Q8Matrix::from_tensor(&w)?)), ..self.clone() })
+    }
+
+    /// Inference on plain rows: `out[i * ld + j] = (x[i] · W[j] + b[j])` for
+    /// the `m` rows of `x` (`[m, in]`, row-major), into columns `0..out` of
+    /// rows `ld` apart (a block of columns of a wider buffer, e.g. q, k and
+    /// v side by side). The kernel follows from the weight: `gemm` on a dense
+    /// f32 weight (read in place), the 8-bit block matmul of [`crate::q8`]
+    /// (activations quantized per row), or candle's quantized matmul. Split
+    /// over rayon's threads when [`fast::may_split`]. No autograd.
+    pub fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32], ld: usize) -> Result<()> {
+        let (k, n) = (self.in_features, self.out_features);
+        if x.len() < m * k || ld < n || (m > 0 && out.len() < (m - 1) * ld + n) {
+            return Err(Error::input("linear", format!("buffers too small for [{m}, {k}] -> [{m}, {n}] (ld {ld})")));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let copy_rows = |y: &[f32], out: &mut [f32]| {
+            for (dst, src) in out.chunks_mut(ld).zip(y.chunks_exact(n)) {
+                dst[..n].copy_from_slice(src);
+            }
+        };
+        match &self.weight {
+            LinearWeight::Dense(l) => {
+                fast::view_f32(l.weight(), |w| fast::matmul_xwt_par(x, (m, k), w, n, out, ld, fast::may_split()))?
+            }
+            LinearWeight::Q8(q) => copy_rows(&q.matmul(&x[..m * k], m)?, out),
+            LinearWeight::Quantized(q) => {
+                let xt = Tensor::from_slice(&x[..m * k], (m, k), &candle_core::Device::Cpu)?;
+                copy_rows(&q.forward(&xt)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, out)
+            }
+        }
+        if let Some(b) = &self.bias {
+            fast::view_f32(b, |b| {
+                fast::add_bias_rows(&mut out[..(m - 1) * ld + n], b, ld);
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// `x`: `[..., in]` -> `[..., out]`.

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
+use crate::ffn::Activation;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major), multithreaded.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
@@ -252,11 +253,68 @@ pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
 }
 
 fn gelu_tanh_mul_seq(g: &mut [f32], u: &[f32]) {
-    const S2PI: f32 = 0.797_884_6; // sqrt(2 / pi)
     for (a, b) in g.iter_mut().zip(u) {
-        let x = *a;
-        let inner = S2PI * (x + 0.044_715 * x * x * x);
-        *a = x / (1.0 + exp_fast(-2.0 * inner)) * b;
+        *a = gelu_tanh(*a) * b;
+    }
+}
+
+/// GELU, tanh approximation: `0.5 x (1 + tanh z)` with
+/// `z = sqrt(2/pi) (x + 0.044715 x^3)`, computed as `x / (1 + e^(-2z))`
+/// (no tanh call, so loops over it vectorize).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const S2PI: f32 = 0.797_884_6; // sqrt(2 / pi)
+    let inner = S2PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp_fast(-2.0 * inner))
+}
+
+/// Exact GELU, `x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))` (BERT's `gelu`).
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `x sigmoid(x)`.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-x))
+}
+
+/// `erf(x)` in f32: a rational approximation on `[-4, 4]` (Eigen's
+/// `generic_fast_erf_float`; outside, `erf` is `±1` in f32), written with
+/// plain arithmetic so loops over it vectorise. Error about 2 ulp.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906_3e-4;
+    p = x2 * p + -2.954_6e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    p *= x;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329e-3;
+    q = x2 * q + -1.426_474e-2;
+    p / q
+}
+
+/// `x = act(x)` element-wise, one straight (vectorisable) loop per
+/// activation, in parallel for large inputs when [`may_split`].
+pub fn activation_in_place(x: &mut [f32], act: Activation) {
+    const CHUNK: usize = 1 << 14;
+    let seq = |x: &mut [f32]| match act {
+        Activation::GeluErf => x.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::GeluTanh => x.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Silu => x.iter_mut().for_each(|v| *v = silu(*v)),
+    };
+    if x.len() >= 2 * CHUNK && may_split() {
+        x.par_chunks_mut(CHUNK).for_each(seq);
+    } else {
+        seq(x);
     }
 }
 
@@ -265,8 +323,7 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     const CHUNK: usize = 1 << 14;
     let seq = |g: &mut [f32], u: &[f32]| {
         for (a, b) in g.iter_mut().zip(u) {
-            let x = *a;
-            *a = x / (1.0 + exp_fast(-x)) * b;
+            *a = silu(*a) * b;
         }
     };
     if g.len() >= 2 * CHUNK {
@@ -363,15 +420,10 @@ fn attend_row_in<K: KvRows>(
         max = max.max(s);
         scores.push(s);
     }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = exp_fast(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    softmax_shifted(scores, max);
     out.fill(0.0);
     for (p, s) in (lo..hi).zip(scores.iter()) {
-        axpy(s * inv, kv.value(p, g), out);
+        axpy(*s, kv.value(p, g), out);
     }
 }
 
@@ -423,16 +475,8 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
                         }
                         max = max.max(*s);
                     }
-                    let mut sum = 0f32;
-                    for s in &mut srow[a..b] {
-                        *s = exp_fast(*s - max);
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
+                    softmax_shifted(&mut srow[a..b], max);
                     srow[..a].fill(0.0);
-                    for s in &mut srow[a..b] {
-                        *s *= inv;
-                    }
                     srow[b..].fill(0.0);
                 });
                 // o = p · v: vᵀ rows are the d output columns.
@@ -450,6 +494,59 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
         }
     }
     Ok(())
+}
+
+/// `s = softmax(s)` in place given `max`, the largest element: `e^(s - max)`
+/// normalised to sum 1 (the one softmax every attention kernel ends in).
+#[inline]
+pub fn softmax_shifted(s: &mut [f32], max: f32) {
+    for v in s.iter_mut() {
+        *v = exp_fast(*v - max);
+    }
+    let inv = 1.0 / sum(s);
+    for v in s.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `s = softmax(s * scale)` in place.
+#[inline]
+pub fn softmax_scaled(s: &mut [f32], scale: f32) {
+    // Eight lanes for the max (a single running max would not vectorise).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = s.chunks_exact_mut(8);
+    let mut max = chunks.into_remainder().iter_mut().fold(f32::NEG_INFINITY, |m, v| {
+        *v *= scale;
+        m.max(*v)
+    });
+    for c in s.chunks_exact_mut(8) {
+        for i in 0..8 {
+            c[i] *= scale;
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    for l in lanes {
+        max = max.max(l);
+    }
+    softmax_shifted(s, max);
+}
+
+/// Sum in eight independent lanes (vectorises; see [`dot`]).
+#[inline]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for v in rem {
+        s += v;
+    }
+    s
 }
 
 /// Dot product in eight independent lanes (one vector register). Plain
@@ -534,6 +631,216 @@ impl KvRows for RawKv {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Packed rows: what the blocks' inference paths (`forward_rows`,
+// `forward_packed`) run for encoders. A batch of sequences of lengths
+// `l_0, l_1, ...` is one `[sum(l_i), width]` row-major buffer, sequence `s`
+// in rows `offsets[s] .. offsets[s + 1]`: row-wise kernels (norms,
+// activations, matmuls) do not care where a sequence starts; attention runs
+// per sequence over its own rows, so no mask is needed and no work is spent
+// on padding.
+
+/// Whether a kernel may split its work over rayon's threads: not when it
+/// already runs on one of them (a caller that runs one independent piece of
+/// work per thread, e.g. one group of sentences each), and not with one thread.
+#[inline]
+pub fn may_split() -> bool {
+    rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1
+}
+
+/// Calls `f` with the values of `t` as one f32 slice, without a copy when the
+/// tensor is a contiguous f32 CPU tensor (otherwise a converted copy).
+/// Inference only: reading the storage records no operation for autograd.
+pub fn view_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if t.dtype() == candle_core::DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(c) = &*storage {
+            let v = c.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            return f(&v[start..start + layout.shape().elem_count()]);
+        }
+    }
+    let v = t.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1()?;
+    f(&v)
+}
+
+/// `x[r, :] = layer_norm(x[r, :] + residual[r, :]) * w + b`, row by row, for
+/// every `w.len()`-wide row (`(v - mean) / sqrt(var + eps)`, biased
+/// variance, statistics in f32 over two passes). In parallel for large
+/// inputs when [`may_split`].
+pub fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, w: &[f32], b: Option<&[f32]>, eps: f32) {
+    let d = w.len();
+    let work = |(r, row): (usize, &mut [f32])| {
+        if let Some(res) = residual {
+            for (v, rr) in row.iter_mut().zip(&res[r * d..(r + 1) * d]) {
+                *v += rr;
+            }
+        }
+        layer_norm_row(row, w, b, eps);
+    };
+    if x.len() >= 1 << 15 && may_split() {
+        x.par_chunks_mut(d).enumerate().for_each(work);
+    } else {
+        x.chunks_mut(d).enumerate().for_each(work);
+    }
+}
+
+#[inline]
+fn layer_norm_row(row: &mut [f32], w: &[f32], b: Option<&[f32]>, eps: f32) {
+    let n = row.len() as f32;
+    let mean = sum(row) / n;
+    let mut acc = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let t = c[i] - mean;
+            acc[i] += t * t;
+        }
+    }
+    let mut var = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for v in rem {
+        var += (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (var / n + eps).sqrt();
+    match b {
+        Some(b) => {
+            for ((v, g), bb) in row.iter_mut().zip(w).zip(b) {
+                *v = (*v - mean) * inv * g + bb;
+            }
+        }
+        None => {
+            for (v, g) in row.iter_mut().zip(w) {
+                *v = (*v - mean) * inv * g;
+            }
+        }
+    }
+}
+
+/// `x[r, 0..bias.len()] += bias` for every row of `x`, rows `ld` apart.
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32], ld: usize) {
+    for row in x.chunks_mut(ld) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// Bidirectional self-attention of every packed sequence over itself (an
+/// encoder's attention).
+///
+/// `qkv` is `[total, 3 * hidden]`: each row holds the token's query, key
+/// and value (`hidden = n_heads * head_dim` each, head `h` at columns
+/// `h * head_dim ..`). Sequence `s` is rows `offsets[s] .. offsets[s + 1]`
+/// (`offsets` starts at 0 and ends at `total`). Writes `[total, hidden]`
+/// (heads side by side) to `out`. Sequences run in parallel when
+/// [`may_split`]; each sequence's result depends only on its own rows.
+pub fn attend_packed(
+    qkv: &[f32],
+    offsets: &[usize],
+    (n_heads, head_dim): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let hidden = n_heads * head_dim;
+    let total = *offsets.last().unwrap_or(&0);
+    if offsets.first().copied().unwrap_or(0) != 0 || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(Error::input("attention", "offsets must start at 0 and not decrease"));
+    }
+    if qkv.len() != total * 3 * hidden || out.len() != total * hidden {
+        return Err(Error::input(
+            "attention",
+            format!("buffers of {} and {} values for {total} rows of width {hidden}", qkv.len(), out.len()),
+        ));
+    }
+    // One disjoint slice of `out` per sequence.
+    let mut parts = Vec::with_capacity(offsets.len().saturating_sub(1));
+    let mut rest = out;
+    for w in offsets.windows(2) {
+        let (head, tail) = rest.split_at_mut((w[1] - w[0]) * hidden);
+        parts.push((w[0], w[1] - w[0], head));
+        rest = tail;
+    }
+    let work = |scores: &mut Vec<f32>, (start, len, dst): (usize, usize, &mut [f32])| {
+        attend_one(&qkv[start * 3 * hidden..(start + len) * 3 * hidden], len, (n_heads, head_dim), scale, scores, dst);
+    };
+    if parts.len() > 1 && may_split() {
+        // Longest first, so the big ones do not end up last on one thread.
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        parts.into_par_iter().for_each_init(Vec::new, work);
+    } else {
+        let mut scores = Vec::new();
+        parts.into_iter().for_each(|p| work(&mut scores, p));
+    }
+    Ok(())
+}
+
+/// Attention of one sequence (`qkv` its `[l, 3 * hidden]` rows) into `dst`
+/// (`[l, hidden]`), `scores` a scratch buffer.
+fn attend_one(
+    qkv: &[f32],
+    l: usize,
+    (n_heads, hd): (usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    if l == 0 {
+        return;
+    }
+    let hidden = n_heads * hd;
+    let row = 3 * hidden;
+    scores.clear();
+    scores.resize(l * l, 0.0);
+    for h in 0..n_heads {
+        let q = qkv[h * hd..].as_ptr();
+        let k = qkv[hidden + h * hd..].as_ptr();
+        let v = qkv[2 * hidden + h * hd..].as_ptr();
+        // SAFETY: q, k, v address rows 0..l (stride `row`) and columns
+        // 0..hd of their head inside `qkv` (l rows of `row` values);
+        // scores is l x l; dst is l rows of `hidden`, columns h*hd..+hd.
+        // scores and dst are separate buffers from qkv.
+        unsafe {
+            // scores[i, j] = q_i · k_j: b = kᵀ, element (c, j) at j*row + c
+            gemm_raw((l, l, hd), scores.as_mut_ptr(), l, q, (row, 1), k, (1, row), false);
+        }
+        for srow in scores.chunks_exact_mut(l) {
+            softmax_scaled(srow, scale);
+        }
+        unsafe {
+            // dst[i, h] = sum_j p[i, j] v_j
+            gemm_raw((l, hd, l), dst[h * hd..].as_mut_ptr(), hidden, scores.as_ptr(), (l, 1), v, (row, 1), false);
+        }
+    }
+}
+
+/// Mean of each packed sequence's `d`-wide rows, L2-normalised when
+/// `normalize` (sentence-transformers' mean pooling + `Normalize`):
+/// `[offsets.len() - 1, d]`. An empty sequence gives zeros.
+pub fn mean_pool_packed(x: &[f32], d: usize, offsets: &[usize], normalize: bool) -> Vec<f32> {
+    let n = offsets.len().saturating_sub(1);
+    let mut out = vec![0f32; n * d];
+    for (s, o) in out.chunks_exact_mut(d).enumerate() {
+        let (a, b) = (offsets[s], offsets[s + 1]);
+        for r in a..b {
+            for (acc, v) in o.iter_mut().zip(&x[r * d..(r + 1) * d]) {
+                *acc += v;
+            }
+        }
+        let count = ((b - a) as f32).max(1e-9);
+        for v in o.iter_mut() {
+            *v /= count;
+        }
+        if normalize {
+            let norm = dot(o, o).sqrt().max(1e-12);
+            for v in o.iter_mut() {
+                *v /= norm;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,6 +851,130 @@ mod tests {
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    }
+
+    fn rand_scaled(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        rand_vec(n, seed).into_iter().map(|v| v * scale).collect()
+    }
+
+    /// erf by its Taylor series in f64 (converges fast for |x| <= 4 with
+    /// enough terms), the reference for the f32 approximation.
+    fn erf_ref(x: f64) -> f64 {
+        // Past 4, erf is within 2e-8 of ±1 (and the series would cancel badly).
+        if x.abs() > 4.0 {
+            return x.signum();
+        }
+        let (mut term, mut sum) = (x, x);
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn erf_and_activations_match_plain_formulas() {
+        for i in -600..=600 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (erf(x) as f64, erf_ref(x as f64));
+            assert!((got - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+        let xs: Vec<f32> = (-80..=80).map(|i| i as f32 / 10.0).collect();
+        for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu, Activation::Silu] {
+            let mut got = xs.clone();
+            activation_in_place(&mut got, act);
+            for (x, g) in xs.iter().zip(&got) {
+                let x64 = *x as f64;
+                let want = match act {
+                    Activation::GeluErf => 0.5 * x64 * (1.0 + erf_ref(x64 / 2f64.sqrt())),
+                    Activation::GeluTanh => {
+                        0.5 * x64
+                            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044_715 * x64.powi(3))).tanh())
+                    }
+                    Activation::Relu => x64.max(0.0),
+                    Activation::Silu => x64 / (1.0 + (-x64).exp()),
+                };
+                assert!((*g as f64 - want).abs() < 1e-6 * want.abs().max(1.0), "{act:?}({x}) = {g}, want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_match_the_formulas() {
+        let d = 37;
+        let x = rand_scaled(3 * d, 21, 3.0);
+        let (w, b, res) = (rand_vec(d, 22), rand_vec(d, 23), rand_vec(3 * d, 24));
+        let mut got = x.clone();
+        layer_norm_rows(&mut got, Some(&res), &w, Some(&b), 1e-12);
+        for r in 0..3 {
+            let row: Vec<f64> = (0..d).map(|j| (x[r * d + j] + res[r * d + j]) as f64).collect();
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+            for j in 0..d {
+                let want = (row[j] - mean) / (var + 1e-12).sqrt() * w[j] as f64 + b[j] as f64;
+                assert!((got[r * d + j] as f64 - want).abs() < 1e-5, "row {r} col {j}");
+            }
+        }
+        let s0 = rand_scaled(19, 25, 5.0);
+        let mut s = s0.clone();
+        softmax_scaled(&mut s, 0.7);
+        let m = s0.iter().map(|v| (v * 0.7) as f64).fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = s0.iter().map(|v| ((v * 0.7) as f64 - m).exp()).sum();
+        for (got, v) in s.iter().zip(&s0) {
+            assert!((*got as f64 - ((*v * 0.7) as f64 - m).exp() / z).abs() < 1e-6);
+        }
+    }
+
+    /// Packed attention against a plain triple loop per sequence and head,
+    /// with sequences of lengths 0, 1, 5 and 70 in one call.
+    #[test]
+    fn packed_attention_matches_a_plain_loop() {
+        let (h, hd) = (3, 8);
+        let hidden = h * hd;
+        let lens = [5usize, 0, 70, 1];
+        let mut offsets = vec![0];
+        for l in lens {
+            offsets.push(offsets.last().unwrap() + l);
+        }
+        let total = *offsets.last().unwrap();
+        let qkv = rand_scaled(total * 3 * hidden, 9, 2.0);
+        let mut out = vec![f32::NAN; total * hidden];
+        attend_packed(&qkv, &offsets, (h, hd), 0.35, &mut out).unwrap();
+        // The same on one of rayon's threads (no split inside).
+        let mut serial = vec![f32::NAN; total * hidden];
+        rayon::scope(|s| s.spawn(|_| attend_packed(&qkv, &offsets, (h, hd), 0.35, &mut serial).unwrap()));
+        assert_eq!(out, serial);
+        let at =
+            |r: usize, part: usize, head: usize, c: usize| qkv[r * 3 * hidden + part * hidden + head * hd + c] as f64;
+        for s in 0..lens.len() {
+            let (o, l) = (offsets[s], lens[s]);
+            for head in 0..h {
+                for i in 0..l {
+                    let sc: Vec<f64> = (0..l)
+                        .map(|j| (0..hd).map(|c| at(o + i, 0, head, c) * at(o + j, 1, head, c)).sum::<f64>() * 0.35)
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let want: f64 = (0..l).map(|j| e[j] / z * at(o + j, 2, head, c)).sum();
+                        let got = out[(o + i) * hidden + head * hd + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "seq {s} head {head} row {i}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+        assert!(attend_packed(&qkv, &[0, 3], (h, hd), 0.35, &mut out).is_err());
+    }
+
+    #[test]
+    fn pooling_averages_and_normalises() {
+        let x = [0.0f32, 0.0, 6.0, 8.0, 5.0, 5.0];
+        let p = mean_pool_packed(&x, 2, &[0, 2, 2, 3], true);
+        assert!((p[0] - 0.6).abs() < 1e-6 && (p[1] - 0.8).abs() < 1e-6, "{p:?}");
+        assert_eq!(&p[2..4], &[0.0, 0.0]);
+        assert!((p[4] - 0.5f32.sqrt()).abs() < 1e-6);
+        assert_eq!(mean_pool_packed(&x, 2, &[0, 2], false), [3.0, 4.0]);
     }
 
     #[test]
