@@ -254,7 +254,7 @@ impl Bert {
         let threads = rayon::current_num_threads();
         if threads < 2 || ids.len() < 2 {
             let (x, offsets) = self.forward_packed(ids)?;
-            return Ok(attn_nn::fast::mean_pool_packed(&x, d, &offsets, true));
+            return Ok(attn_nn::kernels::fast::mean_pool_packed(&x, d, &offsets, true));
         }
         let groups = self.balanced_groups(ids, threads);
         let pooled = groups
@@ -262,7 +262,7 @@ impl Bert {
             .map(|g| {
                 let seqs: Vec<Vec<u32>> = g.iter().map(|&i| ids[i].clone()).collect();
                 let (x, offsets) = self.forward_packed(&seqs)?;
-                Ok(attn_nn::fast::mean_pool_packed(&x, d, &offsets, true))
+                Ok(attn_nn::kernels::fast::mean_pool_packed(&x, d, &offsets, true))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = vec![0f32; ids.len() * d];

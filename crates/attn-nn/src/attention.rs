@@ -534,7 +534,7 @@ impl MultiHeadAttention {
         }
         let mut ctx = vec![0f32; total * hidden];
         let scale = self.sdpa_options().scale as f32;
-        crate::fast::attend_packed(&qkv, offsets, (c.n_heads, c.head_dim), scale, &mut ctx)?;
+        crate::kernels::fast::attend_packed(&qkv, offsets, (c.n_heads, c.head_dim), scale, &mut ctx)?;
         self.o_proj.forward_rows(&ctx, total, out, dm)
     }
 

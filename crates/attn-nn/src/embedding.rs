@@ -61,7 +61,7 @@ impl TokenEmbedding {
             return Err(Error::input("token embedding", format!("token id {id} outside the vocabulary of {n}")));
         }
         let scale = self.scale.unwrap_or(1.0) as f32;
-        crate::fast::view_f32(&self.table, |t| {
+        crate::kernels::fast::view_f32(&self.table, |t| {
             for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
                 let src = &t[id as usize * d..(id as usize + 1) * d];
                 row.iter_mut().zip(src).for_each(|(o, v)| *o += v * scale);

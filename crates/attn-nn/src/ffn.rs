@@ -146,16 +146,16 @@ impl FeedForward {
                 let mut gh = vec![0f32; m * f];
                 g.forward_rows(x, m, &mut gh, f)?;
                 match self.act {
-                    Activation::GeluTanh => crate::fast::gelu_tanh_mul(&mut gh, &h),
-                    Activation::Silu => crate::fast::silu_mul(&mut gh, &h),
+                    Activation::GeluTanh => crate::kernels::fast::gelu_tanh_mul(&mut gh, &h),
+                    Activation::Silu => crate::kernels::fast::silu_mul(&mut gh, &h),
                     act => {
-                        crate::fast::activation_in_place(&mut gh, act);
+                        crate::kernels::fast::activation_in_place(&mut gh, act);
                         gh.iter_mut().zip(&h).for_each(|(a, b)| *a *= b);
                     }
                 }
                 h = gh;
             }
-            None => crate::fast::activation_in_place(&mut h, self.act),
+            None => crate::kernels::fast::activation_in_place(&mut h, self.act),
         }
         self.down.forward_rows(&h, m, out, self.down.out_features())
     }

@@ -6,7 +6,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fast;
+use crate::kernels::fast;
 use crate::weights::{Init, Weights};
 
 fn check_bias(bias: Option<&Tensor>, out_features: usize) -> Result<()> {
@@ -118,7 +118,7 @@ impl Linear {
     /// the `m` rows of `x` (`[m, in]`, row-major), into columns `0..out` of
     /// rows `ld` apart (a block of columns of a wider buffer, e.g. q, k and
     /// v side by side). The kernel follows from the weight: `gemm` on a dense
-    /// f32 weight (read in place), the 8-bit block matmul of [`crate::q8`]
+    /// f32 weight (read in place), the 8-bit block matmul of [`crate::kernels::q8`]
     /// (activations quantized per row), or candle's quantized matmul. Split
     /// over rayon's threads when [`fast::may_split`]. No autograd.
     pub fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32], ld: usize) -> Result<()> {

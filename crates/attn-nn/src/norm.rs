@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::fast;
+use crate::kernels::fast;
 use crate::weights::{Init, Weights};
 
 /// Layer normalisation over the last dimension (Ba et al. 2016).
