@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use attn_nn::fast::{self, AttnCall};
 use attn_nn::infer::{Input, Linear, Table, Weight};
 use attn_nn::q8::{Q8Acts, Q8Matrix};
-use attn_nn::{Error, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
+use attn_nn::{Error, KvDtype, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{Device, Tensor};
 
@@ -143,9 +143,11 @@ impl DecoderSpec {
         Ok(())
     }
 
-    /// Bytes of K and V one position takes (f32, every layer).
+    /// What K and V of one position take (f16, every layer), and the
+    /// window every layer attends within, if all of them slide.
     pub fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.layers.len(), n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+        let window = self.layers.iter().map(|l| l.window).try_fold(0, |m, w| w.map(|w| m.max(w)));
+        KvShape { window, ..KvShape::new(self.layers.len(), self.n_kv_heads, self.head_dim) }
     }
 }
 
@@ -217,6 +219,8 @@ pub enum Kernels {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     inner: Arc<Inner>,
+    /// How the caches it makes store keys and values.
+    kv_dtype: KvDtype,
 }
 
 #[derive(Debug)]
@@ -360,7 +364,19 @@ impl Decoder {
         let final_norm = f.vector("output_norm.weight", d)?;
         Ok(Decoder {
             inner: Arc::new(Inner { spec, kernels, layers, embed, head, final_norm, ropes, scratch: Mutex::default() }),
+            kv_dtype: KvDtype::from_env()?,
         })
+    }
+
+    /// The same model with caches (contiguous and paged) storing keys and
+    /// values as `dtype` (f16 unless `ATTN_KV_TYPE` says otherwise).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -433,6 +449,7 @@ impl Decoder {
                 ropes: i.ropes.clone(),
                 scratch: Mutex::default(),
             }),
+            kv_dtype: self.kv_dtype,
         })
     }
 
@@ -663,7 +680,7 @@ impl LanguageModel for Decoder {
     type Cache = LayerCaches;
 
     fn new_cache(&self) -> Result<LayerCaches> {
-        Ok(LayerCaches::new(self.inner.spec.n_layers()))
+        Ok(LayerCaches::with_dtype(self.inner.spec.n_layers(), self.kv_dtype))
     }
 
     fn vocab_size(&self) -> usize {
@@ -681,7 +698,7 @@ impl LanguageModel for Decoder {
 
 impl PagedLanguageModel for Decoder {
     fn kv_shape(&self) -> KvShape {
-        self.inner.spec.kv_shape()
+        KvShape { dtype: self.kv_dtype, ..self.inner.spec.kv_shape() }
     }
 
     fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {

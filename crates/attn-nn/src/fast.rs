@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
+use crate::kv::KvElem;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major), multithreaded.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
@@ -276,9 +277,15 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Where the attention kernel reads one layer's stored keys and values:
+/// the rows of kv head `kv_head` at position `pos`, in the cache's number
+/// format ([`KvElem`]: f32 or f16, widened to f32 inside the kernel's row
+/// loops). Contiguous caches, rings and paged block tables implement it; the
+/// kernel reads only positions inside each query's causal window.
 pub trait KvRows: Sync {
-    fn key(&self, pos: usize, kv_head: usize) -> &[f32];
-    fn value(&self, pos: usize, kv_head: usize) -> &[f32];
+    type Elem: KvElem;
+    fn key(&self, pos: usize, kv_head: usize) -> &[Self::Elem];
+    fn value(&self, pos: usize, kv_head: usize) -> &[Self::Elem];
 }
 
 /// The shape of one attention call over a cache.
@@ -295,8 +302,9 @@ pub struct AttnCall {
 
 /// Causal attention of `t` new queries (`q`, `[t, n_heads, head_dim]`, at
 /// positions `past..past + t`) over the cache's positions `0..past + t`
-/// (the new keys already written), within the sliding window. Writes
-/// `[t, n_heads, head_dim]` to `out`.
+/// (the new keys already written), within the sliding window: only
+/// positions from `past + 1 - window` on are read, so a cache may have
+/// dropped older ones. Writes `[t, n_heads, head_dim]` to `out`.
 ///
 /// Few queries (decode) go row by row; from [`BLOCKED_FROM`] on (prefill)
 /// they go through `gemm` in blocks of query rows, so the score buffer is
@@ -356,7 +364,7 @@ fn attend_row_in<K: KvRows>(
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for p in lo..hi {
-        let mut s = dot(q, kv.key(p, g)) * scale;
+        let mut s = K::Elem::dot(q, kv.key(p, g)) * scale;
         if let Some(c) = cap {
             s = (s / c).tanh() * c;
         }
@@ -371,7 +379,7 @@ fn attend_row_in<K: KvRows>(
     let inv = 1.0 / sum;
     out.fill(0.0);
     for (p, s) in (lo..hi).zip(scores.iter()) {
-        axpy(s * inv, kv.value(p, g), out);
+        K::Elem::axpy(s * inv, kv.value(p, g), out);
     }
 }
 
@@ -386,15 +394,20 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
     let total = past + t;
     let scale = sdpa.scale as f32;
     let cap = sdpa.softcap.map(|c| c as f32);
+    // The first position any query of the call sees: the cache may hold
+    // nothing older (a sliding window's ring, freed paged blocks).
+    let first = window.map_or(0, |w| (past + 1).saturating_sub(w));
     let mut keys = vec![0f32; total * d];
     let mut vals_t = vec![0f32; d * total];
+    let mut row = vec![0f32; d];
     let mut qh = vec![0f32; QUERY_BLOCK * d];
     let mut scores = vec![0f32; QUERY_BLOCK * total];
     let mut oh = vec![0f32; QUERY_BLOCK * d];
     for g in 0..n_kv_heads {
-        for p in 0..total {
-            keys[p * d..(p + 1) * d].copy_from_slice(kv.key(p, g));
-            for (j, v) in kv.value(p, g).iter().enumerate() {
+        for p in first..total {
+            K::Elem::widen(kv.key(p, g), &mut keys[p * d..(p + 1) * d]);
+            K::Elem::widen(kv.value(p, g), &mut row);
+            for (j, v) in row.iter().enumerate() {
                 vals_t[j * total + p] = *v;
             }
         }
@@ -472,68 +485,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
-/// Keys and values of one layer of one sequence, contiguous and
-/// token-major: position `p`, kv head `g` at `(p * n_kv_heads + g) * head_dim`.
-#[derive(Debug, Clone, Default)]
-pub struct RawKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl RawKv {
-    pub fn new(n_kv_heads: usize, head_dim: usize) -> Self {
-        RawKv { k: Vec::new(), v: Vec::new(), n_kv_heads, head_dim }
-    }
-
-    pub fn len(&self) -> usize {
-        let w = self.n_kv_heads * self.head_dim;
-        if w == 0 {
-            0
-        } else {
-            self.k.len() / w
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.k.is_empty()
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        let w = self.n_kv_heads * self.head_dim;
-        self.k.truncate(len * w);
-        self.v.truncate(len * w);
-    }
-
-    /// Appends `[t, n_kv_heads, head_dim]` keys and values.
-    pub fn append(&mut self, k: &[f32], v: &[f32]) {
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
-    }
-}
-
-impl KvRows for RawKv {
-    #[inline]
-    fn key(&self, pos: usize, g: usize) -> &[f32] {
-        let o = (pos * self.n_kv_heads + g) * self.head_dim;
-        &self.k[o..o + self.head_dim]
-    }
-
-    #[inline]
-    fn value(&self, pos: usize, g: usize) -> &[f32] {
-        let o = (pos * self.n_kv_heads + g) * self.head_dim;
-        &self.v[o..o + self.head_dim]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,12 +525,13 @@ mod tests {
             let q = rand_vec(t * h * d, 3);
             let k = rand_vec(total * kvh * d, 4);
             let v = rand_vec(total * kvh * d, 5);
-            let mut cache = RawKv::new(kvh, d);
-            cache.append(&k, &v);
+            let mut cache = crate::kv::RawKv::new(kvh, d, window, crate::kv::KvDtype::F32);
+            let cut = past * kvh * d;
+            cache.append(&k[..cut], &v[..cut]);
             let sdpa = SdpaOptions { scale: 0.3, softcap };
             let call = AttnCall { n_heads: h, n_kv_heads: kvh, head_dim: d, past, sdpa, window };
             let mut out = vec![0f32; q.len()];
-            attend(&q, t, &call, &cache, &mut out).unwrap();
+            cache.append_and_attend(&q, &k[cut..], &v[cut..], t, &call, &mut out).unwrap();
             // Reference: head-major tensors and an additive mask.
             let qt =
                 Tensor::from_vec(q.clone(), (t, h, d), &dev).unwrap().transpose(0, 1).unwrap().unsqueeze(0).unwrap();
