@@ -265,6 +265,10 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// The most new tokens one pass of the network takes; longer calls run in
+/// pieces (see [`Decoder`]'s `forward_kv`).
+pub const UBATCH: usize = 512;
+
 /// The GGUF architectures this decoder runs.
 pub const ARCHITECTURES: &[&str] = &["gemma3", "llama", "qwen2"];
 
@@ -307,6 +311,26 @@ impl Decoder {
             let w = weight(f, &format!("{name}.weight"), rows, cols, kernels)?;
             Linear::new(w, Some(f.vector(&format!("{name}.bias"), rows)?))
         };
+        // The embedding and the head first: they are the largest tensors,
+        // and while one is converted its file pages are resident too (they
+        // are released after), so converting them before anything else is
+        // loaded keeps the peak near the loaded model's size (Gemma 3 270M:
+        // 543 -> about 380 MB).
+        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
+            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
+            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
+                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
+                _ => unreachable!("dense weights load as Weight::Dense"),
+            },
+        };
+        // The output projection is tied to the embedding unless the file has its own.
+        let head = if f.tensor_info("output.weight").is_some() {
+            linear("output.weight", spec.vocab_size, d)?
+        } else if kernels == Kernels::Candle {
+            linear("token_embd.weight", spec.vocab_size, d)?
+        } else {
+            embed.as_linear()?
+        };
         let mut ropes: Vec<(f64, f64)> = Vec::new();
         let mut layers = Vec::new();
         for (i, ls) in spec.layers.iter().enumerate() {
@@ -346,21 +370,6 @@ impl Decoder {
                 window: ls.window,
             });
         }
-        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
-            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
-            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
-                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
-                _ => unreachable!("dense weights load as Weight::Dense"),
-            },
-        };
-        // The output projection is tied to the embedding unless the file has its own.
-        let head = if f.tensor_info("output.weight").is_some() {
-            linear("output.weight", spec.vocab_size, d)?
-        } else if kernels == Kernels::Candle {
-            linear("token_embd.weight", spec.vocab_size, d)?
-        } else {
-            embed.as_linear()?
-        };
         let final_norm = f.vector("output_norm.weight", d)?;
         Ok(Decoder {
             inner: Arc::new(Inner { spec, kernels, layers, embed, head, final_norm, ropes, scratch: Mutex::default() }),
@@ -480,8 +489,35 @@ impl Decoder {
         Ok(spans)
     }
 
-    /// The forward pass over any KV store (contiguous or paged).
+    /// The forward pass over any KV store (contiguous or paged). A call of
+    /// more than [`UBATCH`] new tokens runs one sequence at a time in pieces
+    /// of at most that many (llama.cpp's `n_ubatch`): the activations of a
+    /// piece are what a call holds, not those of a whole 8k-token prompt.
     fn forward_kv<C: SequenceCache + KvStore>(
+        &self,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
+        if batch.iter().map(|s| s.tokens.len()).sum::<usize>() <= UBATCH {
+            return self.forward_kv_once(batch, logits);
+        }
+        self.check_batch(batch)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            let mut parts = Vec::new();
+            for piece in s.tokens.chunks(UBATCH) {
+                let mut one = [SeqStep { tokens: piece, cache: &mut *s.cache }];
+                parts.push(self.forward_kv_once(&mut one, logits)?.remove(0));
+            }
+            out.push(match logits {
+                Logits::Last => parts.pop().expect("at least one piece"),
+                Logits::All => Tensor::cat(&parts, 0)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn forward_kv_once<C: SequenceCache + KvStore>(
         &self,
         batch: &mut [SeqStep<'_, C>],
         logits: Logits,

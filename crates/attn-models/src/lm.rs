@@ -63,6 +63,8 @@ pub struct LayerCaches {
     layers: Vec<ContiguousKvCache>,
     raw: Vec<RawKv>,
     dtype: KvDtype,
+    /// Sliding-window layers keep every position too (a reference).
+    keep_all: bool,
 }
 
 impl LayerCaches {
@@ -72,7 +74,19 @@ impl LayerCaches {
     }
 
     pub fn with_dtype(n_layers: usize, dtype: KvDtype) -> Self {
-        LayerCaches { layers: vec![ContiguousKvCache::new(); n_layers], raw: vec![RawKv::default(); n_layers], dtype }
+        LayerCaches {
+            layers: vec![ContiguousKvCache::new(); n_layers],
+            raw: vec![RawKv::default(); n_layers],
+            dtype,
+            keep_all: false,
+        }
+    }
+
+    /// Caches whose sliding-window layers keep every position instead of a
+    /// ring of twice the window (the plain reference for tests).
+    pub fn keeping_every_position(mut self) -> Self {
+        self.keep_all = true;
+        self
     }
 
     /// Bytes of keys and values the plain buffers hold.
@@ -133,7 +147,11 @@ impl KvStore for LayerCaches {
             .get_mut(layer)
             .ok_or_else(|| attn_nn::Error::input("kv cache", format!("layer {layer} out of range")))?;
         if c.n_kv_heads == 0 {
-            *c = RawKv::new(call.n_kv_heads, call.head_dim, call.window, self.dtype);
+            *c = if self.keep_all {
+                RawKv::new_full(call.n_kv_heads, call.head_dim, call.window, self.dtype)
+            } else {
+                RawKv::new(call.n_kv_heads, call.head_dim, call.window, self.dtype)
+            };
         }
         c.append_and_attend(q, k, v, t, call, out)
     }

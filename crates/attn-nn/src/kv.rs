@@ -355,6 +355,8 @@ pub struct RawKv {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     window: Option<usize>,
+    /// Positions kept (`2 * window`), or every one.
+    ring: Option<usize>,
     len: usize,
     /// The oldest position whose slot has not been written over.
     oldest: usize,
@@ -368,7 +370,14 @@ impl Default for RawKv {
 
 impl RawKv {
     pub fn new(n_kv_heads: usize, head_dim: usize, window: Option<usize>, dtype: KvDtype) -> Self {
-        RawKv { k: KvBuf::new(dtype), v: KvBuf::new(dtype), n_kv_heads, head_dim, window, len: 0, oldest: 0 }
+        let ring = window.map(|w| 2 * w);
+        RawKv { k: KvBuf::new(dtype), v: KvBuf::new(dtype), n_kv_heads, head_dim, window, ring, len: 0, oldest: 0 }
+    }
+
+    /// A cache that attends within `window` but keeps every position (no
+    /// ring): the plain reference the ring is tested against.
+    pub fn new_full(n_kv_heads: usize, head_dim: usize, window: Option<usize>, dtype: KvDtype) -> Self {
+        RawKv { ring: None, ..Self::new(n_kv_heads, head_dim, window, dtype) }
     }
 
     /// Positions stored so far (the position of the next one).
@@ -390,7 +399,7 @@ impl RawKv {
 
     /// Positions the ring holds (sliding-window layers).
     pub fn ring(&self) -> Option<usize> {
-        self.window.map(|w| 2 * w)
+        self.ring
     }
 
     /// Bytes of keys and values held.
@@ -422,7 +431,10 @@ impl RawKv {
         if len >= self.len {
             return Ok(());
         }
-        if self.window.is_none() {
+        if len == 0 {
+            self.oldest = 0;
+        }
+        if self.ring.is_none() {
             self.k.resize(len * self.width());
             self.v.resize(len * self.width());
         }
@@ -432,10 +444,11 @@ impl RawKv {
 
     /// Whether [`RawKv::truncate`] to `len` would succeed.
     pub fn check_truncate(&self, len: usize) -> Result<()> {
-        if len >= self.len {
+        // Back to nothing needs nothing.
+        if len >= self.len || len == 0 {
             return Ok(());
         }
-        if let Some(w) = self.window {
+        if let (Some(w), Some(_)) = (self.window, self.ring) {
             // The next query (at `len`) reads back to `len + 1 - w`.
             if (len + 1).saturating_sub(w) < self.oldest() {
                 return Err(Error::input(
@@ -507,7 +520,10 @@ impl RawKv {
         }
         // Most new positions one piece may write: the ring keeps
         // `ring - piece` older ones, and the piece's first query needs `w - 1`.
-        let piece = self.window.map_or(t.max(1), |win| win + 1);
+        let piece = match (self.window, self.ring) {
+            (Some(win), Some(_)) => win + 1,
+            _ => t.max(1),
+        };
         let mut i = 0;
         while i < t {
             let n = piece.min(t - i);
@@ -669,6 +685,10 @@ mod tests {
         // into slots the first one's replacements wrote over.
         let e = ring.truncate(ring.len() - (win + 2)).unwrap_err();
         assert!(e.to_string().contains("cannot roll back"), "{e}");
+        // Back to empty always works, and the ring starts over.
+        let mut reset = ring.clone();
+        reset.truncate(0).unwrap();
+        assert_eq!((reset.len(), reset.oldest()), (0, 0));
         let mut twice = RawKv::new(2, 16, Some(win), KvDtype::F32);
         twice.append(&rand_vec(40 * kvw, 1), &rand_vec(40 * kvw, 2));
         twice.truncate(40 - (win + 1)).unwrap();
