@@ -507,7 +507,11 @@ impl Decoder {
             let mut parts = Vec::new();
             for piece in s.tokens.chunks(UBATCH) {
                 let mut one = [SeqStep { tokens: piece, cache: &mut *s.cache }];
-                parts.push(self.forward_kv_once(&mut one, logits)?.remove(0));
+                let l = self.forward_kv_once(&mut one, logits)?.remove(0);
+                if logits == Logits::Last {
+                    parts.clear(); // only the last piece's last row is wanted
+                }
+                parts.push(l);
             }
             out.push(match logits {
                 Logits::Last => parts.pop().expect("at least one piece"),

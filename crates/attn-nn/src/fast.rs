@@ -448,12 +448,22 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
                     }
                     srow[b..].fill(0.0);
                 });
-                // o = p · v: vᵀ rows are the d output columns.
-                let mut vt = Vec::with_capacity(d * n);
-                for j in 0..d {
-                    vt.extend_from_slice(&vals_t[j * total + lo0..j * total + span]);
-                }
-                matmul_xwt(&scores[..rows * n], rows, n, &vt, d, &mut oh[..rows * d])?;
+                // o = p · v, reading vᵀ's columns lo0..span in place: element
+                // (key p, column j) of v is vals_t[j * total + lo0 + p].
+                // SAFETY: p < n and j < d address vals_t[..d * total]; the
+                // score rows are rows x n and oh rows x d, not overlapping.
+                unsafe {
+                    gemm_raw(
+                        (rows, d, n),
+                        oh.as_mut_ptr(),
+                        d,
+                        scores.as_ptr(),
+                        (n, 1),
+                        vals_t.as_ptr().add(lo0),
+                        (1, total),
+                        true,
+                    )
+                };
                 for r in 0..rows {
                     let dst = ((i0 + r) * n_heads + h) * d;
                     out[dst..dst + d].copy_from_slice(&oh[r * d..(r + 1) * d]);
