@@ -169,9 +169,7 @@ impl BlockManager {
         let need = self.blocks_for(len_after).saturating_sub(table.len());
         let cow = len_after > len
             && len % self.block_size != 0
-            && table
-                .get(len / self.block_size)
-                .is_some_and(|&b| b != FREED_BLOCK && self.meta[b as usize].refs > 1);
+            && table.get(len / self.block_size).is_some_and(|&b| b != FREED_BLOCK && self.meta[b as usize].refs > 1);
         if need + usize::from(cow) > self.available() {
             return Err(NoSpace);
         }

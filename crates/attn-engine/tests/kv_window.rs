@@ -28,7 +28,9 @@ fn blocks_outside_an_all_layer_window_return_to_the_pool() {
     }
     let model = Decoder::load(&f, spec, Kernels::Blocks).unwrap();
     assert_eq!(model.kv_shape().window, Some(512));
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/perplexity.txt")).unwrap().repeat(2);
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/perplexity.txt"))
+        .unwrap()
+        .repeat(2);
     let mut prompt = tok.encode(&text, true).unwrap();
     prompt.truncate(1500);
     let params = SamplingParams { max_tokens: 6, ..SamplingParams::greedy() };

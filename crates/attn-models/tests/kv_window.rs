@@ -26,7 +26,9 @@ fn gemma() -> (Decoder, Vec<u32>) {
     let f = GgufFile::open(&path).unwrap();
     let tok = SpmTokenizer::from_gguf(&f).unwrap();
     let model = Decoder::from_gguf(&f).unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/perplexity.txt")).unwrap().repeat(2);
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/perplexity.txt"))
+        .unwrap()
+        .repeat(2);
     let mut ids = tok.encode(&text, true).unwrap();
     assert!(ids.len() >= 1500, "{} tokens", ids.len());
     ids.truncate(1500);

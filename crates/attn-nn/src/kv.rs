@@ -507,7 +507,9 @@ impl RawKv {
         out: &mut [f32],
     ) -> Result<()> {
         let w = self.width();
-        if (call.n_kv_heads, call.head_dim) != (self.n_kv_heads, self.head_dim) || k.len() != t * w || v.len() != k.len()
+        if (call.n_kv_heads, call.head_dim) != (self.n_kv_heads, self.head_dim)
+            || k.len() != t * w
+            || v.len() != k.len()
         {
             return Err(Error::input("kv cache", "keys do not match the cache's heads"));
         }

@@ -119,7 +119,10 @@ impl KvPool {
         // Zeroed allocations come from fresh pages: the OS commits them on first write.
         let layers = (0..shape.n_layers)
             .map(|_| {
-                Mutex::new(LayerBlocks { k: KvBuf::zeros(shape.dtype, per_layer), v: KvBuf::zeros(shape.dtype, per_layer) })
+                Mutex::new(LayerBlocks {
+                    k: KvBuf::zeros(shape.dtype, per_layer),
+                    v: KvBuf::zeros(shape.dtype, per_layer),
+                })
             })
             .collect();
         Ok(KvPool { shape, block_size, num_blocks, layers })
@@ -240,8 +243,7 @@ impl KvPool {
             Ok(x.to_dtype(DType::F32)?.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?)
         };
         let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
-        let call =
-            AttnCall { n_heads, n_kv_heads: kv_heads, head_dim: d, past, sdpa: spec.sdpa, window: spec.window };
+        let call = AttnCall { n_heads, n_kv_heads: kv_heads, head_dim: d, past, sdpa: spec.sdpa, window: spec.window };
         let mut out = vec![0f32; qv.len()];
         self.write_and_attend_slices(layer, table, &qv, &kv, &vv, t, &call, &mut out)?;
         let out = Tensor::from_vec(out, (1, t, n_heads, d), q.device())?.transpose(1, 2)?.contiguous()?;
@@ -279,10 +281,15 @@ impl KvPool {
         // Every block the call reads or writes must still be there.
         let first = call.window.map_or(0, |w| (call.past + 1).saturating_sub(w));
         if total > first {
-            if let Some(i) = (first / self.block_size..total.div_ceil(self.block_size)).find(|&i| table[i] == FREED_BLOCK) {
+            if let Some(i) =
+                (first / self.block_size..total.div_ceil(self.block_size)).find(|&i| table[i] == FREED_BLOCK)
+            {
                 return Err(Error::input(
                     "paged attention",
-                    format!("block {i} of the table (positions from {}) was freed: it is outside the window", i * self.block_size),
+                    format!(
+                        "block {i} of the table (positions from {}) was freed: it is outside the window",
+                        i * self.block_size
+                    ),
                 ));
             }
         }
@@ -299,12 +306,15 @@ impl KvPool {
         let l = &*l;
         let (bs, hd) = (self.block_size, d);
         match (&l.k, &l.v) {
-            (KvBuf::F32(k), KvBuf::F32(v)) => crate::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out),
-            (KvBuf::F16(k), KvBuf::F16(v)) => crate::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out),
+            (KvBuf::F32(k), KvBuf::F32(v)) => {
+                crate::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out)
+            }
+            (KvBuf::F16(k), KvBuf::F16(v)) => {
+                crate::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out)
+            }
             _ => Err(Error::input("paged kv", "keys and values stored in different formats")),
         }
     }
-
 }
 
 /// One sequence's keys and values in the pool, read through its block table.
@@ -460,40 +470,40 @@ mod tests {
             (4, 1, Some(40), None, 16, vec![100, 90, 1, 1]),
             (4, 1, Some(512), None, 16, vec![20, 1, 30]),
         ] {
-          for dtype in [KvDtype::F32, KvDtype::F16] {
-            let d = if chunks[0] == 20 { 256 } else { 16 };
-            let shape = KvShape { dtype, ..KvShape::new(2, n_kv, d) };
-            let pool = Arc::new(KvPool::new(shape, block_size, 32).unwrap());
-            let mut paged = PagedCache::new(pool.clone());
-            // Deliberately out of order, not starting at 0.
-            paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6, 8, 10, 11, 13]);
-            let mut contiguous = ContiguousKvCache::new();
-            let opts = SdpaOptions { scale: 0.25, softcap };
-            let spec = AttendSpec { sdpa: opts, window };
-            let mut seed = 0;
-            for &chunk in &chunks {
-                seed += 1;
-                let q = rand((1, n_heads, chunk, d), seed * 3);
-                let k = rand((1, n_kv, chunk, d), seed * 3 + 1);
-                let v = rand((1, n_kv, chunk, d), seed * 3 + 2);
-                let got = paged.attend(1, &q, &k, &v, &spec).unwrap();
-                paged.commit(chunk).unwrap();
-                // An f16 pool attends as f32 attention on f16-rounded keys and values.
-                let round = |x: &Tensor| match dtype {
-                    KvDtype::F32 => x.clone(),
-                    KvDtype::F16 => x.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap(),
-                };
-                let (k, v) = (round(&k), round(&v));
-                let (ka, va) = contiguous.append(&k, &v).unwrap();
-                let mask = causal_mask(chunk, ka.dims()[2], window, &Device::Cpu).unwrap();
-                let want = scaled_dot_product_attention(&q, &ka, &va, Some(&mask), opts, None).unwrap();
-                let diff = max_diff(&got, &want);
-                assert!(diff < 1e-5, "{dtype:?} heads {n_heads}/{n_kv} window {window:?} chunk {chunk}: {diff}");
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let d = if chunks[0] == 20 { 256 } else { 16 };
+                let shape = KvShape { dtype, ..KvShape::new(2, n_kv, d) };
+                let pool = Arc::new(KvPool::new(shape, block_size, 32).unwrap());
+                let mut paged = PagedCache::new(pool.clone());
+                // Deliberately out of order, not starting at 0.
+                paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6, 8, 10, 11, 13]);
+                let mut contiguous = ContiguousKvCache::new();
+                let opts = SdpaOptions { scale: 0.25, softcap };
+                let spec = AttendSpec { sdpa: opts, window };
+                let mut seed = 0;
+                for &chunk in &chunks {
+                    seed += 1;
+                    let q = rand((1, n_heads, chunk, d), seed * 3);
+                    let k = rand((1, n_kv, chunk, d), seed * 3 + 1);
+                    let v = rand((1, n_kv, chunk, d), seed * 3 + 2);
+                    let got = paged.attend(1, &q, &k, &v, &spec).unwrap();
+                    paged.commit(chunk).unwrap();
+                    // An f16 pool attends as f32 attention on f16-rounded keys and values.
+                    let round = |x: &Tensor| match dtype {
+                        KvDtype::F32 => x.clone(),
+                        KvDtype::F16 => x.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap(),
+                    };
+                    let (k, v) = (round(&k), round(&v));
+                    let (ka, va) = contiguous.append(&k, &v).unwrap();
+                    let mask = causal_mask(chunk, ka.dims()[2], window, &Device::Cpu).unwrap();
+                    let want = scaled_dot_product_attention(&q, &ka, &va, Some(&mask), opts, None).unwrap();
+                    let diff = max_diff(&got, &want);
+                    assert!(diff < 1e-5, "{dtype:?} heads {n_heads}/{n_kv} window {window:?} chunk {chunk}: {diff}");
+                }
+                // The stored keys read back through the table are the appended ones.
+                let (k, _) = pool.gather(1, paged.block_table(), paged.len()).unwrap();
+                assert_eq!(max_diff(&k, contiguous.keys().unwrap()), 0.0);
             }
-            // The stored keys read back through the table are the appended ones.
-            let (k, _) = pool.gather(1, paged.block_table(), paged.len()).unwrap();
-            assert_eq!(max_diff(&k, contiguous.keys().unwrap()), 0.0);
-          }
         }
     }
 

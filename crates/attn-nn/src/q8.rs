@@ -550,7 +550,14 @@ impl Q8Matrix {
         if r0 % GROUP != 0 || part.cols != self.cols || r0 + part.rows > self.rows {
             return Err(Error::input(
                 "q8 matrix",
-                format!("rows {r0}..{} of {} ({} columns) do not take a {}x{} part", r0 + part.rows, self.rows, self.cols, part.rows, part.cols),
+                format!(
+                    "rows {r0}..{} of {} ({} columns) do not take a {}x{} part",
+                    r0 + part.rows,
+                    self.rows,
+                    self.cols,
+                    part.rows,
+                    part.cols
+                ),
             ));
         }
         let (g0, ng) = (r0 / GROUP, part.groups);
@@ -2049,7 +2056,11 @@ mod tests {
             }
         }
         let q8 = Q8Matrix::from_f32(&rand_vec(32 * cols, 92), 32, cols).unwrap();
-        let mut other = Q8Matrix::empty_like(&Q8Matrix::from_q6_k_bytes(&random_file(candle_core::quantized::GgmlDType::Q6K, 32, cols, 93).0, 32, cols).unwrap(), 64);
+        let mut other = Q8Matrix::empty_like(
+            &Q8Matrix::from_q6_k_bytes(&random_file(candle_core::quantized::GgmlDType::Q6K, 32, cols, 93).0, 32, cols)
+                .unwrap(),
+            64,
+        );
         assert!(other.splice_rows(0, &q8).is_err(), "another format");
     }
 
