@@ -9,11 +9,21 @@
 //! the same prefix can still hit it. Writing into a block that another
 //! sequence also references copies it first (copy-on-write; it happens when
 //! forked sequences append their first own token to a shared partial block).
+//!
+//! When every layer of the model attends within a sliding window
+//! (`KvShape::window`), blocks that fall fully before the window of a
+//! sequence's next position are released as the sequence advances
+//! ([`BlockManager::release_outside_window`]) and marked [`FREED_BLOCK`] in its
+//! table; a long sequence then holds about `window / block_size + 1` blocks.
+//! Released blocks keep their prefix hash like any other, so a later prompt
+//! with the same prefix can still find them. Models that mix global and
+//! sliding layers (Gemma 3) keep every block: their global layers read
+//! every position (see `attn_nn::paged`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use attn_nn::{Error, Result};
+use attn_nn::{Error, Result, FREED_BLOCK};
 
 /// The pool has no free block left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +169,7 @@ impl BlockManager {
         let need = self.blocks_for(len_after).saturating_sub(table.len());
         let cow = len_after > len
             && len % self.block_size != 0
-            && table.get(len / self.block_size).is_some_and(|&b| self.meta[b as usize].refs > 1);
+            && table.get(len / self.block_size).is_some_and(|&b| b != FREED_BLOCK && self.meta[b as usize].refs > 1);
         if need + usize::from(cow) > self.available() {
             return Err(NoSpace);
         }
@@ -186,6 +196,9 @@ impl BlockManager {
         for (i, chunk) in tokens[..full * self.block_size].chunks_exact(self.block_size).enumerate() {
             parent = chain(parent, chunk);
             let b = table[i];
+            if b == FREED_BLOCK {
+                continue;
+            }
             let m = &mut self.meta[b as usize];
             if m.hash == Some(parent) {
                 continue;
@@ -201,9 +214,24 @@ impl BlockManager {
     pub fn free(&mut self, table: &[u32]) {
         // The end of a sequence is released first, so the start of a shared
         // prefix, needed by every later hit, is evicted last.
-        for &b in table.iter().rev() {
+        for &b in table.iter().rev().filter(|&&b| b != FREED_BLOCK) {
             self.release(b);
         }
+    }
+
+    /// Releases the blocks of `table` that hold only positions before
+    /// `keep_from` (the first position the sequence's next query can see)
+    /// and marks them [`FREED_BLOCK`]. Returns how many were released.
+    pub fn release_outside_window(&mut self, table: &mut [u32], keep_from: usize) -> usize {
+        let mut n = 0;
+        for b in table.iter_mut().take(keep_from / self.block_size) {
+            if *b != FREED_BLOCK {
+                self.release(*b);
+                *b = FREED_BLOCK;
+                n += 1;
+            }
+        }
+        n
     }
 
     fn release(&mut self, b: u32) {
@@ -227,7 +255,7 @@ impl BlockManager {
 
     /// Adds a reference to every block of `table` (forking a sequence).
     pub fn fork(&mut self, table: &[u32]) {
-        for &b in table {
+        for &b in table.iter().filter(|&&b| b != FREED_BLOCK) {
             self.retain(b);
         }
     }
@@ -236,7 +264,7 @@ impl BlockManager {
     pub fn check(&self, tables: &[&[u32]]) -> Result<()> {
         let mut refs = vec![0u32; self.meta.len()];
         for t in tables {
-            for &b in *t {
+            for &b in t.iter().filter(|&&b| b != FREED_BLOCK) {
                 refs[b as usize] += 1;
             }
         }
@@ -314,6 +342,40 @@ mod tests {
         bm.free(&all);
         assert!(bm.lookup_prefix(&prompt).is_empty(), "evicted");
         bm.check(&[]).unwrap();
+    }
+
+    /// Blocks before a sliding window go back to the pool; forks, frees and
+    /// prefix hits skip the holes; released blocks can still be hit.
+    #[test]
+    fn blocks_outside_the_window_return_to_the_pool() {
+        let mut bm = BlockManager::new(8, 4);
+        let tokens: Vec<u32> = (0..20).collect();
+        let mut a = Vec::new();
+        bm.reserve(&mut a, 0, 20, &mut Vec::new()).unwrap();
+        bm.register_full_blocks(&a, &tokens, 20);
+        assert_eq!(bm.available(), 3);
+        // Window 6 at length 20: the next query sees 15.., so blocks 0-2
+        // (positions 0..12) go; block 3 (12..16) stays.
+        let first = a.clone();
+        assert_eq!(bm.release_outside_window(&mut a, 20 + 1 - 6), 3);
+        assert_eq!(&a[..3], &[FREED_BLOCK; 3]);
+        assert_eq!(bm.available(), 6);
+        assert_eq!(bm.release_outside_window(&mut a, 15), 0, "idempotent");
+        bm.check(&[&a]).unwrap();
+        let mut c = a.clone();
+        bm.fork(&c);
+        bm.check(&[&a, &c]).unwrap();
+        bm.reserve(&mut c, 20, 24, &mut Vec::new()).unwrap();
+        bm.register_full_blocks(&c, &(0..24).collect::<Vec<u32>>(), 24);
+        bm.free(&c);
+        bm.check(&[&a]).unwrap();
+        // The released prefix blocks are still in the prefix cache.
+        let hit = bm.lookup_prefix(&tokens);
+        assert_eq!(hit, first[..4]);
+        bm.free(&hit);
+        bm.free(&a);
+        bm.check(&[]).unwrap();
+        assert_eq!(bm.available(), 8);
     }
 
     #[test]

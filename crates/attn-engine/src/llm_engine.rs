@@ -99,6 +99,9 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
     pub steps: u64,
+    /// Blocks given back because they fell outside a sliding window every
+    /// layer shares.
+    pub window_freed_blocks: u64,
 }
 
 /// The bounds a request must fit, known without the engine (an HTTP
@@ -362,6 +365,11 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
             let s = self.seqs.get_mut(&id).expect("scheduled sequences exist");
             let len = s.cache.len();
             self.bm.register_full_blocks(s.cache.block_table(), &s.tokens, len);
+            if let Some(w) = self.pool.shape().window {
+                // The next query (at `len`) sees `len + 1 - w..`: blocks before it go back.
+                let freed = self.bm.release_outside_window(s.cache.block_table_mut(), (len + 1).saturating_sub(w));
+                self.stats.window_freed_blocks += freed as u64;
+            }
             let mut prompt_lp = None;
             let last_row = if s.prompt_logprobs.is_some() {
                 // Row i holds the distribution of position (len - n + i + 1).

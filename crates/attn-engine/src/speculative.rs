@@ -174,8 +174,12 @@ impl<M: LanguageModel> Drafter for ModelDrafter<'_, M> {
         }
         // Keep the cached prefix that still agrees; feed at least one token.
         let same = self.fed.iter().zip(&context).take_while(|(a, b)| a == b).count();
-        let keep = same.min(context.len() - 1);
-        self.cache.truncate(keep)?;
+        let mut keep = same.min(context.len() - 1);
+        if self.cache.truncate(keep).is_err() {
+            // Further back than a sliding window's ring keeps: start over.
+            self.cache = self.model.new_cache()?;
+            keep = 0;
+        }
         self.fed.truncate(keep);
         // The last proposal is never fed, so k tokens need context + k - 1 positions.
         let k = k.min((self.model.context_length() + 1).saturating_sub(context.len()));

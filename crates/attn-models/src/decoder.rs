@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use attn_nn::kernels::fast::{self, AttnCall};
 use attn_nn::infer::{Input, Linear, Table, Weight};
 use attn_nn::kernels::q8::{Q8Acts, Q8Matrix};
-use attn_nn::{Error, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
+use attn_nn::{Error, KvDtype, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{Device, Tensor};
 
@@ -143,9 +143,11 @@ impl DecoderSpec {
         Ok(())
     }
 
-    /// Bytes of K and V one position takes (f32, every layer).
+    /// What K and V of one position take (f16, every layer), and the
+    /// window every layer attends within, if all of them slide.
     pub fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.layers.len(), n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+        let window = self.layers.iter().map(|l| l.window).try_fold(0, |m, w| w.map(|w| m.max(w)));
+        KvShape { window, ..KvShape::new(self.layers.len(), self.n_kv_heads, self.head_dim) }
     }
 }
 
@@ -217,6 +219,8 @@ pub enum Kernels {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     inner: Arc<Inner>,
+    /// How the caches it makes store keys and values.
+    kv_dtype: KvDtype,
 }
 
 #[derive(Debug)]
@@ -261,6 +265,10 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// The most new tokens one pass of the network takes; longer calls run in
+/// pieces (see [`Decoder`]'s `forward_kv`).
+pub const UBATCH: usize = 512;
+
 /// The GGUF architectures this decoder runs.
 pub const ARCHITECTURES: &[&str] = &["gemma3", "llama", "qwen2"];
 
@@ -303,6 +311,26 @@ impl Decoder {
             let w = weight(f, &format!("{name}.weight"), rows, cols, kernels)?;
             Linear::new(w, Some(f.vector(&format!("{name}.bias"), rows)?))
         };
+        // The embedding and the head first: they are the largest tensors,
+        // and while one is converted its file pages are resident too (they
+        // are released after), so converting them before anything else is
+        // loaded keeps the peak near the loaded model's size (Gemma 3 270M:
+        // 543 -> about 380 MB).
+        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
+            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
+            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
+                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
+                _ => unreachable!("dense weights load as Weight::Dense"),
+            },
+        };
+        // The output projection is tied to the embedding unless the file has its own.
+        let head = if f.tensor_info("output.weight").is_some() {
+            linear("output.weight", spec.vocab_size, d)?
+        } else if kernels == Kernels::Candle {
+            linear("token_embd.weight", spec.vocab_size, d)?
+        } else {
+            embed.as_linear()?
+        };
         let mut ropes: Vec<(f64, f64)> = Vec::new();
         let mut layers = Vec::new();
         for (i, ls) in spec.layers.iter().enumerate() {
@@ -342,25 +370,22 @@ impl Decoder {
                 window: ls.window,
             });
         }
-        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
-            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
-            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
-                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
-                _ => unreachable!("dense weights load as Weight::Dense"),
-            },
-        };
-        // The output projection is tied to the embedding unless the file has its own.
-        let head = if f.tensor_info("output.weight").is_some() {
-            linear("output.weight", spec.vocab_size, d)?
-        } else if kernels == Kernels::Candle {
-            linear("token_embd.weight", spec.vocab_size, d)?
-        } else {
-            embed.as_linear()?
-        };
         let final_norm = f.vector("output_norm.weight", d)?;
         Ok(Decoder {
             inner: Arc::new(Inner { spec, kernels, layers, embed, head, final_norm, ropes, scratch: Mutex::default() }),
+            kv_dtype: KvDtype::from_env()?,
         })
+    }
+
+    /// The same model with caches (contiguous and paged) storing keys and
+    /// values as `dtype` (f16 unless `ATTN_KV_TYPE` says otherwise).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -433,6 +458,7 @@ impl Decoder {
                 ropes: i.ropes.clone(),
                 scratch: Mutex::default(),
             }),
+            kv_dtype: self.kv_dtype,
         })
     }
 
@@ -463,8 +489,39 @@ impl Decoder {
         Ok(spans)
     }
 
-    /// The forward pass over any KV store (contiguous or paged).
+    /// The forward pass over any KV store (contiguous or paged). A call of
+    /// more than [`UBATCH`] new tokens runs one sequence at a time in pieces
+    /// of at most that many (llama.cpp's `n_ubatch`): the activations of a
+    /// piece are what a call holds, not those of a whole 8k-token prompt.
     fn forward_kv<C: SequenceCache + KvStore>(
+        &self,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
+        if batch.iter().map(|s| s.tokens.len()).sum::<usize>() <= UBATCH {
+            return self.forward_kv_once(batch, logits);
+        }
+        self.check_batch(batch)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            let mut parts = Vec::new();
+            for piece in s.tokens.chunks(UBATCH) {
+                let mut one = [SeqStep { tokens: piece, cache: &mut *s.cache }];
+                let l = self.forward_kv_once(&mut one, logits)?.remove(0);
+                if logits == Logits::Last {
+                    parts.clear(); // only the last piece's last row is wanted
+                }
+                parts.push(l);
+            }
+            out.push(match logits {
+                Logits::Last => parts.pop().expect("at least one piece"),
+                Logits::All => Tensor::cat(&parts, 0)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn forward_kv_once<C: SequenceCache + KvStore>(
         &self,
         batch: &mut [SeqStep<'_, C>],
         logits: Logits,
@@ -663,7 +720,7 @@ impl LanguageModel for Decoder {
     type Cache = LayerCaches;
 
     fn new_cache(&self) -> Result<LayerCaches> {
-        Ok(LayerCaches::new(self.inner.spec.n_layers()))
+        Ok(LayerCaches::with_dtype(self.inner.spec.n_layers(), self.kv_dtype))
     }
 
     fn vocab_size(&self) -> usize {
@@ -681,7 +738,7 @@ impl LanguageModel for Decoder {
 
 impl PagedLanguageModel for Decoder {
     fn kv_shape(&self) -> KvShape {
-        self.inner.spec.kv_shape()
+        KvShape { dtype: self.kv_dtype, ..self.inner.spec.kv_shape() }
     }
 
     fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {

@@ -19,6 +19,10 @@ const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 4;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// Rows of a large tensor converted at a time by [`GgufFile::q8_matrix`]
+/// (a multiple of the 16-row groups of [`attn_nn::kernels::q8::Q8Matrix`]).
+pub const Q8_CHUNK_ROWS: usize = 4096;
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -432,11 +436,15 @@ impl GgufFile {
     /// from the file). The fused Gemma 3 path holds its weights in its own
     /// layout, so without this the file stayed resident next to them.
     pub fn release(&self, info: &TensorInfo) {
+        self.release_range((self.header.data_offset + info.offset) as usize, info.size as usize);
+    }
+
+    /// [`GgufFile::release`] of the whole pages inside `start..start + len`.
+    pub fn release_range(&self, start: usize, len: usize) {
         #[cfg(unix)]
         {
             const PAGE: usize = 4096;
-            let start = (self.header.data_offset + info.offset) as usize;
-            let (lo, hi) = (start.next_multiple_of(PAGE), (start + info.size as usize) / PAGE * PAGE);
+            let (lo, hi) = (start.next_multiple_of(PAGE), (start + len).min(self.mmap.len()) / PAGE * PAGE);
             if hi > lo {
                 // SAFETY: the map is a read-only file mapping; MADV_DONTNEED
                 // drops clean pages, whose contents are read again from the
@@ -446,7 +454,7 @@ impl GgufFile {
             }
         }
         #[cfg(not(unix))]
-        let _ = info;
+        let _ = (start, len);
     }
 
     /// Loads a tensor in its stored (possibly quantized) type.
@@ -627,10 +635,44 @@ impl GgufFile {
     /// Q4_1, Q4_K and Q6_K exactly (at their stored width with the VNNI
     /// kernel); any other type dequantized by candle sixteen rows at a time
     /// and quantized to 8 bits (never a whole f32 copy of the tensor).
+    ///
+    /// A large tensor (Gemma 3's 178 MB embedding) is converted
+    /// [`Q8_CHUNK_ROWS`] rows at a time, each chunk's file pages released
+    /// once converted, so the file's copy and the converted one are never
+    /// both resident (that was the 543 MB peak of a 365 MB model).
     pub fn q8_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<attn_nn::kernels::q8::Q8Matrix> {
         use attn_nn::kernels::q8::Q8Matrix;
         let info = self.checked_info(name, &[rows, cols])?;
         let data = self.tensor_data(info);
+        let context = |e: Error| Error::format(self.path(), format!("tensor `{name}` ({}): {e}", info.ty.name()));
+        if rows > Q8_CHUNK_ROWS && data.len() >= 16 << 20 && data.len() % rows == 0 {
+            let row_bytes = data.len() / rows;
+            let start = (self.header.data_offset + info.offset) as usize;
+            let mut m: Option<Q8Matrix> = None;
+            for r0 in (0..rows).step_by(Q8_CHUNK_ROWS) {
+                let n = Q8_CHUNK_ROWS.min(rows - r0);
+                let part = self.q8_from_bytes(name, info, &data[r0 * row_bytes..(r0 + n) * row_bytes], n, cols)?;
+                let dst = m.get_or_insert_with(|| Q8Matrix::empty_like(&part, rows));
+                dst.splice_rows(r0, &part).map_err(context)?;
+                self.release_range(start + r0 * row_bytes, n * row_bytes);
+            }
+            return m.ok_or_else(|| context(Error::input("q8 matrix", "no rows")));
+        }
+        let m = self.q8_from_bytes(name, info, data, rows, cols)?;
+        self.release(info);
+        Ok(m)
+    }
+
+    /// [`GgufFile::q8_matrix`] of `data`, `rows` rows of tensor `info`.
+    fn q8_from_bytes(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<attn_nn::kernels::q8::Q8Matrix> {
+        use attn_nn::kernels::q8::Q8Matrix;
         let context = |e: Error| Error::format(self.path(), format!("tensor `{name}` ({}): {e}", info.ty.name()));
         let m = match info.ty {
             TensorType(8) => Q8Matrix::from_q8_0_bytes(data, rows, cols),
@@ -665,7 +707,6 @@ impl GgufFile {
             }
         }
         .map_err(context)?;
-        self.release(info);
         Ok(m)
     }
 

@@ -330,7 +330,12 @@ impl LanguageModel for Gpt {
 
 impl PagedLanguageModel for Gpt {
     fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.cfg.n_layers, n_kv_heads: self.cfg.kv_heads(), head_dim: self.cfg.head_dim() }
+        // f32, as its contiguous (tensor) cache: the paged and contiguous
+        // paths of attn's own small models agree exactly.
+        KvShape {
+            dtype: attn_nn::KvDtype::F32,
+            ..KvShape::new(self.cfg.n_layers, self.cfg.kv_heads(), self.cfg.head_dim())
+        }
     }
 
     fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {

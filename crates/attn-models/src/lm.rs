@@ -6,8 +6,8 @@
 //! the same call. A seq2seq model becomes a causal LM conditioned on its
 //! encoded source (see [`crate::transformer`]).
 
-use attn_nn::kernels::fast::{AttnCall, RawKv};
-use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvShape, PagedCache, Result};
+use attn_nn::kernels::fast::AttnCall;
+use attn_nn::{AttendSpec, ContiguousKvCache, KvCache, KvDtype, KvShape, PagedCache, RawKv, Result};
 
 use candle_core::Tensor;
 
@@ -18,7 +18,9 @@ pub trait SequenceCache: Clone {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Forgets positions from `len` on (speculative decoding rollback).
+    /// Forgets positions from `len` on (speculative decoding rollback). An
+    /// error where the cache no longer holds what the positions before
+    /// `len` need (a sliding window that has moved on).
     fn truncate(&mut self, len: usize) -> Result<()>;
 }
 
@@ -53,17 +55,43 @@ pub trait KvStore: Send {
 /// One contiguous KV cache per layer: the simple, fast cache of one stream.
 ///
 /// Models on candle tensors (attn's GPT) use the tensor caches; the
-/// decoder ([`crate::decoder`]) keeps plain token-major buffers. A sequence
-/// uses one kind or the other, never both.
+/// decoder ([`crate::decoder`]) keeps plain token-major buffers
+/// ([`RawKv`]: f16 by default, a ring of twice the window for
+/// sliding-window layers). A sequence uses one kind or the other, never both.
 #[derive(Debug, Clone)]
 pub struct LayerCaches {
     layers: Vec<ContiguousKvCache>,
     raw: Vec<RawKv>,
+    dtype: KvDtype,
+    /// Sliding-window layers keep every position too (a reference).
+    keep_all: bool,
 }
 
 impl LayerCaches {
+    /// Caches storing keys and values in f16.
     pub fn new(n_layers: usize) -> Self {
-        LayerCaches { layers: vec![ContiguousKvCache::new(); n_layers], raw: vec![RawKv::default(); n_layers] }
+        Self::with_dtype(n_layers, KvDtype::default())
+    }
+
+    pub fn with_dtype(n_layers: usize, dtype: KvDtype) -> Self {
+        LayerCaches {
+            layers: vec![ContiguousKvCache::new(); n_layers],
+            raw: vec![RawKv::default(); n_layers],
+            dtype,
+            keep_all: false,
+        }
+    }
+
+    /// Caches whose sliding-window layers keep every position instead of a
+    /// ring of twice the window (the plain reference for tests).
+    pub fn keeping_every_position(mut self) -> Self {
+        self.keep_all = true;
+        self
+    }
+
+    /// Bytes of keys and values the plain buffers hold.
+    pub fn kv_bytes(&self) -> usize {
+        self.raw.iter().map(|c| c.bytes()).sum()
     }
 
     pub fn layer_mut(&mut self, i: usize) -> &mut ContiguousKvCache {
@@ -78,11 +106,15 @@ impl SequenceCache for LayerCaches {
     }
 
     fn truncate(&mut self, len: usize) -> Result<()> {
+        // Every layer can go back, or none moves.
+        for c in &self.raw {
+            c.check_truncate(len)?;
+        }
         for c in &mut self.layers {
             c.truncate(len)?;
         }
         for c in &mut self.raw {
-            c.truncate(len);
+            c.truncate(len)?;
         }
         Ok(())
     }
@@ -115,14 +147,13 @@ impl KvStore for LayerCaches {
             .get_mut(layer)
             .ok_or_else(|| attn_nn::Error::input("kv cache", format!("layer {layer} out of range")))?;
         if c.n_kv_heads == 0 {
-            *c = RawKv::new(call.n_kv_heads, call.head_dim);
+            *c = if self.keep_all {
+                RawKv::new_full(call.n_kv_heads, call.head_dim, call.window, self.dtype)
+            } else {
+                RawKv::new(call.n_kv_heads, call.head_dim, call.window, self.dtype)
+            };
         }
-        if (c.n_kv_heads, c.head_dim) != (call.n_kv_heads, call.head_dim) || k.len() != t * c.n_kv_heads * c.head_dim {
-            return Err(attn_nn::Error::input("kv cache", "keys do not match the cache's heads"));
-        }
-        let past = c.len();
-        c.append(k, v);
-        attn_nn::kernels::fast::attend(q, t, &AttnCall { past, ..*call }, &*c, out)
+        c.append_and_attend(q, k, v, t, call, out)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod grad_ops;
 pub mod head;
 pub mod infer;
 pub mod kernels;
+pub mod kv;
 pub mod linear;
 pub mod moe;
 pub mod norm;
@@ -22,9 +23,6 @@ pub mod paged;
 pub mod rng;
 pub mod rope;
 pub mod weights;
-
-// The kernels' former paths, while work in flight still names them.
-pub use kernels::{fast, flash, q8};
 
 pub use attention::{
     causal_mask, combine_masks, lengths_to_valid, padding_mask, scaled_dot_product_attention, AttentionConfig,
@@ -34,11 +32,12 @@ pub use dropout::Dropout;
 pub use embedding::{positions, LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenEmbedding};
 pub use error::{Error, Result};
 pub use ffn::{Activation, FeedForward, FfnKind, FfnNames};
-pub use flash::{flash_applies, flash_attention, flash_attention_f32, FlashMask, FlashShape};
+pub use kernels::flash::{flash_applies, flash_attention, flash_attention_f32, FlashMask, FlashShape};
 pub use head::{cross_entropy, OutputHead};
+pub use kv::{KvDtype, RawKv};
 pub use linear::Linear;
 pub use moe::{load_balancing_loss, MoeFeedForward, MoeOutput};
 pub use norm::{LayerNorm, Norm, Residual, RmsNorm};
-pub use paged::{AttendSpec, KvPool, KvShape, PagedCache};
+pub use paged::{AttendSpec, KvPool, KvShape, PagedCache, FREED_BLOCK};
 pub use rope::{RopeLayout, RotaryEmbedding};
 pub use weights::{Init, ParamStore, SafetensorsSource, WeightSource, Weights};

@@ -10,39 +10,68 @@
 //! hashing and copy-on-write are the engine's block manager's business; this
 //! module only stores and reads.
 //!
-//! Layout of one layer's keys (values alike), f32:
-//! `[block][kv_head][slot][head_dim]`, so one head's positions within a
-//! block are contiguous and a query streams through them.
+//! Layout of one layer's keys (values alike), in the pool's number format
+//! ([`KvDtype`], f16 by default): `[block][kv_head][slot][head_dim]`, so one
+//! head's positions within a block are contiguous and a query streams
+//! through them.
 //!
-//! The attention kernel never gathers the cache into a contiguous tensor:
-//! for each query head and query position it walks the visible positions
-//! (causal, optionally within a sliding window) through the block table,
-//! computes the scores, softmaxes them in f32 and accumulates the values.
+//! Attention is the one kernel of [`crate::kernels::fast::attend`], reading the
+//! blocks in place through [`KvRows`] (never gathered into a tensor) and
+//! widening f16 rows to f32 as it reads them.
+//!
+//! Sliding windows. All layers of a sequence share one block table, so a
+//! block can be given back only when it lies fully outside the window of
+//! *every* layer: [`KvShape::window`] is that common window (`None` as soon
+//! as one layer is global, as in Gemma 3, whose global layers read every
+//! position). The engine's block manager then releases such blocks and
+//! leaves [`FREED_BLOCK`] in their place in the table, so positions keep
+//! their block index; the kernel never reads below a query's window, and
+//! writing into or rolling back onto a freed block is an error. Keeping one
+//! table (rather than one table per group of layers with the same window,
+//! as vLLM's hybrid allocator does) keeps the block manager's prefix
+//! caching, copy-on-write and preemption unchanged; what it gives up is the
+//! window saving for models that mix global and sliding layers, whose
+//! sliding layers still take pool blocks for every position. Their
+//! contiguous caches ([`crate::kv::RawKv`]) do keep only the window.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 use crate::kernels::fast::{AttnCall, KvRows};
+use crate::kv::{KvBuf, KvDtype, KvElem};
 
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
 
-/// What a model stores per position: `n_layers` x (K, V) x `n_kv_heads` x `head_dim`.
+/// What a model stores per position: `n_layers` x (K, V) x `n_kv_heads` x
+/// `head_dim` values of `dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
+    /// The sliding window every layer attends within (`None`: at least one
+    /// layer sees every position). Blocks fully outside it can be freed.
+    pub window: Option<usize>,
 }
 
 impl KvShape {
+    /// A shape of f16 values with no common window.
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        KvShape { n_layers, n_kv_heads, head_dim, dtype: KvDtype::default(), window: None }
+    }
+
     /// Bytes of K and V for one position across all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.n_layers * 2 * self.n_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        self.n_layers * 2 * self.n_kv_heads * self.head_dim * self.dtype.size()
     }
 }
+
+/// What a block table holds in place of a block given back to the pool
+/// because it lies outside the window of every layer.
+pub const FREED_BLOCK: u32 = u32::MAX;
 
 /// How one attention layer attends: score options and an optional sliding window.
 #[derive(Debug, Clone, Copy)]
@@ -53,8 +82,8 @@ pub struct AttendSpec {
 }
 
 struct LayerBlocks {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvBuf,
+    v: KvBuf,
 }
 
 /// The block pool: every layer's keys and values for `num_blocks` blocks.
@@ -89,7 +118,12 @@ impl KvPool {
             .ok_or_else(|| Error::config("kv cache", "pool size overflows"))?;
         // Zeroed allocations come from fresh pages: the OS commits them on first write.
         let layers = (0..shape.n_layers)
-            .map(|_| Mutex::new(LayerBlocks { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }))
+            .map(|_| {
+                Mutex::new(LayerBlocks {
+                    k: KvBuf::zeros(shape.dtype, per_layer),
+                    v: KvBuf::zeros(shape.dtype, per_layer),
+                })
+            })
             .collect();
         Ok(KvPool { shape, block_size, num_blocks, layers })
     }
@@ -150,13 +184,18 @@ impl KvPool {
         self.check_table(table, len)?;
         let (h, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let l = self.layer(layer)?;
-        let mut k = Vec::with_capacity(h * len * d);
-        let mut v = Vec::with_capacity(h * len * d);
+        let mut k = vec![0f32; h * len * d];
+        let mut v = vec![0f32; h * len * d];
         for head in 0..h {
             for p in 0..len {
-                let o = self.offset(table[p / self.block_size], head, p % self.block_size);
-                k.extend_from_slice(&l.k[o..o + d]);
-                v.extend_from_slice(&l.v[o..o + d]);
+                let b = table[p / self.block_size];
+                if b == FREED_BLOCK {
+                    return Err(Error::input("paged kv", format!("position {p} is in a freed block")));
+                }
+                let o = self.offset(b, head, p % self.block_size);
+                let dst = (head * len + p) * d;
+                l.k.read(o, &mut k[dst..dst + d]);
+                l.v.read(o, &mut v[dst..dst + d]);
             }
         }
         let dev = candle_core::Device::Cpu;
@@ -170,7 +209,7 @@ impl KvPool {
                 format!("{len} positions need {} blocks, the table has {}", len.div_ceil(self.block_size), table.len()),
             ));
         }
-        if let Some(b) = table.iter().find(|&&b| b as usize >= self.num_blocks) {
+        if let Some(b) = table.iter().find(|&&b| b != FREED_BLOCK && b as usize >= self.num_blocks) {
             return Err(Error::input("paged kv", format!("block {b} outside the pool of {}", self.num_blocks)));
         }
         Ok(())
@@ -198,44 +237,17 @@ impl KvPool {
                 format!("q {:?}, k {:?}, v {:?} do not fit the pool's {:?}", q.dims(), k.dims(), v.dims(), self.shape),
             ));
         }
-        if n_heads % kv_heads != 0 {
-            return Err(Error::input("paged attention", format!("{kv_heads} kv heads do not divide {n_heads} heads")));
-        }
-        if spec.window == Some(0) {
-            return Err(Error::input("paged attention", "sliding window must be at least 1"));
-        }
-        let total = past + t;
-        self.check_table(table, total)?;
         let dtype = q.dtype();
-        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
-
-        let mut l = self.layer(layer)?;
-        for head in 0..kv_heads {
-            for i in 0..t {
-                let p = past + i;
-                let o = self.offset(table[p / self.block_size], head, p % self.block_size);
-                let src = (head * t + i) * d;
-                l.k[o..o + d].copy_from_slice(&kv[src..src + d]);
-                l.v[o..o + d].copy_from_slice(&vv[src..src + d]);
-            }
-        }
-        let l = &*l;
-        let group = n_heads / kv_heads;
-        let mut out = vec![0f32; n_heads * t * d];
-        let work = |(row, dst): (usize, &mut [f32])| {
-            let (h, i) = (row / t, row % t);
-            let pos = past + i;
-            let lo = spec.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let qrow = &qv[row * d..(row + 1) * d];
-            self.attend_row(l, table, h / group, qrow, lo, pos + 1, spec.sdpa, dst);
+        // Token-major f32 slices for the one kernel, and back.
+        let flat = |x: &Tensor| -> Result<Vec<f32>> {
+            Ok(x.to_dtype(DType::F32)?.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        if n_heads * t * total >= 1 << 15 {
-            out.par_chunks_mut(d).enumerate().for_each(|(row, dst)| work((row, dst)));
-        } else {
-            out.chunks_mut(d).enumerate().for_each(work);
-        }
-        Ok(Tensor::from_vec(out, (1, n_heads, t, d), q.device())?.to_dtype(dtype)?)
+        let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
+        let call = AttnCall { n_heads, n_kv_heads: kv_heads, head_dim: d, past, sdpa: spec.sdpa, window: spec.window };
+        let mut out = vec![0f32; qv.len()];
+        self.write_and_attend_slices(layer, table, &qv, &kv, &vv, t, &call, &mut out)?;
+        let out = Tensor::from_vec(out, (1, t, n_heads, d), q.device())?.transpose(1, 2)?.contiguous()?;
+        Ok(out.to_dtype(dtype)?)
     }
 
     /// [`KvPool::write_and_attend`] on token-major slices (the fused
@@ -261,122 +273,73 @@ impl KvPool {
                 format!("{} key values for {t} tokens do not fit the pool's {:?}", k.len(), self.shape),
             ));
         }
-        self.check_table(table, call.past + t)?;
+        if call.window == Some(0) {
+            return Err(Error::input("paged attention", "sliding window must be at least 1"));
+        }
+        let total = call.past + t;
+        self.check_table(table, total)?;
+        // Every block the call reads or writes must still be there.
+        let first = call.window.map_or(0, |w| (call.past + 1).saturating_sub(w));
+        if total > first {
+            if let Some(i) =
+                (first / self.block_size..total.div_ceil(self.block_size)).find(|&i| table[i] == FREED_BLOCK)
+            {
+                return Err(Error::input(
+                    "paged attention",
+                    format!(
+                        "block {i} of the table (positions from {}) was freed: it is outside the window",
+                        i * self.block_size
+                    ),
+                ));
+            }
+        }
         let mut l = self.layer(layer)?;
         for i in 0..t {
             let p = call.past + i;
             for g in 0..kvh {
                 let o = self.offset(table[p / self.block_size], g, p % self.block_size);
                 let src = (i * kvh + g) * d;
-                l.k[o..o + d].copy_from_slice(&k[src..src + d]);
-                l.v[o..o + d].copy_from_slice(&v[src..src + d]);
+                l.k.write(o, &k[src..src + d]);
+                l.v.write(o, &v[src..src + d]);
             }
         }
-        let rows = PagedRows { pool: self, blocks: &l, table };
-        crate::kernels::fast::attend(q, t, call, &rows, out)
-    }
-
-    /// One query row over keys `lo..hi` of kv head `head`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_row(
-        &self,
-        l: &LayerBlocks,
-        table: &[u32],
-        head: usize,
-        q: &[f32],
-        lo: usize,
-        hi: usize,
-        opts: SdpaOptions,
-        out: &mut [f32],
-    ) {
-        let d = q.len();
-        let bs = self.block_size;
-        let scale = opts.scale as f32;
-        let mut scores = Vec::with_capacity(hi - lo);
-        let mut p = lo;
-        while p < hi {
-            let (blk, slot) = (table[p / bs], p % bs);
-            let n = (bs - slot).min(hi - p);
-            let base = self.offset(blk, head, slot);
-            for j in 0..n {
-                let mut s = dot(q, &l.k[base + j * d..base + (j + 1) * d]) * scale;
-                if let Some(cap) = opts.softcap {
-                    let cap = cap as f32;
-                    s = (s / cap).tanh() * cap;
-                }
-                scores.push(s);
+        let l = &*l;
+        let (bs, hd) = (self.block_size, d);
+        match (&l.k, &l.v) {
+            (KvBuf::F32(k), KvBuf::F32(v)) => {
+                crate::kernels::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out)
             }
-            p += n;
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        out.fill(0.0);
-        let mut p = lo;
-        let mut si = 0;
-        while p < hi {
-            let (blk, slot) = (table[p / bs], p % bs);
-            let n = (bs - slot).min(hi - p);
-            let base = self.offset(blk, head, slot);
-            for j in 0..n {
-                axpy(scores[si] * inv, &l.v[base + j * d..base + (j + 1) * d], out);
-                si += 1;
+            (KvBuf::F16(k), KvBuf::F16(v)) => {
+                crate::kernels::fast::attend(q, t, call, &PagedRows { pool: self, k, v, table, bs, hd }, out)
             }
-            p += n;
+            _ => Err(Error::input("paged kv", "keys and values stored in different formats")),
         }
     }
 }
 
 /// One sequence's keys and values in the pool, read through its block table.
-struct PagedRows<'a> {
+struct PagedRows<'a, E> {
     pool: &'a KvPool,
-    blocks: &'a LayerBlocks,
+    k: &'a [E],
+    v: &'a [E],
     table: &'a [u32],
+    bs: usize,
+    hd: usize,
 }
 
-impl KvRows for PagedRows<'_> {
-    #[inline]
-    fn key(&self, pos: usize, g: usize) -> &[f32] {
-        let bs = self.pool.block_size;
-        let o = self.pool.offset(self.table[pos / bs], g, pos % bs);
-        &self.blocks.k[o..o + self.pool.shape.head_dim]
-    }
+impl<E: KvElem> KvRows for PagedRows<'_, E> {
+    type Elem = E;
 
     #[inline]
-    fn value(&self, pos: usize, g: usize) -> &[f32] {
-        let bs = self.pool.block_size;
-        let o = self.pool.offset(self.table[pos / bs], g, pos % bs);
-        &self.blocks.v[o..o + self.pool.shape.head_dim]
+    fn key(&self, pos: usize, g: usize) -> &[E] {
+        let o = self.pool.offset(self.table[pos / self.bs], g, pos % self.bs);
+        &self.k[o..o + self.hd]
     }
-}
 
-/// Dot product with eight independent partial sums, so the compiler can
-/// keep them in one vector register.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+    #[inline]
+    fn value(&self, pos: usize, g: usize) -> &[E] {
+        let o = self.pool.offset(self.table[pos / self.bs], g, pos % self.bs);
+        &self.v[o..o + self.hd]
     }
 }
 
@@ -429,6 +392,20 @@ impl PagedCache {
     pub fn set_len(&mut self, len: usize) -> Result<()> {
         if len > self.capacity() {
             return Err(Error::input("paged kv", format!("length {len} beyond the table's {} slots", self.capacity())));
+        }
+        // The next query (at `len`) reads back to `len + 1 - window`.
+        if let Some(w) = self.pool.shape.window {
+            let bs = self.pool.block_size;
+            let first = (len + 1).saturating_sub(w);
+            if len > first && self.table[first / bs..len.div_ceil(bs)].contains(&FREED_BLOCK) {
+                return Err(Error::input(
+                    "paged kv",
+                    format!(
+                        "cannot roll back from {} to {len} positions: blocks inside the sliding window of {w} were freed",
+                        self.len
+                    ),
+                ));
+            }
         }
         self.len = len;
         Ok(())
@@ -493,38 +470,46 @@ mod tests {
             (4, 1, Some(40), None, 16, vec![100, 90, 1, 1]),
             (4, 1, Some(512), None, 16, vec![20, 1, 30]),
         ] {
-            let d = if chunks[0] == 20 { 256 } else { 16 };
-            let shape = KvShape { n_layers: 2, n_kv_heads: n_kv, head_dim: d };
-            let pool = Arc::new(KvPool::new(shape, block_size, 32).unwrap());
-            let mut paged = PagedCache::new(pool.clone());
-            // Deliberately out of order, not starting at 0.
-            paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6, 8, 10, 11, 13]);
-            let mut contiguous = ContiguousKvCache::new();
-            let opts = SdpaOptions { scale: 0.25, softcap };
-            let spec = AttendSpec { sdpa: opts, window };
-            let mut seed = 0;
-            for chunk in chunks {
-                seed += 1;
-                let q = rand((1, n_heads, chunk, d), seed * 3);
-                let k = rand((1, n_kv, chunk, d), seed * 3 + 1);
-                let v = rand((1, n_kv, chunk, d), seed * 3 + 2);
-                let got = paged.attend(1, &q, &k, &v, &spec).unwrap();
-                paged.commit(chunk).unwrap();
-                let (ka, va) = contiguous.append(&k, &v).unwrap();
-                let mask = causal_mask(chunk, ka.dims()[2], window, &Device::Cpu).unwrap();
-                let want = scaled_dot_product_attention(&q, &ka, &va, Some(&mask), opts, None).unwrap();
-                let diff = max_diff(&got, &want);
-                assert!(diff < 1e-5, "heads {n_heads}/{n_kv} window {window:?} chunk {chunk}: {diff}");
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let d = if chunks[0] == 20 { 256 } else { 16 };
+                let shape = KvShape { dtype, ..KvShape::new(2, n_kv, d) };
+                let pool = Arc::new(KvPool::new(shape, block_size, 32).unwrap());
+                let mut paged = PagedCache::new(pool.clone());
+                // Deliberately out of order, not starting at 0.
+                paged.block_table_mut().extend([7u32, 3, 12, 0, 31, 5, 9, 20, 1, 2, 4, 6, 8, 10, 11, 13]);
+                let mut contiguous = ContiguousKvCache::new();
+                let opts = SdpaOptions { scale: 0.25, softcap };
+                let spec = AttendSpec { sdpa: opts, window };
+                let mut seed = 0;
+                for &chunk in &chunks {
+                    seed += 1;
+                    let q = rand((1, n_heads, chunk, d), seed * 3);
+                    let k = rand((1, n_kv, chunk, d), seed * 3 + 1);
+                    let v = rand((1, n_kv, chunk, d), seed * 3 + 2);
+                    let got = paged.attend(1, &q, &k, &v, &spec).unwrap();
+                    paged.commit(chunk).unwrap();
+                    // An f16 pool attends as f32 attention on f16-rounded keys and values.
+                    let round = |x: &Tensor| match dtype {
+                        KvDtype::F32 => x.clone(),
+                        KvDtype::F16 => x.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap(),
+                    };
+                    let (k, v) = (round(&k), round(&v));
+                    let (ka, va) = contiguous.append(&k, &v).unwrap();
+                    let mask = causal_mask(chunk, ka.dims()[2], window, &Device::Cpu).unwrap();
+                    let want = scaled_dot_product_attention(&q, &ka, &va, Some(&mask), opts, None).unwrap();
+                    let diff = max_diff(&got, &want);
+                    assert!(diff < 1e-5, "{dtype:?} heads {n_heads}/{n_kv} window {window:?} chunk {chunk}: {diff}");
+                }
+                // The stored keys read back through the table are the appended ones.
+                let (k, _) = pool.gather(1, paged.block_table(), paged.len()).unwrap();
+                assert_eq!(max_diff(&k, contiguous.keys().unwrap()), 0.0);
             }
-            // The stored keys read back through the table are the appended ones.
-            let (k, _) = pool.gather(1, paged.block_table(), paged.len()).unwrap();
-            assert_eq!(max_diff(&k, contiguous.keys().unwrap()), 0.0);
         }
     }
 
     #[test]
     fn copy_block_and_bad_tables() {
-        let shape = KvShape { n_layers: 1, n_kv_heads: 1, head_dim: 4 };
+        let shape = KvShape { dtype: KvDtype::F32, ..KvShape::new(1, 1, 4) };
         let pool = Arc::new(KvPool::new(shape, 2, 4).unwrap());
         let mut c = PagedCache::new(pool.clone());
         c.block_table_mut().push(0);
@@ -544,5 +529,41 @@ mod tests {
         assert!(c.commit(1).is_err());
         assert!(KvPool::new(shape, 0, 4).is_err());
         assert_eq!(KvPool::blocks_for_bytes(shape, 2, 1000), 1000 / (2 * 4 * 4 * 2));
+    }
+
+    /// Freed blocks (outside a window every layer shares) are never read;
+    /// writing into one, or rolling back onto one, is an error.
+    #[test]
+    fn freed_blocks_outside_the_window() {
+        let shape = KvShape { window: Some(5), ..KvShape::new(1, 1, 8) };
+        let pool = Arc::new(KvPool::new(shape, 4, 8).unwrap());
+        let mut c = PagedCache::new(pool.clone());
+        c.block_table_mut().extend([0u32, 1, 2, 3]);
+        let spec = AttendSpec { sdpa: SdpaOptions { scale: 0.3, softcap: None }, window: Some(5) };
+        let (q, k, v) = (rand((1, 2, 12, 8), 1), rand((1, 1, 12, 8), 2), rand((1, 1, 12, 8), 3));
+        c.attend(0, &q, &k, &v, &spec).unwrap();
+        c.commit(12).unwrap();
+        // Position 12's query reads 8..=12: blocks 0 and 1 are outside.
+        c.block_table_mut()[0] = FREED_BLOCK;
+        c.block_table_mut()[1] = FREED_BLOCK;
+        let (q1, k1, v1) = (rand((1, 2, 1, 8), 4), rand((1, 1, 1, 8), 5), rand((1, 1, 1, 8), 6));
+        let got = c.attend(0, &q1, &k1, &v1, &spec).unwrap();
+        c.commit(1).unwrap();
+        let mut full = PagedCache::new(pool.clone());
+        full.block_table_mut().extend([4u32, 5, 6, 7]);
+        full.attend(0, &q, &k, &v, &spec).unwrap();
+        full.commit(12).unwrap();
+        let want = full.attend(0, &q1, &k1, &v1, &spec).unwrap();
+        assert_eq!(max_diff(&got, &want), 0.0);
+        // Back to 9: position 9 reads 5..=9, in block 1, which is gone.
+        let e = c.set_len(9).unwrap_err();
+        assert!(e.to_string().contains("cannot roll back"), "{e}");
+        c.set_len(12).unwrap();
+        // A 5-position window read from position 4 on needs block 0.
+        let mut bad = PagedCache::new(pool);
+        bad.block_table_mut().extend([FREED_BLOCK, 1]);
+        bad.set_len(3).unwrap_err();
+        let e = bad.attend(0, &q1, &k1, &v1, &spec).unwrap_err();
+        assert!(e.to_string().contains("was freed"), "{e}");
     }
 }

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use crate::attention::SdpaOptions;
 use crate::error::{Error, Result};
 use crate::ffn::Activation;
+use crate::kv::KvElem;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major), multithreaded.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
@@ -333,9 +334,15 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Where the attention kernel reads one layer's stored keys and values:
+/// the rows of kv head `kv_head` at position `pos`, in the cache's number
+/// format ([`KvElem`]: f32 or f16, widened to f32 inside the kernel's row
+/// loops). Contiguous caches, rings and paged block tables implement it; the
+/// kernel reads only positions inside each query's causal window.
 pub trait KvRows: Sync {
-    fn key(&self, pos: usize, kv_head: usize) -> &[f32];
-    fn value(&self, pos: usize, kv_head: usize) -> &[f32];
+    type Elem: KvElem;
+    fn key(&self, pos: usize, kv_head: usize) -> &[Self::Elem];
+    fn value(&self, pos: usize, kv_head: usize) -> &[Self::Elem];
 }
 
 /// The shape of one attention call over a cache.
@@ -352,8 +359,9 @@ pub struct AttnCall {
 
 /// Causal attention of `t` new queries (`q`, `[t, n_heads, head_dim]`, at
 /// positions `past..past + t`) over the cache's positions `0..past + t`
-/// (the new keys already written), within the sliding window. Writes
-/// `[t, n_heads, head_dim]` to `out`.
+/// (the new keys already written), within the sliding window: only
+/// positions from `past + 1 - window` on are read, so a cache may have
+/// dropped older ones. Writes `[t, n_heads, head_dim]` to `out`.
 ///
 /// Few queries (decode) go row by row; from [`BLOCKED_FROM`] on (prefill)
 /// they go through `gemm` in blocks of query rows, so the score buffer is
@@ -413,7 +421,7 @@ fn attend_row_in<K: KvRows>(
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for p in lo..hi {
-        let mut s = dot(q, kv.key(p, g)) * scale;
+        let mut s = K::Elem::dot(q, kv.key(p, g)) * scale;
         if let Some(c) = cap {
             s = (s / c).tanh() * c;
         }
@@ -423,7 +431,7 @@ fn attend_row_in<K: KvRows>(
     softmax_shifted(scores, max);
     out.fill(0.0);
     for (p, s) in (lo..hi).zip(scores.iter()) {
-        axpy(*s, kv.value(p, g), out);
+        K::Elem::axpy(*s, kv.value(p, g), out);
     }
 }
 
@@ -438,15 +446,20 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
     let total = past + t;
     let scale = sdpa.scale as f32;
     let cap = sdpa.softcap.map(|c| c as f32);
+    // The first position any query of the call sees: the cache may hold
+    // nothing older (a sliding window's ring, freed paged blocks).
+    let first = window.map_or(0, |w| (past + 1).saturating_sub(w));
     let mut keys = vec![0f32; total * d];
     let mut vals_t = vec![0f32; d * total];
+    let mut row = vec![0f32; d];
     let mut qh = vec![0f32; QUERY_BLOCK * d];
     let mut scores = vec![0f32; QUERY_BLOCK * total];
     let mut oh = vec![0f32; QUERY_BLOCK * d];
     for g in 0..n_kv_heads {
-        for p in 0..total {
-            keys[p * d..(p + 1) * d].copy_from_slice(kv.key(p, g));
-            for (j, v) in kv.value(p, g).iter().enumerate() {
+        for p in first..total {
+            K::Elem::widen(kv.key(p, g), &mut keys[p * d..(p + 1) * d]);
+            K::Elem::widen(kv.value(p, g), &mut row);
+            for (j, v) in row.iter().enumerate() {
                 vals_t[j * total + p] = *v;
             }
         }
@@ -479,12 +492,22 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
                     srow[..a].fill(0.0);
                     srow[b..].fill(0.0);
                 });
-                // o = p · v: vᵀ rows are the d output columns.
-                let mut vt = Vec::with_capacity(d * n);
-                for j in 0..d {
-                    vt.extend_from_slice(&vals_t[j * total + lo0..j * total + span]);
-                }
-                matmul_xwt(&scores[..rows * n], rows, n, &vt, d, &mut oh[..rows * d])?;
+                // o = p · v, reading vᵀ's columns lo0..span in place: element
+                // (key p, column j) of v is vals_t[j * total + lo0 + p].
+                // SAFETY: p < n and j < d address vals_t[..d * total]; the
+                // score rows are rows x n and oh rows x d, not overlapping.
+                unsafe {
+                    gemm_raw(
+                        (rows, d, n),
+                        oh.as_mut_ptr(),
+                        d,
+                        scores.as_ptr(),
+                        (n, 1),
+                        vals_t.as_ptr().add(lo0),
+                        (1, total),
+                        true,
+                    )
+                };
                 for r in 0..rows {
                     let dst = ((i0 + r) * n_heads + h) * d;
                     out[dst..dst + d].copy_from_slice(&oh[r * d..(r + 1) * d]);
@@ -568,77 +591,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
-
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
-/// Keys and values of one layer of one sequence, contiguous and
-/// token-major: position `p`, kv head `g` at `(p * n_kv_heads + g) * head_dim`.
-#[derive(Debug, Clone, Default)]
-pub struct RawKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl RawKv {
-    pub fn new(n_kv_heads: usize, head_dim: usize) -> Self {
-        RawKv { k: Vec::new(), v: Vec::new(), n_kv_heads, head_dim }
-    }
-
-    pub fn len(&self) -> usize {
-        let w = self.n_kv_heads * self.head_dim;
-        if w == 0 {
-            0
-        } else {
-            self.k.len() / w
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.k.is_empty()
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        let w = self.n_kv_heads * self.head_dim;
-        self.k.truncate(len * w);
-        self.v.truncate(len * w);
-    }
-
-    /// Appends `[t, n_kv_heads, head_dim]` keys and values.
-    pub fn append(&mut self, k: &[f32], v: &[f32]) {
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
-    }
-}
-
-impl KvRows for RawKv {
-    #[inline]
-    fn key(&self, pos: usize, g: usize) -> &[f32] {
-        let o = (pos * self.n_kv_heads + g) * self.head_dim;
-        &self.k[o..o + self.head_dim]
-    }
-
-    #[inline]
-    fn value(&self, pos: usize, g: usize) -> &[f32] {
-        let o = (pos * self.n_kv_heads + g) * self.head_dim;
-        &self.v[o..o + self.head_dim]
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Packed rows: what the blocks' inference paths (`forward_rows`,
-// `forward_packed`) run for encoders. A batch of sequences of lengths
-// `l_0, l_1, ...` is one `[sum(l_i), width]` row-major buffer, sequence `s`
-// in rows `offsets[s] .. offsets[s + 1]`: row-wise kernels (norms,
-// activations, matmuls) do not care where a sequence starts; attention runs
-// per sequence over its own rows, so no mask is needed and no work is spent
-// on padding.
 
 /// Whether a kernel may split its work over rayon's threads: not when it
 /// already runs on one of them (a caller that runs one independent piece of
@@ -1005,12 +957,13 @@ mod tests {
             let q = rand_vec(t * h * d, 3);
             let k = rand_vec(total * kvh * d, 4);
             let v = rand_vec(total * kvh * d, 5);
-            let mut cache = RawKv::new(kvh, d);
-            cache.append(&k, &v);
+            let mut cache = crate::kv::RawKv::new(kvh, d, window, crate::kv::KvDtype::F32);
+            let cut = past * kvh * d;
+            cache.append(&k[..cut], &v[..cut]);
             let sdpa = SdpaOptions { scale: 0.3, softcap };
             let call = AttnCall { n_heads: h, n_kv_heads: kvh, head_dim: d, past, sdpa, window };
             let mut out = vec![0f32; q.len()];
-            attend(&q, t, &call, &cache, &mut out).unwrap();
+            cache.append_and_attend(&q, &k[cut..], &v[cut..], t, &call, &mut out).unwrap();
             // Reference: head-major tensors and an additive mask.
             let qt =
                 Tensor::from_vec(q.clone(), (t, h, d), &dev).unwrap().transpose(0, 1).unwrap().unsqueeze(0).unwrap();

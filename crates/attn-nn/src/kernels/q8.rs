@@ -523,6 +523,77 @@ impl OutPtr {
 
 impl Q8Matrix {
     /// An all-zero matrix in the given storage (padding rows stay zero).
+    /// An all-zero matrix of `rows` rows stored as `part` is: the target of
+    /// [`Q8Matrix::splice_rows`].
+    pub fn empty_like(part: &Q8Matrix, rows: usize) -> Self {
+        let store = match &part.quants {
+            Quants::Q8(_) => Store::Q8,
+            Quants::Q5 { .. } => Store::Q5,
+            Quants::Q4 { off, .. } => Store::Q4(*off),
+            Quants::Q6 { .. } => Store::Q6,
+        };
+        let kind = match &part.scales {
+            Scales::Plain(_) => ScaleKind::Plain,
+            Scales::Min(_) => ScaleKind::Min,
+            Scales::K4 { .. } => ScaleKind::K4,
+            Scales::K6 { .. } => ScaleKind::K6,
+        };
+        Self::zeroed(rows, part.cols, store, kind)
+    }
+
+    /// Writes `part` (converted alone, same columns and storage) as rows
+    /// `r0..r0 + part.rows()`, `r0` a multiple of 16: a large matrix
+    /// converted in row chunks, so that only a chunk of the source is
+    /// resident at a time. Every table is `[group][...]`, so a chunk is one
+    /// contiguous copy per table.
+    pub fn splice_rows(&mut self, r0: usize, part: &Q8Matrix) -> Result<()> {
+        if r0 % GROUP != 0 || part.cols != self.cols || r0 + part.rows > self.rows {
+            return Err(Error::input(
+                "q8 matrix",
+                format!(
+                    "rows {r0}..{} of {} ({} columns) do not take a {}x{} part",
+                    r0 + part.rows,
+                    self.rows,
+                    self.cols,
+                    part.rows,
+                    part.cols
+                ),
+            ));
+        }
+        let (g0, ng) = (r0 / GROUP, part.groups);
+        fn put<T: Copy>(dst: &mut [T], src: &[T], g0: usize, ng: usize) {
+            let per = src.len() / ng.max(1);
+            dst[g0 * per..g0 * per + src.len()].copy_from_slice(src);
+        }
+        let mismatch = || Error::input("q8 matrix", "the part is stored in another format");
+        match (&mut self.quants, &part.quants) {
+            (Quants::Q8(d), Quants::Q8(s)) => put(d, s, g0, ng),
+            (Quants::Q5 { nib: dn, high: dh }, Quants::Q5 { nib: sn, high: sh }) => {
+                put(dn, sn, g0, ng);
+                put(dh, sh, g0, ng);
+            }
+            (Quants::Q4 { nib: dn, off: a }, Quants::Q4 { nib: sn, off: b }) if a == b => put(dn, sn, g0, ng),
+            (Quants::Q6 { nib: dn, crumbs: dc }, Quants::Q6 { nib: sn, crumbs: sc }) => {
+                put(dn, sn, g0, ng);
+                put(dc, sc, g0, ng);
+            }
+            _ => return Err(mismatch()),
+        }
+        match (&mut self.scales, &part.scales) {
+            (Scales::Plain(d), Scales::Plain(s)) | (Scales::Min(d), Scales::Min(s)) => put(d, s, g0, ng),
+            (Scales::K4 { sm: dm, d: dd }, Scales::K4 { sm: sm_, d: sd }) => {
+                put(dm, sm_, g0, ng);
+                put(dd, sd, g0, ng);
+            }
+            (Scales::K6 { sc: dc, d: dd }, Scales::K6 { sc: sc_, d: sd }) => {
+                put(dc, sc_, g0, ng);
+                put(dd, sd, g0, ng);
+            }
+            _ => return Err(mismatch()),
+        }
+        Ok(())
+    }
+
     fn zeroed(rows: usize, cols: usize, store: Store, kind: ScaleKind) -> Self {
         let blocks = cols.div_ceil(BLOCK);
         let groups = rows.div_ceil(GROUP);
@@ -2066,6 +2137,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A matrix converted in row chunks and spliced together equals the
+    /// one converted whole, in every storage (what a large GGUF tensor's
+    /// loading does).
+    #[test]
+    fn spliced_row_chunks_equal_the_whole_matrix() {
+        let (rows, cols) = (70, 512);
+        for (dtype, load, _, _) in loaders() {
+            for packed in [false, true] {
+                let (bytes, _) = random_file(dtype, rows, cols, 90);
+                let row_bytes = bytes.len() / rows;
+                let whole = load(&bytes, rows, cols, packed).unwrap();
+                let mut spliced: Option<Q8Matrix> = None;
+                for r0 in (0..rows).step_by(32) {
+                    let n = 32.min(rows - r0);
+                    let part = load(&bytes[r0 * row_bytes..(r0 + n) * row_bytes], n, cols, packed).unwrap();
+                    let dst = spliced.get_or_insert_with(|| Q8Matrix::empty_like(&part, rows));
+                    dst.splice_rows(r0, &part).unwrap();
+                }
+                let spliced = spliced.unwrap();
+                let (mut a, mut b) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+                whole.dequantize_rows(0, rows, &mut a).unwrap();
+                spliced.dequantize_rows(0, rows, &mut b).unwrap();
+                assert_eq!(a, b, "{dtype:?} packed {packed}");
+                let x = rand_vec(3 * cols, 91);
+                assert_eq!(whole.matmul(&x, 3).unwrap(), spliced.matmul(&x, 3).unwrap());
+                let mut bad = Q8Matrix::empty_like(&whole, rows);
+                assert!(bad.splice_rows(8, &whole).is_err(), "not a group boundary");
+            }
+        }
+        let q8 = Q8Matrix::from_f32(&rand_vec(32 * cols, 92), 32, cols).unwrap();
+        let mut other = Q8Matrix::empty_like(
+            &Q8Matrix::from_q6_k_bytes(&random_file(candle_core::quantized::GgmlDType::Q6K, 32, cols, 93).0, 32, cols)
+                .unwrap(),
+            64,
+        );
+        assert!(other.splice_rows(0, &q8).is_err(), "another format");
     }
 
     #[test]
