@@ -238,7 +238,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         println!("model        {} ({} threads)", g.name, threads_in_use());
         println!("prefill      {prefill:8.1} tok/s  ({} tokens)", args.prompt_tokens);
-        println!("decode       {decode:8.1} tok/s  ({} tokens after {} of context)", args.gen_tokens, args.depth.max(1));
+        println!(
+            "decode       {decode:8.1} tok/s  ({} tokens after {} of context)",
+            args.gen_tokens,
+            args.depth.max(1)
+        );
         println!("first token  {ttft_ms:8.1} ms");
         if let Some(p) = peak {
             println!("peak memory  {p:8.1} MiB");

@@ -186,7 +186,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         AnyModel::Classifier(_) => {
             anyhow::bail!("`{}` is a classifier; score it with `attn eval -m {}`", args.model, args.model)
         }
-        other => anyhow::bail!("`{}` is a {} model; `attn generate` needs a text-generation model", args.model, other.kind()),
+        other => {
+            anyhow::bail!("`{}` is a {} model; `attn generate` needs a text-generation model", args.model, other.kind())
+        }
     };
     if args.batched_kernel {
         g.model = g.model.for_batched_serving()?;

@@ -10,8 +10,8 @@ use attn_nn::{Error, Result};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite, sum};
 use crate::processors::{process, SamplingParams};
+use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite, sum};
 
 /// Processors plus chooser, with the RNG state of one generation.
 #[derive(Debug, Clone)]

@@ -39,9 +39,9 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::detok::Detokenizer;
 use crate::generate::{forward_last, logits_to_vec, FinishReason, Generation, StopFilter, Timings};
-use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite};
 use crate::processors::{process, SamplingParams};
 use crate::sampler::{draw, uniform};
+use attn_nn::kernels::logits::{self as kernels, check, exp_into, max_finite};
 
 /// The most tokens one step may propose: past this the verification call is
 /// no longer cheap, and acceptance of a long run is rare.

@@ -29,8 +29,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use attn_nn::kernels::fast::{self, AttnCall};
 use attn_nn::infer::{Input, Linear, Table, Weight};
+use attn_nn::kernels::fast::{self, AttnCall};
 use attn_nn::kernels::q8::{Q8Acts, Q8Matrix};
 use attn_nn::{Error, KvDtype, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};

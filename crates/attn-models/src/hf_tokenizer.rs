@@ -40,8 +40,7 @@ impl HfTokenizer {
         let id = |t: &str| inner.token_to_id(t);
         let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<bos>"));
         let eos = ["[SEP]", "</s>", "<eos>"].iter().filter_map(|t| id(t)).collect();
-        let adds_bos = bos.is_some()
-            && inner.encode("a", true).is_ok_and(|e| e.get_ids().first().copied() == bos);
+        let adds_bos = bos.is_some() && inner.encode("a", true).is_ok_and(|e| e.get_ids().first().copied() == bos);
         Ok(HfTokenizer { inner, bos, eos, adds_bos })
     }
 

@@ -598,7 +598,16 @@ fn gemm_strided(
     // SAFETY: the callers derive every size and stride from the operands'
     // checked shapes; the debug assertions restate the bounds.
     unsafe {
-        crate::kernels::fast::gemm_raw((m, n, k), dst.as_mut_ptr(), n, a.as_ptr(), (a_rs, a_cs), b.as_ptr(), (b_rs, b_cs), true)
+        crate::kernels::fast::gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            n,
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            true,
+        )
     }
 }
 

@@ -541,8 +541,12 @@ impl RawKv {
     fn attend(&self, q: &[f32], t: usize, call: &AttnCall, out: &mut [f32]) -> Result<()> {
         let (w, d, ring) = (self.width(), self.head_dim, self.ring().unwrap_or(usize::MAX));
         match (&self.k, &self.v) {
-            (KvBuf::F32(k), KvBuf::F32(v)) => crate::kernels::fast::attend(q, t, call, &RawRows { k, v, w, d, ring }, out),
-            (KvBuf::F16(k), KvBuf::F16(v)) => crate::kernels::fast::attend(q, t, call, &RawRows { k, v, w, d, ring }, out),
+            (KvBuf::F32(k), KvBuf::F32(v)) => {
+                crate::kernels::fast::attend(q, t, call, &RawRows { k, v, w, d, ring }, out)
+            }
+            (KvBuf::F16(k), KvBuf::F16(v)) => {
+                crate::kernels::fast::attend(q, t, call, &RawRows { k, v, w, d, ring }, out)
+            }
             _ => Err(Error::input("kv cache", "keys and values stored in different formats")),
         }
     }

@@ -111,7 +111,10 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
             LinearWeight::Q8(_) => return Ok(self.clone()),
         };
-        Ok(Linear { weight: LinearWeight::Q8(Arc::new(crate::kernels::q8::Q8Matrix::from_tensor(&w)?)), ..self.clone() })
+        Ok(Linear {
+            weight: LinearWeight::Q8(Arc::new(crate::kernels::q8::Q8Matrix::from_tensor(&w)?)),
+            ..self.clone()
+        })
     }
 
     /// Inference on plain rows: `out[i * ld + j] = (x[i] · W[j] + b[j])` for

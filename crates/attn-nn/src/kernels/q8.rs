@@ -1620,7 +1620,8 @@ unsafe fn tile_avx2<const N: usize, const W: u8>(
                             flip,
                         )
                     } else {
-                        let two = _mm256_load_si256((nib.add(b * 4 + k / 2) as *const u8).add(32 * h) as *const __m256i);
+                        let two =
+                            _mm256_load_si256((nib.add(b * 4 + k / 2) as *const u8).add(32 * h) as *const __m256i);
                         let plane = if k % 2 == 0 { two } else { _mm256_srli_epi16::<4>(two) };
                         let low = _mm256_and_si256(plane, low4);
                         if W == W_Q5 {
@@ -1629,8 +1630,9 @@ unsafe fn tile_avx2<const N: usize, const W: u8>(
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, select), select);
                             _mm256_or_si256(low, _mm256_and_si256(set, bit4))
                         } else if W == W_Q6 {
-                            let cr =
-                                _mm256_load_si256((crumbs.add(b * 2 + k / 4) as *const u8).add(32 * h) as *const __m256i);
+                            let cr = _mm256_load_si256(
+                                (crumbs.add(b * 2 + k / 4) as *const u8).add(32 * h) as *const __m256i
+                            );
                             let cr = match k % 4 {
                                 0 => _mm256_slli_epi16::<4>(cr),
                                 1 => _mm256_slli_epi16::<2>(cr),
