@@ -345,9 +345,10 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", text));
-        let prompt = template.render(&messages, true)?;
-        // The template writes the BOS itself.
-        let ids = g.tokenizer.encode(&prompt, false)?;
+        // The template writes the BOS itself; the typed text is read as
+        // plain text, never as control tokens.
+        let prompt = template.prompt(&messages, None, true)?;
+        let ids = g.tokenizer.encode_chat(&prompt.text, &prompt.plain)?;
         let reply = generate_streaming(&g.model, &g.tokenizer, ids, &params, !args.json)?;
         if args.json {
             println!("{}", serde_json::to_string(&generation_json(&reply, None))?);

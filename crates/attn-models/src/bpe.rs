@@ -393,20 +393,21 @@ impl BpeTokenizer {
 
     /// Splits `text` on special-token strings, leftmost-longest:
     /// `(segment, Some(id))` for a special token, `(segment, None)` for text.
-    fn split_specials<'a>(&self, text: &'a str) -> Vec<(&'a str, Option<u32>)> {
-        crate::spm::split_specials(text, &self.specials)
+    fn split_specials<'a>(&self, text: &'a str, plain: &[std::ops::Range<usize>]) -> Vec<(&'a str, Option<u32>)> {
+        crate::spm::split_specials(text, &self.specials, plain)
     }
-}
 
-impl Tokenizer for BpeTokenizer {
-    /// Token ids of `text`, special-token strings matched whole; with
-    /// `add_special`, BOS/EOS only where the GGUF asks for them.
-    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+    /// The control and user-defined token strings matched in text.
+    pub fn special_strings(&self) -> Vec<String> {
+        self.specials.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    fn encode_spans(&self, text: &str, add_special: bool, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
-        for (seg, special) in self.split_specials(text) {
+        for (seg, special) in self.split_specials(text, plain) {
             match special {
                 Some(id) => out.push(id),
                 None => self.encode_text(seg, &mut out)?,
@@ -416,6 +417,18 @@ impl Tokenizer for BpeTokenizer {
             out.extend(self.eos);
         }
         Ok(out)
+    }
+}
+
+impl Tokenizer for BpeTokenizer {
+    /// Token ids of `text`, special-token strings matched whole; with
+    /// `add_special`, BOS/EOS only where the GGUF asks for them.
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.encode_spans(text, add_special, &[])
+    }
+
+    fn encode_chat(&self, text: &str, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        self.encode_spans(text, false, plain)
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

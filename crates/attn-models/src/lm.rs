@@ -242,6 +242,18 @@ pub trait Tokenizer {
     /// where the model adds one) as its config says.
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>>;
 
+    /// Token ids of a rendered chat prompt (no BOS/EOS added: the template
+    /// writes them). Control-token strings are matched only outside
+    /// `plain`, the byte ranges of the messages' own text, which is read as
+    /// ordinary text: a message cannot open or close a turn. A tokenizer
+    /// that cannot keep the two apart refuses text with `plain` ranges.
+    fn encode_chat(&self, text: &str, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        if plain.is_empty() {
+            return self.encode(text, false);
+        }
+        Err(attn_nn::Error::Unsupported("this tokenizer cannot read chat messages apart from control tokens".into()))
+    }
+
     /// Text of `ids`. With `skip_special`, control tokens (BOS, EOS, turn
     /// markers) are left out. Invalid UTF-8 (a multi-byte character cut
     /// between tokens) becomes U+FFFD.

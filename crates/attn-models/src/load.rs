@@ -226,7 +226,8 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
                         "the GGUF has no chat template (tokenizer.chat_template), and only Gemma 3 has a built-in one",
                     )),
                 };
-            let chat_template = ChatTemplate::new(template, &bos, &eos)?;
+            let chat_template =
+                ChatTemplate::new(template, &bos, &eos)?.with_control_tokens(tokenizer.special_strings());
             let name = f.meta_opt("general.name").and_then(|v| v.as_str()).unwrap_or(arch).to_string();
             Ok(AnyModel::Generator(Box::new(Generator { model, tokenizer, chat_template: Some(chat_template), name })))
         }
@@ -267,6 +268,15 @@ impl ModelTokenizer {
         }
     }
 
+    /// The control-token strings the tokenizer matches in text.
+    pub fn special_strings(&self) -> Vec<String> {
+        match self {
+            ModelTokenizer::Spm(t) => t.special_strings(),
+            ModelTokenizer::Bpe(t) => t.special_strings(),
+            ModelTokenizer::Hf(_) => Vec::new(),
+        }
+    }
+
     fn inner(&self) -> &dyn Tokenizer {
         match self {
             ModelTokenizer::Spm(t) => t,
@@ -279,6 +289,10 @@ impl ModelTokenizer {
 impl Tokenizer for ModelTokenizer {
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         self.inner().encode(text, add_special)
+    }
+
+    fn encode_chat(&self, text: &str, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        self.inner().encode_chat(text, plain)
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -192,8 +192,40 @@ impl SpmTokenizer {
 
     /// Splits `text` on special-token strings: `(segment, Some(id))` for a
     /// special token, `(segment, None)` for ordinary text.
-    fn split_specials<'a>(&self, text: &'a str) -> Vec<(&'a str, Option<u32>)> {
-        split_specials(text, &self.specials)
+    fn split_specials<'a>(&self, text: &'a str, plain: &[std::ops::Range<usize>]) -> Vec<(&'a str, Option<u32>)> {
+        split_specials(text, &self.specials, plain)
+    }
+
+    /// The control and user-defined token strings matched in text.
+    pub fn special_strings(&self) -> Vec<String> {
+        self.specials.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// Token ids of `text`; special-token strings overlapping `plain`
+    /// byte ranges are read as text.
+    fn encode_spans(&self, text: &str, add_special: bool, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && self.add_bos {
+            out.extend(self.bos);
+        }
+        let mut first = true;
+        for (seg, special) in self.split_specials(text, plain) {
+            match special {
+                Some(id) => out.push(id),
+                None => {
+                    if first && self.add_space_prefix {
+                        self.encode_segment(&format!(" {seg}"), &mut out);
+                    } else {
+                        self.encode_segment(seg, &mut out);
+                    }
+                }
+            }
+            first = false;
+        }
+        if add_special && self.add_eos {
+            out.extend(self.eos);
+        }
+        Ok(out)
     }
 
     /// SentencePiece BPE of one stretch of ordinary text.
@@ -267,28 +299,11 @@ impl SpmTokenizer {
 
 impl Tokenizer for SpmTokenizer {
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 2);
-        if add_special && self.add_bos {
-            out.extend(self.bos);
-        }
-        let mut first = true;
-        for (seg, special) in self.split_specials(text) {
-            match special {
-                Some(id) => out.push(id),
-                None => {
-                    if first && self.add_space_prefix {
-                        self.encode_segment(&format!(" {seg}"), &mut out);
-                    } else {
-                        self.encode_segment(seg, &mut out);
-                    }
-                }
-            }
-            first = false;
-        }
-        if add_special && self.add_eos {
-            out.extend(self.eos);
-        }
-        Ok(out)
+        self.encode_spans(text, add_special, &[])
+    }
+
+    fn encode_chat(&self, text: &str, plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        self.encode_spans(text, false, plain)
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -342,9 +357,14 @@ impl Tokenizer for SpmTokenizer {
 
 /// Cuts `text` into plain segments and special-token strings (longest
 /// first: `specials` is sorted by decreasing length): `(segment, Some(id))`
-/// for a special token, `(segment, None)` for text. Shared by the
+/// for a special token, `(segment, None)` for text. A special-token string
+/// that overlaps a `plain` byte range stays text. Shared by the
 /// SentencePiece and byte-level BPE tokenizers.
-pub(crate) fn split_specials<'a>(text: &'a str, specials: &[(String, u32)]) -> Vec<(&'a str, Option<u32>)> {
+pub(crate) fn split_specials<'a>(
+    text: &'a str,
+    specials: &[(String, u32)],
+    plain: &[std::ops::Range<usize>],
+) -> Vec<(&'a str, Option<u32>)> {
     let mut out = Vec::new();
     let bytes = text.as_bytes();
     let (mut rest_start, mut i) = (0, 0);
@@ -352,7 +372,7 @@ pub(crate) fn split_specials<'a>(text: &'a str, specials: &[(String, u32)]) -> V
         let mut matched = None;
         if text.is_char_boundary(i) {
             for (s, id) in specials {
-                if bytes[i..].starts_with(s.as_bytes()) {
+                if bytes[i..].starts_with(s.as_bytes()) && !plain.iter().any(|r| r.start < i + s.len() && i < r.end) {
                     matched = Some((s.len(), *id));
                     break;
                 }

@@ -177,6 +177,12 @@ pub struct ContentPart {
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant message's calls: `{"id", "type": "function",
+    /// "function": {"name", "arguments": JSON text}}`.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,8 +192,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
-    /// Not supported: refused rather than silently ignored.
+    /// OpenAI's function definitions, checked by `tools::check`.
     pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
     pub response_format: Option<serde_json::Value>,
 }
 
@@ -326,9 +333,6 @@ impl Sampling {
 impl ChatRequest {
     /// The messages as the chat template takes them; text parts are joined.
     pub fn template_messages(&self) -> Result<Vec<attn_models::chat::Message>, ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(ApiError::bad_request(Some("tools"), "tool calling is not supported by this server"));
-        }
         if let Some(f) = &self.response_format {
             if !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text") {
                 return Err(ApiError::bad_request(
@@ -369,10 +373,51 @@ impl ChatRequest {
                 }
             };
             let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-            out.push(attn_models::chat::Message::new(role, &text));
+            let mut msg = attn_models::chat::Message::new(role, &text);
+            if let Some(calls) = &m.tool_calls {
+                if role != "assistant" {
+                    return Err(ApiError::bad_request(
+                        Some(&format!("{param}.tool_calls")),
+                        format!("{param}.tool_calls: only assistant messages carry tool calls"),
+                    ));
+                }
+                for (j, c) in calls.iter().enumerate() {
+                    msg.tool_calls.push(tool_call(c, &format!("{param}.tool_calls[{j}]"))?);
+                }
+            }
+            if role == "tool" {
+                msg.tool_call_id = m.tool_call_id.clone();
+                msg.name = m.name.clone();
+            }
+            out.push(msg);
         }
         Ok(out)
     }
+}
+
+/// An assistant's earlier tool call as templates take it: the arguments
+/// (JSON text in OpenAI's API) parsed into a value, as HF templates expect.
+fn tool_call(c: &serde_json::Value, param: &str) -> Result<attn_models::chat::ToolCall, ApiError> {
+    let bad = |field: &str, msg: &str| {
+        ApiError::bad_request(Some(&format!("{param}{field}")), format!("{param}{field}: {msg}"))
+    };
+    let name = c.pointer("/function/name").and_then(serde_json::Value::as_str).unwrap_or("");
+    if !crate::tools::valid_name(name) {
+        return Err(bad(".function.name", "must be 1 to 64 letters, digits, `_` or `-`"));
+    }
+    let arguments = match c.pointer("/function/arguments") {
+        None | Some(serde_json::Value::Null) => serde_json::json!({}),
+        Some(serde_json::Value::String(s)) => {
+            serde_json::from_str(s).map_err(|e| bad(".function.arguments", &format!("is not valid JSON ({e})")))?
+        }
+        Some(v @ serde_json::Value::Object(_)) => v.clone(),
+        Some(_) => return Err(bad(".function.arguments", "must be a JSON string")),
+    };
+    Ok(attn_models::chat::ToolCall {
+        id: c.get("id").and_then(serde_json::Value::as_str).unwrap_or("").to_string(),
+        kind: "function".into(),
+        function: attn_models::chat::FunctionCall { name: name.into(), arguments },
+    })
 }
 
 pub fn check_logprobs(param: &str, v: Option<u64>, caps: &Caps) -> Result<Option<usize>, ApiError> {

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod metrics;
+pub mod tools;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -491,15 +492,34 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     let Some(template) = &g.chat_template else {
         return Err(ApiError::bad_request(Some("model"), format!("model `{}` has no chat template", g.name)));
     };
-    let text = template
-        .render(&messages, true)
+    let tools = tools::check(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    if tools.active() && !template.supports_tools() {
+        return Err(ApiError::bad_request(
+            Some("tools"),
+            format!("model `{}` has a chat template that does not render tools", g.name),
+        ));
+    }
+    if matches!(tools.choice, tools::ToolChoice::Required | tools::ToolChoice::Function(_)) {
+        return Err(ApiError::bad_request(
+            Some("tool_choice"),
+            "tool_choice \"required\" or a named function is not supported yet; use \"auto\"",
+        ));
+    }
+    let defs = tools.active().then_some(tools.defs.as_slice());
+    let prompt = template
+        .prompt(&messages, defs, true)
         .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
-    // The template writes the BOS itself.
-    let ids = g.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    // The template writes the BOS itself; message text is read as plain
+    // text, so a message cannot close its turn or write another's.
+    let ids = g
+        .tokenizer
+        .encode_chat(&prompt.text, &prompt.plain)
+        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
     let mut p = submit(s, g, ids, checked, logprobs, false, "chatcmpl")?;
     let created = unix_now();
     if p.checked.stream {
-        return Ok(stream_chat(p, created, logprobs.is_some()));
+        let names = if tools.active() { Some(tools.names()) } else { None };
+        return Ok(stream_chat(p, created, logprobs.is_some(), names));
     }
     let (choices, _) = p.collect().await?;
     let total: usize = choices.iter().map(|c| c.completion_tokens).sum();
@@ -507,14 +527,32 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            json!({"index": i, "message": {"role": "assistant", "content": c.text},
+            let (mut message, mut finish) =
+                (json!({"role": "assistant", "content": c.text}), c.finish.unwrap_or("stop"));
+            if tools.active() {
+                let (content, calls) = tools::parse(&c.text, &tools.names());
+                if !calls.is_empty() {
+                    let calls: Vec<Value> =
+                        calls.iter().enumerate().map(|(k, call)| call.json(&call_id(&p.id, i, k))).collect();
+                    let content = if content.is_empty() { Value::Null } else { Value::String(content) };
+                    message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+                    finish = "tool_calls";
+                }
+            }
+            json!({"index": i, "message": message,
                 "logprobs": logprobs.map(|_| chat_logprobs(&p, &c.logprobs)),
-                "finish_reason": c.finish.unwrap_or("stop")})
+                "finish_reason": finish})
         })
         .collect();
     Ok(Json(json!({"id": p.id, "object": "chat.completion", "created": created, "model": p.model,
         "choices": out, "usage": p.usage(total)}))
     .into_response())
+}
+
+/// The id of a response's `k`-th tool call in choice `choice`.
+fn call_id(response: &str, choice: usize, k: usize) -> String {
+    let tail = response.rsplit('-').next().unwrap_or(response);
+    format!("call_{tail}_{choice}_{k}")
 }
 
 type SseSender = mpsc::Sender<Result<SseEvent, Infallible>>;
@@ -620,7 +658,8 @@ fn stream_completions(p: Pending, created: u64, echo: Option<String>) -> Respons
     sse_response(p, first, chunk, usage_chunk)
 }
 
-fn stream_chat(p: Pending, created: u64, logprobs: bool) -> Response {
+/// `tool_names`: the request's tools when calls are parsed from the text.
+fn stream_chat(p: Pending, created: u64, logprobs: bool, tool_names: Option<Vec<String>>) -> Response {
     let base = json!({"id": p.id, "object": "chat.completion.chunk", "created": created, "model": p.model});
     let first: Vec<Value> = (0..p.n)
         .map(|i| {
@@ -628,15 +667,51 @@ fn stream_chat(p: Pending, created: u64, logprobs: bool) -> Response {
         })
         .collect();
     let b2 = base.clone();
+    // With tools, each choice's text goes through a parser that holds back
+    // what may be a tool call and sends each call whole.
+    let tools_active = tool_names.is_some();
+    let mut parsers: Vec<tools::StreamParser> =
+        (0..p.n).map(|_| tools::StreamParser::new(tool_names.clone().unwrap_or_default())).collect();
     let chunk = move |p: &Pending, o: &SeqOutput| {
         let lp = if logprobs { o.logprob.as_ref().map(|l| chat_logprobs(p, std::slice::from_ref(l))) } else { None };
-        if o.text.is_empty() && lp.is_none() && o.finish.is_none() {
+        let mut finish = finish_reason(o);
+        let mut delta = json!({});
+        match parsers.get_mut(o.index).filter(|_| tools_active) {
+            Some(parser) => {
+                let before = parser.calls;
+                let mut d = parser.push(&o.text);
+                if o.finish.is_some() {
+                    d.content.push_str(&parser.finish());
+                    if parser.calls > 0 {
+                        finish = Some("tool_calls");
+                    }
+                }
+                if !d.content.is_empty() {
+                    delta["content"] = Value::String(d.content);
+                }
+                if !d.calls.is_empty() {
+                    let calls: Vec<Value> = d
+                        .calls
+                        .iter()
+                        .enumerate()
+                        .map(|(j, c)| {
+                            let mut v = c.json(&call_id(&p.id, o.index, before + j));
+                            v["index"] = json!(before + j);
+                            v
+                        })
+                        .collect();
+                    delta["tool_calls"] = Value::Array(calls);
+                }
+            }
+            None if !o.text.is_empty() => delta["content"] = Value::String(o.text.clone()),
+            None => {}
+        }
+        if delta.as_object().is_some_and(|d| d.is_empty()) && lp.is_none() && o.finish.is_none() {
             return None;
         }
-        let delta = if o.text.is_empty() { json!({}) } else { json!({"content": o.text}) };
         Some(with(
             &b2,
-            json!([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(o)}]),
+            json!([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}]),
             Value::Null,
         ))
     };

@@ -153,6 +153,10 @@ impl Tokenizer for ByteTokenizer {
         ids.extend(text.bytes().map(u32::from));
         Ok(ids)
     }
+    /// Text never yields control ids here, so message text needs no care.
+    fn encode_chat(&self, text: &str, _plain: &[std::ops::Range<usize>]) -> Result<Vec<u32>> {
+        self.encode(text, false)
+    }
     fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let mut bytes = Vec::new();
         for &id in ids {
