@@ -1,19 +1,23 @@
 """Drives a running `attn serve` with the official `openai` Python client.
 
-Usage: python openai_client.py BASE_URL GEN_MODEL EMBED_MODEL
+Usage: python openai_client.py BASE_URL GEN_MODEL EMBED_MODEL [TOOL_MODEL]
 
 Checks chat (non-streaming and streaming), completions with logprobs and
 echo (what evaluation harnesses use to score text), embeddings (float and
-the client's default base64), and an error the client surfaces. Exits
+the client's default base64), and an error the client surfaces; with
+TOOL_MODEL (a model whose chat template renders tools), tool calls:
+non-streaming, streamed deltas, and a tool result sent back. Exits
 non-zero with a message on the first failure.
 """
 
+import json
 import math
 import sys
 
 import openai
 
 base, gen, emb = sys.argv[1], sys.argv[2], sys.argv[3]
+tool_model = sys.argv[4] if len(sys.argv) > 4 else None
 client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
@@ -116,5 +120,57 @@ try:
     check(False, "temperature 5 is an error")
 except openai.BadRequestError as err:
     check("temperature" in str(err), f"bad temperature: {err}")
+
+# Tool calls.
+if tool_model:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=tool_model, messages=ask, tools=[weather], temperature=0, max_tokens=64)
+    m = r.choices[0].message
+    check(r.choices[0].finish_reason == "tool_calls" and m.tool_calls, f"a tool call comes back: {m}")
+    call = m.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    check(call.type == "function" and call.function.name == "get_weather" and call.id, f"tool call {call}")
+    check("paris" in str(args.get("city", "")).lower(), f"tool call arguments {args}")
+
+    stream = client.chat.completions.create(
+        model=tool_model, messages=ask, tools=[weather], tool_choice="auto", temperature=0, max_tokens=64, stream=True
+    )
+    calls, finish = {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                e = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                e["id"] = d.id or e["id"]
+                e["name"] += (d.function.name or "") if d.function else ""
+                e["arguments"] += (d.function.arguments or "") if d.function else ""
+            if c.finish_reason:
+                finish = c.finish_reason
+    check(finish == "tool_calls" and len(calls) == 1, f"streamed tool call, finish {finish}: {calls}")
+    check(
+        calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == args and calls[0]["id"],
+        f"streamed call equals the non-streamed one: {calls[0]}",
+    )
+
+    follow = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18, "sky": "sunny"})},
+    ]
+    r2 = client.chat.completions.create(model=tool_model, messages=follow, tools=[weather], temperature=0, max_tokens=48)
+    check(r2.usage.prompt_tokens > r.usage.prompt_tokens, "the tool result goes back into the prompt")
+    check(r2.choices[0].finish_reason in ("stop", "length", "tool_calls"), f"reply after the tool result: {r2.choices[0]}")
+
+    try:
+        client.chat.completions.create(model=gen, messages=ask, tools=[weather], max_tokens=4)
+        check(False, "tools on a model whose template has none are an error")
+    except openai.BadRequestError as err:
+        check("tools" in str(err), f"tools refused: {err}")
 
 print("all openai client checks passed")

@@ -16,7 +16,19 @@ fn the_official_openai_client_works_against_attn_serve() {
         return;
     };
     let mut server = Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args(["serve", "-m", "gemma3-270m", "-m", "all-minilm-l6-v2", "--port", "0", "--kv-cache-memory", "256MiB"])
+        .args([
+            "serve",
+            "-m",
+            "gemma3-270m",
+            "-m",
+            "all-minilm-l6-v2",
+            "-m",
+            "qwen2.5-coder-0.5b-instruct",
+            "--port",
+            "0",
+            "--kv-cache-memory",
+            "256MiB",
+        ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -42,7 +54,7 @@ fn the_official_openai_client_works_against_attn_serve() {
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ci/openai_client.py");
     let out = Command::new(&python)
-        .args([script, &url, "gemma3-270m", "all-minilm-l6-v2"])
+        .args([script, &url, "gemma3-270m", "all-minilm-l6-v2", "qwen2.5-coder-0.5b-instruct"])
         .output()
         .expect("run the Python client");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -682,6 +682,7 @@ fn stream_chat(p: Pending, created: u64, logprobs: bool, tool_names: Option<Vec<
                 let mut d = parser.push(&o.text);
                 if o.finish.is_some() {
                     d.content.push_str(&parser.finish());
+                    d.calls.extend(parser.bare.take());
                     if parser.calls > 0 {
                         finish = Some("tool_calls");
                     }

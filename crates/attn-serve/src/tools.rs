@@ -164,6 +164,9 @@ impl Call {
 /// accepts both).
 const BLOCKS: [(&str, &str); 2] = [(OPEN, CLOSE), ("```json", "```")];
 
+/// How a reply that is a bare JSON call starts (whitespace removed).
+const BARE: &str = "{\"name\"";
+
 /// The call in one block body, if it is a JSON object naming one of the
 /// request's tools with object arguments.
 fn parse_call(body: &str, names: &[String]) -> Option<Call> {
@@ -186,9 +189,10 @@ fn parse_call(body: &str, names: &[String]) -> Option<Call> {
 /// is not a call of one of `names`, or is left open, stays in the text.
 pub fn parse(text: &str, names: &[String]) -> (String, Vec<Call>) {
     let mut p = StreamParser::new(names.to_vec());
-    let d = p.push(text);
+    let mut d = p.push(text);
     let mut content = d.content;
     content.push_str(&p.finish());
+    d.calls.extend(p.bare.take());
     let content = if d.calls.is_empty() { content } else { content.trim().to_string() };
     (content, d.calls)
 }
@@ -204,6 +208,10 @@ pub struct StreamParser {
     inside: Option<usize>,
     /// Whitespace not sent yet.
     ws: String,
+    /// Nothing has been sent yet (a bare JSON call may be coming).
+    at_start: bool,
+    /// A bare call found by `finish`.
+    pub bare: Option<Call>,
     pub calls: usize,
 }
 
@@ -216,12 +224,21 @@ pub struct Delta {
 
 impl StreamParser {
     pub fn new(names: Vec<String>) -> Self {
-        StreamParser { names, ..Default::default() }
+        StreamParser { names, at_start: true, ..Default::default() }
     }
 
     pub fn push(&mut self, text: &str) -> Delta {
         self.buf.push_str(text);
         let mut out = Delta::default();
+        if self.at_start {
+            // A reply that is one bare JSON call (as Qwen2.5-Coder often
+            // writes) is held until it ends.
+            let compact: String = self.buf.chars().filter(|c| !c.is_whitespace()).collect();
+            if BARE.starts_with(&compact) || compact.starts_with(BARE) {
+                return out;
+            }
+            self.at_start = false;
+        }
         loop {
             if let Some(b) = self.inside {
                 let (open, close) = BLOCKS[b];
@@ -272,6 +289,13 @@ impl StreamParser {
     /// is returned as text, as `parse` does).
     pub fn finish(&mut self) -> String {
         let held = std::mem::take(&mut self.buf);
+        if std::mem::take(&mut self.at_start) {
+            if let Some(c) = parse_call(&held, &self.names) {
+                self.calls += 1;
+                self.bare = Some(c);
+                return String::new();
+            }
+        }
         let text = match self.inside.take() {
             Some(b) => format!("{}{held}", BLOCKS[b].0),
             None => held,
@@ -333,6 +357,8 @@ mod tests {
             "a <tool_call>{\"name\": \"f\"",
             "```json\n{\"a\": 1}\n```",
             "```python\nprint(1)\n```",
+            "{\"name\": \"get_weather\", \"arguments\": {}} and more",
+            "{\"name\": 1}",
             "plain  ",
         ] {
             assert_eq!(parse(text, &names()), (text.to_string(), vec![]), "{text}");
@@ -341,9 +367,19 @@ mod tests {
 
     #[test]
     fn streaming_gives_what_parse_gives_for_any_cut() {
-        let text = "Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, 2]}}\n</tool_call>\n```json\n{\"name\": \"g\"}\n```\n```json\n[1]\n```  <tool_ca";
+        for (text, n) in [
+            ("Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, 2]}}\n</tool_call>\n```json\n{\"name\": \"g\"}\n```\n```json\n[1]\n```  <tool_ca", 2),
+            (" {\n \"name\": \"f\", \"arguments\": {\"a\": \"<tool_call>\"}}\n", 1),
+            ("{\"name\": \"nope\"}", 0),
+            ("{\"na", 0),
+        ] {
+            streams_like_parse(text, n);
+        }
+    }
+
+    fn streams_like_parse(text: &str, n: usize) {
         let (want_content, want_calls) = parse(text, &names());
-        assert_eq!(want_calls.len(), 2);
+        assert_eq!(want_calls.len(), n, "{text}");
         for step in 1..9 {
             let mut p = StreamParser::new(names());
             let (mut content, mut calls) = (String::new(), Vec::new());
@@ -354,6 +390,7 @@ mod tests {
                 calls.extend(d.calls);
             }
             content.push_str(&p.finish());
+            calls.extend(p.bare.take());
             assert_eq!(calls, want_calls, "step {step}");
             assert_eq!(content.trim(), want_content, "step {step}");
         }
