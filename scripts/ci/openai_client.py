@@ -4,21 +4,25 @@ Usage: python openai_client.py BASE_URL GEN_MODEL EMBED_MODEL [TOOL_MODEL]
 
 Checks chat (non-streaming and streaming), completions with logprobs and
 echo (what evaluation harnesses use to score text), embeddings (float and
-the client's default base64), and an error the client surfaces; with
+the client's default base64), and errors the client surfaces; with
 TOOL_MODEL (a model whose chat template renders tools), tool calls:
-non-streaming, streamed deltas, and a tool result sent back. Exits
-non-zero with a message on the first failure.
+non-streaming, streamed deltas, and a tool result sent back. With
+ATTN_API_KEY set (as the server has it), the client sends that key and a
+wrong key must be refused. Exits non-zero with a message on the first
+failure.
 """
 
 import json
 import math
+import os
 import sys
 
 import openai
 
 base, gen, emb = sys.argv[1], sys.argv[2], sys.argv[3]
 tool_model = sys.argv[4] if len(sys.argv) > 4 else None
-client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+key = os.environ.get("ATTN_API_KEY", "unused")
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
 
 
 def check(cond, what):
@@ -113,7 +117,7 @@ check(e.usage.prompt_tokens > 0, "embedding usage")
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     check(False, "an unknown model is an error")
-except openai.BadRequestError as err:
+except openai.NotFoundError as err:
     check("no-such-model" in str(err), f"unknown model: {err}")
 try:
     client.completions.create(model=gen, prompt="x", temperature=5)
@@ -172,5 +176,12 @@ if tool_model:
         check(False, "tools on a model whose template has none are an error")
     except openai.BadRequestError as err:
         check("tools" in str(err), f"tools refused: {err}")
+
+if "ATTN_API_KEY" in os.environ:
+    try:
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0).models.list()
+        check(False, "a wrong API key is refused")
+    except openai.AuthenticationError as err:
+        check(err.code == "invalid_api_key", f"wrong API key: {err}")
 
 print("all openai client checks passed")

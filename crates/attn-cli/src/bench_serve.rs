@@ -429,12 +429,12 @@ fn percentile(sorted: &[f64], pct: u32) -> Option<f64> {
 /// requests (no ids or timings in it) so that equal failures group together in the report.
 fn one_request(agent: &ureq::Agent, target: &str, body: &str, expect: &StreamExpect) -> Result<Sample, String> {
     let start = Instant::now();
-    let response = match agent
-        .post(target)
-        .set("Content-Type", "application/json")
-        .set("Accept", "text/event-stream")
-        .send_string(body)
-    {
+    let mut request = agent.post(target).set("Content-Type", "application/json").set("Accept", "text/event-stream");
+    // A server started with an API key (`attn serve` reads the same variable).
+    if let Ok(key) = std::env::var("ATTN_API_KEY") {
+        request = request.set("Authorization", &format!("Bearer {key}"));
+    }
+    let response = match request.send_string(body) {
         Ok(response) => response,
         Err(ureq::Error::Status(code, response)) => {
             let text = response.into_string().unwrap_or_default();

@@ -14,7 +14,7 @@ use attn_nn::KvPool;
 use attn_serve::api::Caps;
 use attn_serve::metrics::Metrics;
 use attn_serve::worker::{EmbedWorker, GenWorker};
-use attn_serve::{AppState, EmbedModel, GenModel, ServerLimits};
+use attn_serve::{AppState, EmbedModel, GenModel, HttpOptions, ServerLimits};
 
 use crate::bench_serve::{self, BenchServeArgs};
 use crate::common::{open_model_with, set_threads, DEFAULT_GENERATOR};
@@ -55,9 +55,35 @@ pub struct ServeArgs {
     /// The largest request body, in bytes
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
-    /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C
+    /// Embeddings requests per embedding model that may be queued or
+    /// running; more get 429
+    #[arg(long, default_value_t = 64)]
+    pub max_embedding_queue: usize,
+    /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C;
+    /// then they end with an error (streams get an error event, a
+    /// finish_reason and [DONE])
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics
+    /// stay open). Default: the ATTN_API_KEY environment variable, if set
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Origins that browsers may call the API from (CORS), comma-separated
+    /// or repeated; `*` allows any. Default: none (CORS off)
+    #[arg(long, value_delimiter = ',', value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// Open connections at once; a connection beyond it is closed at once
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a connection gets to send a complete request head, counted
+    /// from when the server waits for one: closes slow clients and idle
+    /// keep-alive connections
+    #[arg(long, default_value_t = 30)]
+    pub header_timeout_s: u64,
+    /// Seconds to wait for the next piece of a request body (read timeout);
+    /// then 408
+    #[arg(long, default_value_t = 30)]
+    pub read_timeout_s: u64,
     /// Worker threads for the tensor kernels
     #[arg(long)]
     pub threads: Option<usize>,
@@ -130,7 +156,7 @@ fn engine_config<M: PagedLanguageModel>(model: &M, args: &ServeArgs, bytes: u64)
 }
 
 /// The name clients use: a known model's name, else the file or folder name.
-fn served_name(arg: &str) -> String {
+pub fn served_name(arg: &str) -> String {
     if attn_models::registry::known(arg).is_some() {
         return arg.to_string();
     }
@@ -179,9 +205,40 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
         caps: Caps { max_tokens: args.max_tokens_cap, ..Caps::default() },
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
+        max_embedding_queue: args.max_embedding_queue,
         ..ServerLimits::default()
     };
-    Ok(Arc::new(AppState::new(generators, encoders, metrics, limits)))
+    Ok(Arc::new(AppState::new(generators, encoders, metrics, limits).with_http(http_options(args)?)))
+}
+
+/// The HTTP options from the flags (and ATTN_API_KEY).
+pub fn http_options(args: &ServeArgs) -> anyhow::Result<HttpOptions> {
+    let api_key = match &args.api_key {
+        Some(k) => Some(k.clone()),
+        None => std::env::var("ATTN_API_KEY").ok(),
+    };
+    if api_key.as_deref().is_some_and(|k| k.trim().is_empty() || k.trim() != k) {
+        anyhow::bail!("the API key (--api-key or ATTN_API_KEY) must be non-empty, without surrounding spaces");
+    }
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    if args.header_timeout_s == 0 || args.read_timeout_s == 0 {
+        anyhow::bail!("--header-timeout-s and --read-timeout-s must be at least 1");
+    }
+    for o in &args.allowed_origins {
+        if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+            anyhow::bail!("--allowed-origins: `{o}` is not an origin like https://example.com (or *)");
+        }
+    }
+    Ok(HttpOptions {
+        api_key,
+        allowed_origins: args.allowed_origins.clone(),
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        body_timeout: Duration::from_secs(args.read_timeout_s),
+        ..HttpOptions::default()
+    })
 }
 
 async fn shutdown_signal() {
@@ -209,6 +266,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("`{}:{}` is not a host:port to listen on", args.host, args.port))?;
     kv_bytes(args)?;
+    let http = http_options(args)?;
+    if let Some(w) = attn_serve::exposure_warning(addr.ip(), &http) {
+        eprintln!("\n{w}\n");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // Bind first: a busy port fails at once, before the models load.
     let listener =
@@ -249,9 +310,11 @@ pub struct BenchServeCmd {
 fn one_token(url: &str, model: &str, prompt: &str) -> anyhow::Result<f64> {
     let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0});
     let start = std::time::Instant::now();
-    let r = ureq::post(&format!("{url}/v1/completions"))
-        .set("content-type", "application/json")
-        .send_string(&body.to_string());
+    let mut request = ureq::post(&format!("{url}/v1/completions")).set("content-type", "application/json");
+    if let Ok(key) = std::env::var("ATTN_API_KEY") {
+        request = request.set("Authorization", &format!("Bearer {key}"));
+    }
+    let r = request.send_string(&body.to_string());
     let secs = start.elapsed().as_secs_f64();
     match r {
         Ok(resp) => {
@@ -299,10 +362,16 @@ fn prefix_check(url: &str, model: &str, words: usize) -> anyhow::Result<()> {
 
 /// Drives `--url`, or starts a server on a free loopback port and drives it.
 pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
+    // Requests name the model as the server does: by file stem for a path
+    // (a server started here, or one at --url serving the same file).
+    let mut bench = cmd.bench.clone();
+    if cmd.bench.url.is_none() || Path::new(&cmd.bench.model).exists() {
+        bench.model = served_name(&cmd.bench.model);
+    }
     let drive = |url: &str| -> anyhow::Result<Vec<bench_serve::LevelReport>> {
         match cmd.prefix_words {
-            Some(w) => prefix_check(url, &cmd.bench.model, w).map(|_| Vec::new()),
-            None => bench_serve::run_against(url, &cmd.bench),
+            Some(w) => prefix_check(url, &bench.model, w).map(|_| Vec::new()),
+            None => bench_serve::run_against(url, &bench),
         }
     };
     let reports = match &cmd.bench.url {
@@ -319,7 +388,13 @@ pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
                 max_queue: 1024,
                 max_tokens_cap: 4096,
                 max_body_bytes: 4 << 20,
+                max_embedding_queue: 1024,
                 drain_timeout_s: 5,
+                api_key: None,
+                allowed_origins: Vec::new(),
+                max_connections: 4096,
+                header_timeout_s: 30,
+                read_timeout_s: 30,
                 threads: cmd.threads,
                 no_batched_kernels: cmd.no_batched_kernels,
             };

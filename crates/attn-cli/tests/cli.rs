@@ -132,3 +132,39 @@ fn bad_input_is_one_clear_line() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--bogus-flag"));
 }
+
+#[test]
+fn serve_warns_when_listening_beyond_loopback_without_a_key() {
+    // The warning comes right after binding, before the (missing) model loads.
+    let args = ["serve", "--host", "0.0.0.0", "--port", "0", "-m", "/no/such/model.gguf"];
+    let o = Command::new(env!("CARGO_BIN_EXE_attn")).args(args).env_remove("ATTN_API_KEY").output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("WARNING: listening on 0.0.0.0 without an API key"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_attn")).args(args).env("ATTN_API_KEY", "k").output().unwrap();
+    assert!(!stderr(&o).contains("WARNING"), "{}", stderr(&o));
+    let o = attn(&["serve", "--allowed-origins", "evil", "-m", "/no/such/model.gguf"]);
+    assert!(stderr(&o).contains("--allowed-origins"), "{}", stderr(&o));
+    let o = attn(&["serve", "--api-key", "", "-m", "/no/such/model.gguf"]);
+    assert!(stderr(&o).contains("API key"), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&attn(&["serve", "--help"]).stdout).into_owned();
+    for flag in ["--api-key", "--allowed-origins", "--max-connections", "--header-timeout-s", "--read-timeout-s"] {
+        assert!(help.contains(flag), "{flag} in:\n{help}");
+    }
+}
+
+/// `bench-serve -m PATH.gguf` names the model as the server does (by file
+/// stem): every request used to fail with an unknown model.
+#[test]
+fn bench_serve_runs_on_a_gguf_path() {
+    let path = attn_test_support::real_model("smollm2-135m-instruct");
+    assert_eq!(path.extension().and_then(|e| e.to_str()), Some("gguf"), "{}", path.display());
+    let path = path.display().to_string();
+    let args = ["bench-serve", "-m", &path, "--concurrency", "1", "--requests", "2", "--max-tokens", "2"];
+    let o = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(args)
+        .args(["--kv-cache-memory", "64MiB", "--json"])
+        .env_remove("ATTN_API_KEY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}

@@ -1,5 +1,6 @@
-//! `attn serve` on the real models, driven by the official `openai` Python
-//! client (scripts/ci/openai_client.py), then stopped with SIGTERM.
+//! `attn serve` on the real models, with an API key, driven by the official
+//! `openai` Python client (scripts/ci/openai_client.py), then stopped with
+//! SIGTERM.
 //!
 //! The client lives in a virtualenv that .ci/run creates and names in
 //! ATTN_TEST_PYTHON. Without that variable the test says so and does
@@ -8,6 +9,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The server requires this key; the client sends it.
+const KEY: &str = "ci-test-key";
 
 #[test]
 fn the_official_openai_client_works_against_attn_serve() {
@@ -29,6 +33,7 @@ fn the_official_openai_client_works_against_attn_serve() {
             "--kv-cache-memory",
             "256MiB",
         ])
+        .env("ATTN_API_KEY", KEY)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -55,6 +60,7 @@ fn the_official_openai_client_works_against_attn_serve() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ci/openai_client.py");
     let out = Command::new(&python)
         .args([script, &url, "gemma3-270m", "all-minilm-l6-v2", "qwen2.5-coder-0.5b-instruct"])
+        .env("ATTN_API_KEY", KEY)
         .output()
         .expect("run the Python client");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -28,6 +28,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` was reached, or the model's context is full.
     Length,
+    /// Generation failed for this sequence alone (its logits were not
+    /// finite, sampling failed); [`crate::SeqOutput::error`] says why.
+    Error,
 }
 
 impl FinishReason {
@@ -36,6 +39,7 @@ impl FinishReason {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Error => "error",
         }
     }
 }

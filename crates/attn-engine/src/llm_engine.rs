@@ -80,6 +80,9 @@ pub struct SeqOutput {
     /// in the step the prompt's last chunk ran.
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub finish: Option<FinishReason>,
+    /// Why this request failed (with [`FinishReason::Error`]): it alone
+    /// ends, the other sequences of the step go on.
+    pub error: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
 }
@@ -96,6 +99,8 @@ pub struct EngineStats {
     pub fragmentation: f64,
     pub preemptions: u64,
     pub aborted: u64,
+    /// Requests ended by a failure of their own (see [`SeqOutput::error`]).
+    pub failed: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
     pub steps: u64,
@@ -322,8 +327,12 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
         }
     }
 
-    /// Runs one step. On a model error every sequence of the step is
-    /// finished and the error returned with the requests it hit.
+    /// Runs one step. A failure that belongs to one request (its logits
+    /// are not finite, sampling or detokenizing fails) ends that request
+    /// alone: it gets outputs with [`FinishReason::Error`] and the rest of
+    /// the batch goes on. A failure of the batched forward call itself has
+    /// no single culprit: every sequence of the step is finished and the
+    /// error returned with the requests it hit.
     pub fn step(&mut self) -> std::result::Result<Vec<SeqOutput>, (Error, Vec<u64>)> {
         let plan = self.scheduler.schedule(&mut self.seqs, &mut self.bm);
         if plan.batch.is_empty() {
@@ -362,53 +371,89 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
         let mut outputs = Vec::new();
         for &(id, n) in batch {
             let Some(t) = logits.remove(&id) else { continue };
-            let s = self.seqs.get_mut(&id).expect("scheduled sequences exist");
-            let len = s.cache.len();
-            self.bm.register_full_blocks(s.cache.block_table(), &s.tokens, len);
-            if let Some(w) = self.pool.shape().window {
-                // The next query (at `len`) sees `len + 1 - w..`: blocks before it go back.
-                let freed = self.bm.release_outside_window(s.cache.block_table_mut(), (len + 1).saturating_sub(w));
-                self.stats.window_freed_blocks += freed as u64;
-            }
-            let mut prompt_lp = None;
-            let last_row = if s.prompt_logprobs.is_some() {
-                // Row i holds the distribution of position (len - n + i + 1).
-                let rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let top = s.logprobs.unwrap_or(0);
-                let start = len - n;
-                let lps = s.prompt_logprobs.as_mut().expect("checked");
-                for (i, row) in rows.iter().enumerate() {
-                    let next = start + i + 1;
-                    // (A recomputed chunk after preemption is reported once.)
-                    if next < s.prompt_len && lps.len() == next - 1 {
-                        lps.push(token_logprob(row, s.tokens[next], top));
-                    }
-                }
-                if len >= s.prompt_len {
-                    prompt_lp = s.prompt_logprobs.take();
-                }
-                rows.into_iter().last().unwrap_or_default()
-            } else {
-                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
-            };
-            if len < s.tokens.len() {
-                // Mid-prefill: nothing to sample yet.
-                continue;
-            }
-            let forks = std::mem::take(&mut s.forks);
-            let mut group = vec![id];
-            for i in 1..=forks {
-                group.push(self.fork(id, i)?);
-            }
-            for (k, sid) in group.into_iter().enumerate() {
-                let mut o = self.sample(sid, &last_row)?;
-                if k == 0 {
-                    o.prompt_logprobs = prompt_lp.clone();
-                }
-                outputs.push(o);
+            let Some(request) = self.seqs.get(&id).map(|s| s.request) else { continue };
+            if let Err(e) = self.advance(id, n, &t, &mut outputs) {
+                // This request alone ends; the rest of the batch goes on.
+                self.fail_request(request, &e, &mut outputs);
             }
         }
         Ok(outputs)
+    }
+
+    /// Ends every sequence of `request` with [`FinishReason::Error`] and an
+    /// output per choice that says why.
+    fn fail_request(&mut self, request: u64, e: &Error, outputs: &mut Vec<SeqOutput>) {
+        let mut ids: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.request == request).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(s) = self.seqs.get(&id) {
+                outputs.push(SeqOutput {
+                    request,
+                    index: s.index,
+                    token: None,
+                    text: String::new(),
+                    logprob: None,
+                    prompt_logprobs: None,
+                    finish: Some(FinishReason::Error),
+                    error: Some(format!("generation failed: {e}")),
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.completion().len(),
+                });
+            }
+            self.finish(id);
+        }
+        self.stats.failed += 1;
+    }
+
+    /// Takes one sequence's logits from this step: records prompt
+    /// logprobs, and once the prompt is in, forks its choices and samples.
+    fn advance(&mut self, id: SeqId, n: usize, t: &Tensor, outputs: &mut Vec<SeqOutput>) -> Result<()> {
+        let s = self.seqs.get_mut(&id).expect("scheduled sequences exist");
+        let len = s.cache.len();
+        self.bm.register_full_blocks(s.cache.block_table(), &s.tokens, len);
+        if let Some(w) = self.pool.shape().window {
+            // The next query (at `len`) sees `len + 1 - w..`: blocks before it go back.
+            let freed = self.bm.release_outside_window(s.cache.block_table_mut(), (len + 1).saturating_sub(w));
+            self.stats.window_freed_blocks += freed as u64;
+        }
+        let mut prompt_lp = None;
+        let last_row = if s.prompt_logprobs.is_some() {
+            // Row i holds the distribution of position (len - n + i + 1).
+            let rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let top = s.logprobs.unwrap_or(0);
+            let start = len - n;
+            let lps = s.prompt_logprobs.as_mut().expect("checked");
+            for (i, row) in rows.iter().enumerate() {
+                let next = start + i + 1;
+                // (A recomputed chunk after preemption is reported once.)
+                if next < s.prompt_len && lps.len() == next - 1 {
+                    lps.push(token_logprob(row, s.tokens[next], top));
+                }
+            }
+            if len >= s.prompt_len {
+                prompt_lp = s.prompt_logprobs.take();
+            }
+            rows.into_iter().last().unwrap_or_default()
+        } else {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        };
+        if len < s.tokens.len() {
+            // Mid-prefill: nothing to sample yet.
+            return Ok(());
+        }
+        let forks = std::mem::take(&mut s.forks);
+        let mut group = vec![id];
+        for i in 1..=forks {
+            group.push(self.fork(id, i)?);
+        }
+        for (k, sid) in group.into_iter().enumerate() {
+            let mut o = self.sample(sid, &last_row)?;
+            if k == 0 {
+                o.prompt_logprobs = prompt_lp.clone();
+            }
+            outputs.push(o);
+        }
+        Ok(())
     }
 
     fn forward(&mut self, group: &[(SeqId, usize)], mode: Logits) -> Result<Vec<Tensor>> {
@@ -499,6 +544,7 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
             logprob,
             prompt_logprobs: None,
             finish,
+            error: None,
             prompt_tokens: s.prompt_len,
             completion_tokens: s.completion().len(),
         };
@@ -563,7 +609,7 @@ mod tests {
     }
 
     /// Runs to completion; returns each request's tokens per choice and the outputs seen.
-    fn drain(e: &mut LlmEngine<Gpt, ByteTokenizer>) -> HashMap<(u64, usize), Vec<u32>> {
+    fn drain<M: PagedLanguageModel>(e: &mut LlmEngine<M, ByteTokenizer>) -> HashMap<(u64, usize), Vec<u32>> {
         let mut got: HashMap<(u64, usize), Vec<u32>> = HashMap::new();
         let mut finished = HashMap::new();
         let mut steps = 0;
@@ -617,6 +663,85 @@ mod tests {
             assert_eq!(s.blocks.used, 0);
             assert_eq!((s.running, s.waiting), (0, 0));
         }
+    }
+
+    /// One request whose logits turn NaN in a full batch of 16 ends alone
+    /// with an error; the other 15 get exactly the tokens they get alone.
+    #[test]
+    fn a_poisoned_request_fails_alone_and_the_batch_goes_on() {
+        use attn_test_support::doubles::Poisoned;
+        use attn_test_support::toy::EOS;
+        let prompts = prompts();
+        let mut alone = Vec::new();
+        for p in &prompts {
+            let mut e = engine(64, 64);
+            let id = e.add_request(EngineRequest::new(p.clone(), greedy(12))).unwrap();
+            alone.push(drain(&mut e).remove(&(id, 0)).unwrap());
+        }
+        let cfg = EngineConfig {
+            block_size: 4,
+            num_blocks: 200,
+            scheduler: SchedulerConfig { max_num_seqs: 16, max_batched_tokens: 512, max_logits_chunk: 5 },
+        };
+        let mut e = LlmEngine::new(Poisoned::new(model(7), EOS), Arc::new(ByteTokenizer::new()), cfg).unwrap();
+        let bad = 5;
+        let ids: Vec<u64> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut p = p.clone();
+                if i == bad {
+                    // The poison token is the prompt's last: its logits are the ones sampled.
+                    p.push(EOS);
+                }
+                let n = if i == bad { 2 } else { 1 };
+                e.add_request(EngineRequest { n, ..EngineRequest::new(p, greedy(12)) }).unwrap()
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let mut got: HashMap<(u64, usize), Vec<u32>> = HashMap::new();
+        let mut steps = 0;
+        while e.has_work() {
+            let outs = e.step().map_err(|(e, _)| e).expect("a per-request failure does not fail the step");
+            // All 16 ran in the poisoned step.
+            if steps == 0 {
+                let requests: std::collections::HashSet<u64> = outs.iter().map(|o| o.request).collect();
+                assert_eq!(requests.len(), 16, "{outs:?}");
+            }
+            for o in outs {
+                if o.finish == Some(FinishReason::Error) {
+                    errors.push(o);
+                } else {
+                    assert!(o.error.is_none());
+                    got.entry((o.request, o.index)).or_default().extend(o.token);
+                }
+            }
+            steps += 1;
+            assert!(steps < 1000, "no progress");
+        }
+        // Both choices of the poisoned request end, with the reason.
+        assert_eq!(errors.iter().map(|o| (o.request, o.index)).collect::<Vec<_>>(), [(ids[bad], 0), (ids[bad], 1)]);
+        assert!(errors.iter().all(|o| o.token.is_none() && o.error.as_deref().unwrap().contains("NaN")), "{errors:?}");
+        for (i, want) in alone.iter().enumerate() {
+            if i != bad {
+                assert_eq!(&got[&(ids[i], 0)], want, "request {i}");
+            }
+        }
+        assert!(!got.contains_key(&(ids[bad], 0)));
+        let s = e.stats();
+        assert_eq!((s.failed, s.blocks.used, s.running, s.waiting), (1, 0, 0, 0));
+        e.bm.check(&[]).unwrap();
+    }
+
+    /// A tiny temperature acts as the smallest one applied: the row stays
+    /// finite and sampling goes on (1 / 1e-45 would overflow to inf).
+    #[test]
+    fn a_tiny_temperature_does_not_overflow() {
+        let mut e = engine(64, 64);
+        let params = SamplingParams { temperature: 1e-45, seed: Some(3), max_tokens: 8, ..SamplingParams::default() };
+        let id = e.add_request(EngineRequest::new(vec![5, 6, 7], params)).unwrap();
+        let got = drain(&mut e);
+        assert_eq!(got[&(id, 0)].len(), 8);
     }
 
     #[test]

@@ -19,11 +19,18 @@ use attn_nn::{Error, Result};
 
 use attn_nn::kernels::logits::{desc, exp_neg, finite, max_finite, sum_exp, top_n};
 
+/// The smallest temperature applied: a positive temperature below it is
+/// raised to it (vLLM does the same, with the same bound), because `1 / t`
+/// for a tiny `t` turns every logit into `inf` and the row into NaN.
+pub const MIN_TEMPERATURE: f32 = 1e-2;
+
 /// How to choose tokens, and when to stop. The defaults change nothing:
 /// plain sampling at temperature 1 from the full distribution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// Divides the logits; `0` means greedy (argmax). Must be `>= 0`.
+    /// Values in `(0, MIN_TEMPERATURE)` act as [`MIN_TEMPERATURE`] (as in
+    /// vLLM): dividing by a tiny temperature overflows the logits to `inf`.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens (ties at the border are kept);
     /// `0` disables the filter.
@@ -133,7 +140,7 @@ pub fn process(logits: &mut [f32], params: &SamplingParams, prompt: &[u32], comp
     if params.is_greedy() {
         return;
     }
-    temperature(logits, params.temperature);
+    temperature(logits, params.temperature.max(MIN_TEMPERATURE));
     top_k(logits, params.top_k);
     top_p(logits, params.top_p);
     min_p(logits, params.min_p);

@@ -45,6 +45,11 @@ impl Sampler {
         if self.params.is_greedy() {
             argmax(logits)
         } else {
+            // Processing must not make a finite row overflow; refuse rather
+            // than draw from NaN weights.
+            if check("sample", logits).is_err() {
+                return Err(Error::input("sample", "the sampling parameters made the logits NaN or +inf"));
+            }
             sample_with(logits, &mut self.rng, &mut self.weights)
         }
     }

@@ -265,7 +265,12 @@ impl Sampling {
         }
         p.max_tokens = max_tokens.max(1) as usize;
         if let Some(t) = self.temperature {
+            // As vLLM: a positive temperature below 0.01 is raised to 0.01
+            // (1 / 1e-45 overflows every logit to inf); 0 is greedy.
             p.temperature = range("temperature", t, 0.0, 2.0)?;
+            if p.temperature > 0.0 {
+                p.temperature = p.temperature.max(attn_engine::processors::MIN_TEMPERATURE);
+            }
         }
         if let Some(v) = self.top_p {
             if !(v > 0.0 && v <= 1.0) {
@@ -290,13 +295,8 @@ impl Sampling {
             p.frequency_penalty = range("frequency_penalty", v, -2.0, 2.0)?;
         }
         if let Some(v) = self.repetition_penalty {
-            if !(v.is_finite() && v > 0.0 && v <= 10.0) {
-                return Err(ApiError::bad_request(
-                    Some("repetition_penalty"),
-                    format!("repetition_penalty must be in (0, 10], got {v}"),
-                ));
-            }
-            p.repetition_penalty = v;
+            // Dividing a logit by a tiny penalty overflows it: 0.01 at least.
+            p.repetition_penalty = range("repetition_penalty", v, 0.01, 10.0)?;
         }
         p.seed = self.seed.map(|s| s as u64);
         if let Some(stop) = self.stop.clone() {

@@ -9,6 +9,16 @@
 //! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both
 //! with `stream` as server-sent events ending in `[DONE]`),
 //! `POST /v1/embeddings`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+//!
+//! The async runtime only moves bytes: tokenization and template rendering
+//! run on blocking threads, at most [`HttpOptions::cpu_jobs`] at once, and
+//! models run in their own threads, so `/health` answers while the CPUs are
+//! busy. Connections are capped ([`HttpOptions::max_connections`]; those
+//! beyond it are closed at once), request heads and bodies have timeouts,
+//! `/v1/*` can require an API key (`/health` and `/metrics` stay open, as
+//! in vLLM), POST bodies must be `application/json` (so a web page cannot
+//! send one without a CORS preflight), and CORS is off unless origins are
+//! named.
 
 pub mod api;
 pub mod metrics;
@@ -17,6 +27,7 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,16 +37,19 @@ use attn_models::chat::ChatTemplate;
 use attn_models::Tokenizer;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api::{
     check_logprobs, engine_error, parse, ApiError, Caps, ChatRequest, Checked, CompletionRequest, EmbeddingInput,
@@ -68,12 +82,67 @@ pub struct ServerLimits {
     pub max_body_bytes: usize,
     /// Texts per embeddings request.
     pub max_embedding_inputs: usize,
+    /// Embeddings requests per encoder model queued or running; beyond
+    /// it, 429.
+    pub max_embedding_queue: usize,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { caps: Caps::default(), max_queue: 256, max_body_bytes: 4 << 20, max_embedding_inputs: 256 }
+        ServerLimits {
+            caps: Caps::default(),
+            max_queue: 256,
+            max_body_bytes: 4 << 20,
+            max_embedding_inputs: 256,
+            max_embedding_queue: 64,
+        }
     }
+}
+
+/// The HTTP side: access control and what a connection may take.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Origins that browsers may call from (CORS); empty: CORS is off.
+    /// `*` allows any origin.
+    pub allowed_origins: Vec<String>,
+    /// Open connections at once; a connection beyond it is closed at once.
+    pub max_connections: usize,
+    /// A connection must send a complete request head within this long of
+    /// the server waiting for one. The same clock closes idle keep-alive
+    /// connections (hyper starts it as soon as it waits for the next head).
+    pub header_timeout: Duration,
+    /// The longest wait for the next piece of a request body.
+    pub body_timeout: Duration,
+    /// Tokenizations and template renderings running at once (on blocking
+    /// threads, off the async runtime); more wait their turn.
+    pub cpu_jobs: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            api_key: None,
+            allowed_origins: Vec::new(),
+            max_connections: 512,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            cpu_jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// The warning to print when the server listens beyond loopback without an
+/// API key, or `None`.
+pub fn exposure_warning(ip: IpAddr, http: &HttpOptions) -> Option<String> {
+    if ip.is_loopback() || http.api_key.is_some() {
+        return None;
+    }
+    Some(format!(
+        "WARNING: listening on {ip} without an API key: anyone who can reach this port can use the models. \
+         Set --api-key (or ATTN_API_KEY), or listen on 127.0.0.1."
+    ))
 }
 
 pub struct AppState {
@@ -81,6 +150,9 @@ pub struct AppState {
     pub encoders: Vec<EmbedModel>,
     pub metrics: Arc<Metrics>,
     pub limits: ServerLimits,
+    pub http: HttpOptions,
+    /// Permits for CPU work done for the HTTP side (tokenization, templates).
+    cpu: Arc<Semaphore>,
     draining: AtomicBool,
     next_id: AtomicU64,
     started: u64,
@@ -98,15 +170,28 @@ impl AppState {
             encoders,
             metrics,
             limits,
+            cpu: Arc::new(Semaphore::new(HttpOptions::default().cpu_jobs.max(1))),
+            http: HttpOptions::default(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             started: unix_now(),
         }
     }
 
+    /// Sets the HTTP options (the defaults otherwise).
+    pub fn with_http(mut self, http: HttpOptions) -> Self {
+        self.cpu = Arc::new(Semaphore::new(http.cpu_jobs.max(1)));
+        self.http = http;
+        self
+    }
+
     /// Stops accepting new work (SIGTERM): new requests get 503.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Requests still queued or running, over all generation models.
@@ -118,38 +203,50 @@ impl AppState {
         format!("{prefix}-{:x}{:06x}", self.started, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn generator(&self, model: Option<&str>) -> Result<&GenModel, ApiError> {
+    /// The generation model a request names (the first one without a name),
+    /// with its index; 404 `model_not_found` as OpenAI answers.
+    fn generator(&self, model: Option<&str>) -> Result<(usize, &GenModel), ApiError> {
         match model {
-            None => self.generators.first().ok_or_else(|| {
-                ApiError::bad_request(Some("model"), "this server has no text-generation model")
-                    .with_code("model_not_found")
-            }),
-            Some(m) => self.generators.iter().find(|g| g.name == m).ok_or_else(|| {
+            None => self
+                .generators
+                .first()
+                .map(|g| (0, g))
+                .ok_or_else(|| model_not_found("this server has no text-generation model".into())),
+            Some(m) => self.generators.iter().enumerate().find(|(_, g)| g.name == m).ok_or_else(|| {
                 let kind = if self.encoders.iter().any(|e| e.name == m) { " (it is an embedding model)" } else { "" };
-                ApiError::bad_request(
-                    Some("model"),
-                    format!("model `{m}` is not served here{kind}; GET /v1/models lists the models"),
-                )
-                .with_code("model_not_found")
+                model_not_found(format!("model `{m}` is not served here{kind}; GET /v1/models lists the models"))
             }),
         }
     }
 
     fn encoder(&self, model: Option<&str>) -> Result<&EmbedModel, ApiError> {
         match model {
-            None => self.encoders.first().ok_or_else(|| {
-                ApiError::bad_request(Some("model"), "this server has no embedding model").with_code("model_not_found")
-            }),
+            None => self.encoders.first().ok_or_else(|| model_not_found("this server has no embedding model".into())),
             Some(m) => self.encoders.iter().find(|e| e.name == m).ok_or_else(|| {
                 let kind =
                     if self.generators.iter().any(|g| g.name == m) { " (it is a text-generation model)" } else { "" };
-                ApiError::bad_request(
-                    Some("model"),
-                    format!("model `{m}` is not an embedding model served here{kind}; GET /v1/models lists the models"),
-                )
-                .with_code("model_not_found")
+                model_not_found(format!(
+                    "model `{m}` is not an embedding model served here{kind}; GET /v1/models lists the models"
+                ))
             }),
         }
+    }
+
+    /// Runs CPU work (tokenization, template rendering) on a blocking
+    /// thread, at most `cpu_jobs` at once: the async runtime stays free to
+    /// answer `/health` and move other requests' bytes. The permit goes with
+    /// the work, so a client that hangs up does not free a slot early.
+    async fn cpu<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ApiError> {
+        let permit = self.cpu.clone().acquire_owned().await.map_err(|_| {
+            ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down")
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(permit);
+            r
+        })
+        .await
+        .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("worker failed: {e}")))
     }
 
     fn check_accepting(&self) -> Result<(), ApiError> {
@@ -164,22 +261,125 @@ impl AppState {
     }
 }
 
+fn model_not_found(message: String) -> ApiError {
+    ApiError { status: StatusCode::NOT_FOUND, ..ApiError::bad_request(Some("model"), message) }
+        .with_code("model_not_found")
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
+    let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .merge(api)
         .fallback(not_found)
+        .layer(middleware::from_fn(require_json))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(RequestBodyTimeoutLayer::new(state.http.body_timeout));
+    // CORS outermost: a preflight is answered before the key is asked for.
+    let app = match cors(&state.http.allowed_origins) {
+        Some(c) => app.layer(c),
+        None => app,
+    };
+    app.with_state(state)
+}
+
+/// CORS for the named origins; `None` (no CORS headers at all, so browsers
+/// refuse cross-origin reads) when none are named.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// `Authorization: Bearer <key>` on `/v1/*` when the server has a key,
+/// compared in constant time; 401 in OpenAI's shape otherwise.
+async fn require_api_key(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = &s.http.api_key else { return next.run(req).await };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let ok = given.is_some_and(|g| bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), key.as_bytes())));
+    if ok {
+        return next.run(req).await;
+    }
+    let message = if given.is_some() {
+        "incorrect API key provided"
+    } else {
+        "this server requires an API key: send `Authorization: Bearer <key>`"
+    };
+    let mut r = ApiError::status(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+        .with_code("invalid_api_key")
+        .into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    s.metrics.count_request(endpoint_of(req.uri().path()), 401);
+    r
+}
+
+fn endpoint_of(path: &str) -> &'static str {
+    match path {
+        "/v1/completions" => "completions",
+        "/v1/chat/completions" => "chat_completions",
+        "/v1/embeddings" => "embeddings",
+        _ => "other",
+    }
+}
+
+/// Whether a Content-Type names JSON: `application/json`, optionally with
+/// `charset=utf-8`.
+pub fn is_json_content_type(v: &str) -> bool {
+    let mut parts = v.split(';').map(str::trim);
+    if !parts.next().is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+        return false;
+    }
+    parts.filter(|p| !p.is_empty()).all(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        k.trim().eq_ignore_ascii_case("charset") && v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+    })
+}
+
+/// POST bodies must be JSON (415 otherwise). A browser can send a "simple"
+/// cross-origin POST (text/plain, form data) without a preflight; a JSON
+/// body needs one, which CORS then refuses unless the origin is allowed.
+async fn require_json(req: Request, next: Next) -> Response {
+    if req.method() == Method::POST {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if !ct.is_some_and(is_json_content_type) {
+            let got = ct.map_or("none".to_string(), |c| format!("`{c}`"));
+            return ApiError::status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                format!("the request body must be JSON with Content-Type: application/json (got {got})"),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {
@@ -215,18 +415,23 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         let status = r.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than this server accepts".to_string()
+        let text = r.body_text();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            let msg = "the request body is larger than this server accepts";
+            ApiError { status, ..ApiError::bad_request(None, msg) }
+        } else if text.contains("designated timeout") {
+            let msg = "the request body did not arrive in time";
+            ApiError { status: StatusCode::REQUEST_TIMEOUT, ..ApiError::bad_request(None, msg) }
         } else {
-            format!("cannot read the request body: {r}")
-        };
-        ApiError { status, ..ApiError::bad_request(None, msg) }
+            ApiError { status, ..ApiError::bad_request(None, format!("cannot read the request body: {text}")) }
+        }
     })
 }
 
 fn finish_reason(o: &SeqOutput) -> Option<&'static str> {
     o.finish.map(|f| match f {
         attn_engine::FinishReason::Length => "length",
+        attn_engine::FinishReason::Error => "error",
         _ => "stop",
     })
 }
@@ -422,24 +627,22 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
     let body = body_bytes(body)?;
     let req: CompletionRequest = parse(&body)?;
     let sampling: Sampling = parse(&body)?;
-    let g = s.generator(req.model.as_deref())?;
+    let (gi, g) = s.generator(req.model.as_deref())?;
     let checked = sampling.check(&s.limits.caps, req.echo)?;
     let logprobs = check_logprobs("logprobs", req.logprobs, &s.limits.caps)?;
     if checked.score_only && checked.stream {
         return Err(ApiError::bad_request(Some("max_tokens"), "max_tokens 0 (scoring with echo) cannot be streamed"));
     }
     let tok_err = |e: attn_nn::Error| ApiError::bad_request(Some("prompt"), format!("prompt: {e}"));
-    let (prompt_ids, prompt_text) = match req.prompt {
-        Prompt::Text(t) => (g.tokenizer.encode(&t, true).map_err(tok_err)?, t),
-        Prompt::Texts(v) if v.len() == 1 => (g.tokenizer.encode(&v[0], true).map_err(tok_err)?, v[0].clone()),
-        Prompt::Tokens(ids) => {
-            let text = g.tokenizer.decode(&ids, false).map_err(tok_err)?;
-            (ids, text)
-        }
-        Prompt::TokenLists(v) if v.len() == 1 => {
-            let text = g.tokenizer.decode(&v[0], false).map_err(tok_err)?;
-            (v[0].clone(), text)
-        }
+    enum One {
+        Text(String),
+        Ids(Vec<u32>),
+    }
+    let one = match req.prompt {
+        Prompt::Text(t) => One::Text(t),
+        Prompt::Texts(mut v) if v.len() == 1 => One::Text(v.remove(0)),
+        Prompt::Tokens(ids) => One::Ids(ids),
+        Prompt::TokenLists(mut v) if v.len() == 1 => One::Ids(v.remove(0)),
         _ => {
             return Err(ApiError::bad_request(
                 Some("prompt"),
@@ -447,6 +650,15 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
             ))
         }
     };
+    let tokenizer = g.tokenizer.clone();
+    let (prompt_ids, prompt_text) = s
+        .cpu(move || match one {
+            One::Text(t) => tokenizer.encode(&t, true).map(|ids| (ids, t)),
+            One::Ids(ids) => tokenizer.decode(&ids, false).map(|t| (ids, t)),
+        })
+        .await?
+        .map_err(tok_err)?;
+    let g = &s.generators[gi];
     let want_prompt_lps = req.echo && logprobs.is_some();
     let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, "cmpl")?;
     let created = unix_now();
@@ -481,7 +693,7 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     let body = body_bytes(body)?;
     let req: ChatRequest = parse(&body)?;
     let sampling: Sampling = parse(&body)?;
-    let g = s.generator(req.model.as_deref())?;
+    let (gi, g) = s.generator(req.model.as_deref())?;
     let checked = sampling.check(&s.limits.caps, false)?;
     let top = check_logprobs("top_logprobs", req.top_logprobs, &s.limits.caps)?;
     if top.is_some() && !req.logprobs {
@@ -489,9 +701,10 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     }
     let logprobs = req.logprobs.then(|| top.unwrap_or(0));
     let messages = req.template_messages()?;
-    let Some(template) = &g.chat_template else {
+    if g.chat_template.is_none() {
         return Err(ApiError::bad_request(Some("model"), format!("model `{}` has no chat template", g.name)));
-    };
+    }
+    let template = g.chat_template.as_ref().expect("checked above");
     let tools = tools::check(req.tools.as_ref(), req.tool_choice.as_ref())?;
     if tools.active() && !template.supports_tools() {
         return Err(ApiError::bad_request(
@@ -505,16 +718,23 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
             "tool_choice \"required\" or a named function is not supported yet; use \"auto\"",
         ));
     }
-    let defs = tools.active().then_some(tools.defs.as_slice());
-    let prompt = template
-        .prompt(&messages, defs, true)
-        .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
-    // The template writes the BOS itself; message text is read as plain
-    // text, so a message cannot close its turn or write another's.
-    let ids = g
-        .tokenizer
-        .encode_chat(&prompt.text, &prompt.plain)
-        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    let s2 = s.clone();
+    let defs = tools.active().then(|| tools.defs.clone());
+    let ids = s
+        .cpu(move || {
+            let g = &s2.generators[gi];
+            let template = g.chat_template.as_ref().expect("checked above");
+            let prompt = template
+                .prompt(&messages, defs.as_deref(), true)
+                .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            // The template writes the BOS itself; message text is read as
+            // plain text, so a message cannot close its turn or write another's.
+            g.tokenizer
+                .encode_chat(&prompt.text, &prompt.plain)
+                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))
+        })
+        .await??;
+    let g = &s.generators[gi];
     let mut p = submit(s, g, ids, checked, logprobs, false, "chatcmpl")?;
     let created = unix_now();
     if p.checked.stream {
@@ -561,6 +781,11 @@ type SseSender = mpsc::Sender<Result<SseEvent, Infallible>>;
 /// then the usage and `[DONE]`. When the client disconnects the response
 /// body is dropped, the task below stops, and with it the engine's channel:
 /// the engine aborts the request and frees its blocks.
+///
+/// A stream that ends early (its generation failed, the drain deadline cut
+/// it) still ends well-formed: an error event, a final chunk with
+/// `finish_reason: "error"` for every choice not yet finished, then the
+/// usage (when asked for) and `[DONE]`.
 fn sse_response(
     mut p: Pending,
     first: Vec<Value>,
@@ -580,6 +805,8 @@ fn sse_response(
         }
         let mut open = p.n;
         let mut completion = vec![0usize; p.n];
+        let mut finished = vec![false; p.n];
+        let mut failure = None;
         while open > 0 {
             let ev = tokio::select! {
                 ev = p.events.recv() => ev,
@@ -592,6 +819,9 @@ fn sse_response(
                     }
                     if o.finish.is_some() {
                         open -= 1;
+                        if let Some(f) = finished.get_mut(o.index) {
+                            *f = true;
+                        }
                     }
                     if let Some(mut v) = chunk(&p, &o) {
                         // Without include_usage the counts ride on the last
@@ -606,11 +836,38 @@ fn sse_response(
                     }
                 }
                 Some(Event::Error(e)) => {
-                    let err = ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
-                    let _ = send(&tx, err.body().to_string()).await;
+                    failure = Some(e);
                     break;
                 }
-                None => break,
+                None => {
+                    failure = Some("the engine stopped".to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            let err = ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+            if !send(&tx, err.body().to_string()).await {
+                return;
+            }
+            for (index, _) in finished.iter().enumerate().filter(|(_, f)| !**f) {
+                let end = SeqOutput {
+                    request: 0,
+                    index,
+                    token: None,
+                    text: String::new(),
+                    logprob: None,
+                    prompt_logprobs: None,
+                    finish: Some(attn_engine::FinishReason::Error),
+                    error: None,
+                    prompt_tokens: p.prompt_tokens,
+                    completion_tokens: completion[index],
+                };
+                if let Some(v) = chunk(&p, &end) {
+                    if !send(&tx, v.to_string()).await {
+                        return;
+                    }
+                }
             }
         }
         if p.checked.include_usage {
@@ -759,6 +1016,17 @@ async fn embeddings_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>
             "this model's embeddings have a fixed size; omit dimensions",
         ));
     }
+    let queued = e.worker.outstanding.load(Ordering::SeqCst);
+    if queued >= s.limits.max_embedding_queue {
+        return Err(ApiError {
+            retry_after_s: Some(1),
+            ..ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("{queued} embeddings requests are queued or running for `{}`; retry shortly", e.name),
+            )
+        });
+    }
     let (tx, rx) = oneshot::channel();
     e.worker
         .submit(EmbedJob { texts, reply: tx })
@@ -789,44 +1057,77 @@ async fn embeddings_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains:
 /// new requests get 503 while the running ones finish, for at most `drain`.
+/// Requests still running at the deadline are ended with an error event
+/// (streams still get their `finish_reason` and `[DONE]`).
+///
+/// Each connection is served by hyper's HTTP/1 server with a header-read
+/// timeout; at most `max_connections` are open at once, and a connection
+/// beyond that is closed as soon as it is accepted.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
     let app = router(state.clone());
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let st = state.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        st.start_draining();
-        let _ = stop_tx.send(());
-    });
-    let st = state.clone();
-    let deadline = async move {
-        if stop_rx.await.is_err() {
-            return std::future::pending::<()>().await;
-        }
-        let start = Instant::now();
-        // Let the in-flight requests finish, up to the deadline.
-        while st.outstanding() > 0 && start.elapsed() < drain {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Streams still open after the work is done close by themselves;
-        // give them a moment.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    tokio::select! {
-        r = server => r,
-        _ = deadline => {
-            let left = state.outstanding();
-            if left > 0 {
-                tracing::warn!("drain deadline passed with {left} requests unfinished");
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(state.http.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            Ok(())
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("{peer}: closed, {} connections are open already", state.http.max_connections);
+            state.metrics.count_request("connection_refused", 503);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(state.http.header_timeout);
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    state.start_draining();
+    let start = Instant::now();
+    // Let the in-flight requests finish, up to the deadline.
+    while state.outstanding() > 0 && start.elapsed() < drain {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = state.outstanding();
+    if left > 0 {
+        tracing::warn!("drain deadline passed with {left} requests unfinished; ending them");
+        for g in &state.generators {
+            g.worker.abort_all("the server is shutting down: the drain deadline passed");
         }
     }
+    // Idle connections close now; open responses (the streams just ended)
+    // get a moment to flush their last events.
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+    }
+    Ok(())
 }
 
 /// Model names as `/v1/models` lists them, for logs.

@@ -127,6 +127,9 @@ impl Metrics {
             ("attn_requests_cancelled_total", "counter", "Requests cancelled because the client disconnected", |m| {
                 m.cancelled as f64
             }),
+            ("attn_requests_failed_total", "counter", "Requests ended by a generation failure of their own", |m| {
+                m.engine.failed as f64
+            }),
             ("attn_embedding_inputs_total", "counter", "Texts embedded", |m| m.embedded_inputs as f64),
         ];
         for (name, kind, help, get) in series {

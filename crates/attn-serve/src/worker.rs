@@ -36,6 +36,9 @@ pub struct Submission {
 
 enum Command {
     Submit(Submission),
+    /// End every request now with this error, and go on serving (the
+    /// drain deadline passed).
+    AbortAll(String),
     /// Abort everything and exit (after the drain deadline).
     Stop,
 }
@@ -94,6 +97,12 @@ impl GenWorker {
         })
     }
 
+    /// Ends every queued or running request with an error event saying
+    /// `reason`; the worker keeps serving.
+    pub fn abort_all(&self, reason: &str) {
+        let _ = self.tx.send(Command::AbortAll(reason.to_string()));
+    }
+
     /// Aborts what is left and waits for the thread.
     pub fn stop(&mut self) {
         let _ = self.tx.send(Command::Stop);
@@ -147,6 +156,13 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
                     }
                     return;
                 }
+                Command::AbortAll(reason) => {
+                    for (id, l) in live.drain() {
+                        engine.abort(id);
+                        let _ = l.events.send(Event::Error(reason.clone()));
+                        outstanding.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
                 Command::Submit(s) => {
                     let n = s.request.n;
                     match engine.add_request(s.request) {
@@ -195,6 +211,9 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
         let (mut ttft, mut itl, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         let mut closing = Vec::new();
         for o in &outs {
+            if o.error.is_some() {
+                continue;
+            }
             let Some(l) = live.get_mut(&o.request) else { continue };
             if let Some(slot) = l.last_token.get_mut(o.index) {
                 match slot.replace(now) {
@@ -218,8 +237,16 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
             e2e.iter().for_each(|&v| m.e2e.observe(v));
         });
         for o in outs {
-            if let Some(l) = live.get(&o.request) {
-                let _ = l.events.send(Event::Output(o));
+            let Some(l) = live.get(&o.request) else { continue };
+            match o.error {
+                // This request alone failed: its client hears why, once.
+                Some(e) => {
+                    let _ = l.events.send(Event::Error(e));
+                    done(&mut live, o.request);
+                }
+                None => {
+                    let _ = l.events.send(Event::Output(o));
+                }
             }
         }
         for id in closing {
@@ -232,42 +259,66 @@ fn run<M: PagedLanguageModel, T: Tokenizer>(
 pub struct EmbedJob {
     pub texts: Vec<String>,
     /// The embeddings and the number of tokens the texts made (after truncation).
-    pub reply: oneshot::Sender<Result<(Vec<Vec<f32>>, usize), String>>,
+    pub reply: oneshot::Sender<EmbedResult>,
 }
+
+/// The result of embedding a batch: the vectors and the tokens they took.
+pub type EmbedResult = Result<(Vec<Vec<f32>>, usize), String>;
 
 /// Handle to the thread that runs an encoder model.
 pub struct EmbedWorker {
     tx: Sender<EmbedJob>,
     pub max_seq_length: usize,
+    /// Jobs submitted and not answered (queued or running).
+    pub outstanding: Arc<AtomicUsize>,
 }
 
 impl EmbedWorker {
     pub fn spawn(name: String, enc: SentenceEncoder, metrics: Arc<Metrics>) -> attn_nn::Result<Self> {
         let max_seq_length = enc.max_seq_length;
+        Self::spawn_fn(name, max_seq_length, metrics, move |refs: &[&str]| {
+            let tokens = refs.iter().try_fold(0usize, |n, t| {
+                Ok::<_, attn_nn::Error>(n + enc.tokenizer.encode(t, true)?.len().min(enc.max_seq_length))
+            });
+            tokens
+                .and_then(|n| Ok((enc.embed(refs, 32)?.to_vec2::<f32>()?, n)))
+                .map_err(|e| format!("embedding failed: {e}"))
+        })
+    }
+
+    /// A worker thread that answers each job with `embed` (the encoder, or
+    /// a test double).
+    pub fn spawn_fn(
+        name: String,
+        max_seq_length: usize,
+        metrics: Arc<Metrics>,
+        mut embed: impl FnMut(&[&str]) -> EmbedResult + Send + 'static,
+    ) -> attn_nn::Result<Self> {
         let (tx, rx) = mpsc::channel::<EmbedJob>();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let out2 = outstanding.clone();
         std::thread::Builder::new()
             .name(format!("embed-{name}"))
             .spawn(move || {
                 for job in rx {
-                    if job.reply.is_closed() {
-                        continue;
+                    if !job.reply.is_closed() {
+                        let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+                        let r = embed(&refs);
+                        metrics.update(&name, |m| m.embedded_inputs += refs.len() as u64);
+                        let _ = job.reply.send(r);
                     }
-                    let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-                    let tokens = refs.iter().try_fold(0usize, |n, t| {
-                        Ok::<_, attn_nn::Error>(n + enc.tokenizer.encode(t, true)?.len().min(enc.max_seq_length))
-                    });
-                    let r = tokens
-                        .and_then(|n| Ok((enc.embed(&refs, 32)?.to_vec2::<f32>()?, n)))
-                        .map_err(|e| format!("embedding failed: {e}"));
-                    metrics.update(&name, |m| m.embedded_inputs += refs.len() as u64);
-                    let _ = job.reply.send(r);
+                    out2.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .map_err(|e| attn_nn::Error::input("serve", format!("cannot start the embedding thread: {e}")))?;
-        Ok(EmbedWorker { tx, max_seq_length })
+        Ok(EmbedWorker { tx, max_seq_length, outstanding })
     }
 
     pub fn submit(&self, job: EmbedJob) -> Result<(), String> {
-        self.tx.send(job).map_err(|_| "the embedding worker has stopped".to_string())
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(job).map_err(|_| {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            "the embedding worker has stopped".to_string()
+        })
     }
 }

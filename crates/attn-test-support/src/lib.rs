@@ -1,7 +1,8 @@
 //! What attn's tests share, written once: paths to the committed fixtures
 //! and scratch directories ([`files`]), reading reference JSON ([`json`]),
 //! comparing numbers ([`diff`]), plain nested-loop reference maths for the
-//! nn blocks ([`reference`]), a toy language model and a byte-level
+//! nn blocks ([`reference`]), doubles that fail or block on purpose
+//! ([`doubles`]), a toy language model and a byte-level
 //! tokenizer ([`toy`]), a tiny random GPT ([`gpt`]) and the real models of
 //! the registry, pulled once into the model cache ([`real`]).
 //!
@@ -12,6 +13,7 @@
 //! crate's types, so helpers they need stay generic (candle tensors, slices).
 
 pub mod diff;
+pub mod doubles;
 pub mod files;
 pub mod gpt;
 pub mod json;

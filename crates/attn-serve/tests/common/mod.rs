@@ -1,5 +1,6 @@
 //! The tiny random GPT of attn-test-support over its byte tokenizer behind
-//! the HTTP router.
+//! the HTTP router (optionally wrapped in the doubles that poison a
+//! sequence, stall a step or block tokenization).
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use attn_models::chat::{ChatTemplate, GEMMA3_TEMPLATE};
 use attn_serve::api::Caps;
 use attn_serve::metrics::Metrics;
 use attn_serve::worker::GenWorker;
-use attn_serve::{router, AppState, GenModel, ServerLimits};
+use attn_serve::{router, AppState, GenModel, HttpOptions, ServerLimits};
+use attn_test_support::doubles::{Gate, GatedTokenizer, Poisoned};
 use attn_test_support::tiny_gpt;
 use attn_test_support::toy::ByteTokenizer;
 use axum::body::Body;
@@ -23,11 +25,27 @@ pub struct Opts {
     pub max_num_seqs: usize,
     pub max_queue: usize,
     pub max_body: usize,
+    /// A sequence whose new tokens hold this id gets NaN logits.
+    pub poison: Option<u32>,
+    /// A step whose new tokens hold this id waits for the gate.
+    pub stall: Option<(u32, Arc<Gate>)>,
+    /// Encoding a text that contains `SLOW` waits for this gate.
+    pub slow_tokenizer: Option<Arc<Gate>>,
+    pub http: HttpOptions,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { num_blocks: 256, max_num_seqs: 16, max_queue: 64, max_body: 64 << 10 }
+        Opts {
+            num_blocks: 256,
+            max_num_seqs: 16,
+            max_queue: 64,
+            max_body: 64 << 10,
+            poison: None,
+            stall: None,
+            slow_tokenizer: None,
+            http: HttpOptions::default(),
+        }
     }
 }
 
@@ -38,8 +56,17 @@ pub fn state(o: Opts) -> Arc<AppState> {
         num_blocks: o.num_blocks,
         scheduler: SchedulerConfig { max_num_seqs: o.max_num_seqs, max_batched_tokens: 32, max_logits_chunk: 8 },
     };
-    let tok = Arc::new(ByteTokenizer::lenient());
-    let worker = GenWorker::spawn("toy".into(), tiny_gpt(11, 128), tok.clone(), cfg, metrics.clone()).unwrap();
+    let tok = Arc::new(GatedTokenizer {
+        inner: ByteTokenizer::lenient(),
+        marker: "SLOW".into(),
+        gate: o.slow_tokenizer.unwrap_or_else(|| {
+            let g = Gate::new();
+            g.open();
+            g
+        }),
+    });
+    let model = Poisoned { inner: tiny_gpt(11, 128), poison: o.poison, stall: o.stall };
+    let worker = GenWorker::spawn("toy".into(), model, tok.clone(), cfg, metrics.clone()).unwrap();
     let template = ChatTemplate::new(GEMMA3_TEMPLATE, "<bos>", "<eos>").unwrap();
     let g = GenModel { name: "toy".into(), worker, tokenizer: tok, chat_template: Some(template) };
     let limits = ServerLimits {
@@ -48,16 +75,26 @@ pub fn state(o: Opts) -> Arc<AppState> {
         max_body_bytes: o.max_body,
         ..ServerLimits::default()
     };
-    Arc::new(AppState::new(vec![g], vec![], metrics, limits))
+    Arc::new(AppState::new(vec![g], vec![], metrics, limits).with_http(o.http))
 }
 
 pub async fn call(s: &Arc<AppState>, method: &str, path: &str, body: &str) -> (StatusCode, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
+    call_with(s, method, path, body, &[("content-type", "application/json")]).await
+}
+
+/// `call` with the given headers only.
+pub async fn call_with(
+    s: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Body::from(body.to_string())).unwrap();
     let resp = router(s.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
