@@ -17,10 +17,10 @@ pub mod worker;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use attn_engine::{EngineLimits, EngineRequest, SeqOutput, TokenLogprob};
+use attn_engine::{Constraint, ConstraintFactory, EngineLimits, EngineRequest, GrammarSpec, SeqOutput, TokenLogprob};
 use attn_models::chat::ChatTemplate;
 use attn_models::Tokenizer;
 use axum::body::Bytes;
@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{
-    check_logprobs, engine_error, parse, ApiError, Caps, ChatRequest, Checked, CompletionRequest, EmbeddingInput,
-    EmbeddingRequest, Prompt, Sampling,
+    check_logprobs, engine_error, parse, response_format, ApiError, Caps, ChatRequest, Checked, CompletionRequest,
+    EmbeddingInput, EmbeddingRequest, Prompt, Sampling,
 };
 use crate::metrics::Metrics;
 use crate::worker::{EmbedJob, EmbedWorker, Event, GenWorker, Submission};
@@ -83,6 +83,9 @@ pub struct AppState {
     draining: AtomicBool,
     next_id: AtomicU64,
     started: u64,
+    /// Per generation model: its grammar factory, built on the first
+    /// structured-output request and shared by every later one.
+    grammars: Vec<OnceLock<Result<Arc<ConstraintFactory>, String>>>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ impl AppState {
         limits: ServerLimits,
     ) -> Self {
         AppState {
+            grammars: generators.iter().map(|_| OnceLock::new()).collect(),
             generators,
             encoders,
             metrics,
@@ -251,6 +255,32 @@ struct Pending {
     tokenizer: Arc<dyn Tokenizer + Send + Sync>,
 }
 
+/// Compiles a `response_format` grammar for model `g` on a blocking thread
+/// (building the model's grammar factory first, once: both walk the
+/// vocabulary, and a schema may take a while to compile). A schema the
+/// grammar engine refuses is a 400 naming `response_format`.
+async fn compile_constraint(
+    s: &Arc<AppState>,
+    g: &GenModel,
+    spec: Option<GrammarSpec>,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some(spec) = spec else { return Ok(None) };
+    let internal = |m: String| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
+    let i = s.generators.iter().position(|x| std::ptr::eq(x, g)).ok_or_else(|| internal("unknown model".into()))?;
+    let (state, tokenizer) = (s.clone(), g.tokenizer.clone());
+    let bad = |m: String| ApiError::bad_request(Some("response_format"), format!("response_format: {m}"));
+    tokio::task::spawn_blocking(move || {
+        let factory = state.grammars[i]
+            .get_or_init(|| ConstraintFactory::new(&*tokenizer).map(Arc::new).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| bad(format!("this model cannot do structured output: {e}")))?;
+        factory.compile(&spec).map(Some).map_err(|e| bad(e.to_string()))
+    })
+    .await
+    .map_err(|e| internal(format!("compiling the grammar: {e}")))?
+}
+
+#[allow(clippy::too_many_arguments)]
 fn submit(
     s: &AppState,
     g: &GenModel,
@@ -258,9 +288,11 @@ fn submit(
     checked: Checked,
     logprobs: Option<usize>,
     prompt_logprobs: bool,
+    constraint: Option<Constraint>,
     prefix: &str,
 ) -> Result<Pending, ApiError> {
-    let request = EngineRequest { prompt, params: checked.params.clone(), n: checked.n, logprobs, prompt_logprobs };
+    let request =
+        EngineRequest { prompt, params: checked.params.clone(), n: checked.n, logprobs, prompt_logprobs, constraint };
     let limits: EngineLimits = g.worker.limits();
     limits.validate(&request).map_err(engine_error)?;
     let queued = g.worker.outstanding.load(Ordering::SeqCst);
@@ -424,6 +456,10 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
     let g = s.generator(req.model.as_deref())?;
     let checked = sampling.check(&s.limits.caps, req.echo)?;
     let logprobs = check_logprobs("logprobs", req.logprobs, &s.limits.caps)?;
+    let grammar = response_format(req.response_format.as_ref())?;
+    if grammar.is_some() && checked.score_only {
+        return Err(ApiError::bad_request(Some("response_format"), "response_format needs max_tokens of at least 1"));
+    }
     if checked.score_only && checked.stream {
         return Err(ApiError::bad_request(Some("max_tokens"), "max_tokens 0 (scoring with echo) cannot be streamed"));
     }
@@ -447,7 +483,8 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
         }
     };
     let want_prompt_lps = req.echo && logprobs.is_some();
-    let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, "cmpl")?;
+    let constraint = compile_constraint(s, g, grammar).await?;
+    let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, constraint, "cmpl")?;
     let created = unix_now();
     if p.checked.stream {
         return Ok(stream_completions(p, created, req.echo.then_some(prompt_text)));
@@ -488,6 +525,7 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     }
     let logprobs = req.logprobs.then(|| top.unwrap_or(0));
     let messages = req.template_messages()?;
+    let grammar = response_format(req.response_format.as_ref())?;
     let Some(template) = &g.chat_template else {
         return Err(ApiError::bad_request(Some("model"), format!("model `{}` has no chat template", g.name)));
     };
@@ -496,7 +534,8 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
     // The template writes the BOS itself.
     let ids = g.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-    let mut p = submit(s, g, ids, checked, logprobs, false, "chatcmpl")?;
+    let constraint = compile_constraint(s, g, grammar).await?;
+    let mut p = submit(s, g, ids, checked, logprobs, false, constraint, "chatcmpl")?;
     let created = unix_now();
     if p.checked.stream {
         return Ok(stream_chat(p, created, logprobs.is_some()));
