@@ -735,7 +735,7 @@ mod tests {
     }
 
     /// A schema whose strings are all enums: a random model completes it
-    /// in well under 64 tokens.
+    /// within 72 byte tokens.
     pub(crate) fn toy_schema() -> serde_json::Value {
         serde_json::json!({
             "type": "object",
@@ -774,7 +774,7 @@ mod tests {
         let mut e = engine(256, 64);
         let mut ids = Vec::new();
         let greedy_req =
-            EngineRequest { constraint: Some(c.clone()), ..EngineRequest::new(prompt.clone(), greedy(64)) };
+            EngineRequest { constraint: Some(c.clone()), ..EngineRequest::new(prompt.clone(), greedy(88)) };
         ids.push(e.add_request(greedy_req).unwrap());
         // Sampling at a high temperature with top-k and a repetition
         // penalty: the mask comes first, so no processor lets a
@@ -784,7 +784,7 @@ mod tests {
             top_k: 40,
             repetition_penalty: 1.3,
             seed: Some(9),
-            max_tokens: 64,
+            max_tokens: 88,
             ..SamplingParams::default()
         };
         let sampled = EngineRequest { n: 3, constraint: Some(c.clone()), ..EngineRequest::new(prompt.clone(), params) };
@@ -803,7 +803,7 @@ mod tests {
             check_toy_json(t);
         }
         // Without the constraint the same greedy request is not JSON.
-        let plain = generate_from_ids(&model(7), &tok, prompt, &greedy(64), |_| {}).unwrap();
+        let plain = generate_from_ids(&model(7), &tok, prompt, &greedy(88), |_| {}).unwrap();
         assert!(serde_json::from_str::<serde_json::Value>(&plain.text).is_err(), "{:?}", plain.text);
     }
 
