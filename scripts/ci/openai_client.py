@@ -171,6 +171,26 @@ if tool_model:
     check(r2.usage.prompt_tokens > r.usage.prompt_tokens, "the tool result goes back into the prompt")
     check(r2.choices[0].finish_reason in ("stop", "length", "tool_calls"), f"reply after the tool result: {r2.choices[0]}")
 
+    # A forced call: decoding is held to a call of the named tool, arguments valid under its schema.
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+        },
+    }
+    joke = [{"role": "user", "content": "Tell me a joke."}]
+    for choice, names in [({"type": "function", "function": {"name": "get_time"}}, {"get_time"}), ("required", {"get_weather", "get_time"})]:
+        r3 = client.chat.completions.create(
+            model=tool_model, messages=joke, tools=[weather, clock], tool_choice=choice, temperature=0, max_tokens=64
+        )
+        c3 = r3.choices[0]
+        check(c3.finish_reason == "tool_calls" and c3.message.tool_calls, f"tool_choice {choice}: {c3}")
+        f3 = c3.message.tool_calls[0].function
+        a3 = json.loads(f3.arguments)
+        want = "tz" if f3.name == "get_time" else "city"
+        check(f3.name in names and isinstance(a3.get(want), str), f"forced call {f3}")
+
     try:
         client.chat.completions.create(model=gen, messages=ask, tools=[weather], max_tokens=4)
         check(False, "tools on a model whose template has none are an error")

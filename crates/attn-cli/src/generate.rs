@@ -4,8 +4,8 @@ use std::io::{BufRead, IsTerminal, Read, Write};
 
 use attn_engine::speculative::{validate_draft_tokens, SpecStats};
 use attn_engine::{
-    beam_search, generate_from_ids, generate_speculative, BeamParams, Drafter, Generation, ModelDrafter, NgramDrafter,
-    SamplingParams,
+    beam_search, generate_constrained, generate_from_ids, generate_speculative, BeamParams, Constraint,
+    ConstraintFactory, Drafter, Generation, GrammarSpec, ModelDrafter, NgramDrafter, SamplingParams,
 };
 use attn_models::chat::Message;
 use attn_models::{LanguageModel, Tokenizer};
@@ -56,6 +56,35 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token ids, finish reason, speeds) instead of streaming
     #[arg(long)]
     json: bool,
+    /// Structured output: the text is a JSON value valid under the JSON schema in FILE
+    /// (decoding is constrained token by token; generation stops when the value is complete)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_object", "grammar"])]
+    json_schema: Option<std::path::PathBuf>,
+    /// Structured output: the text is a JSON object (any keys and values)
+    #[arg(long, conflicts_with = "grammar")]
+    json_object: bool,
+    /// Structured output: the text follows the Lark grammar in FILE (llguidance's dialect)
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<std::path::PathBuf>,
+}
+
+impl GenerateArgs {
+    /// The grammar the structured-output flags ask for.
+    fn grammar_spec(&self) -> anyhow::Result<Option<GrammarSpec>> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+        };
+        if let Some(path) = &self.json_schema {
+            let text = read("--json-schema", path)?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("--json-schema {}: not valid JSON: {e}", path.display()))?;
+            return Ok(Some(GrammarSpec::JsonSchema(schema)));
+        }
+        if let Some(path) = &self.grammar {
+            return Ok(Some(GrammarSpec::Lark(read("--grammar", path)?)));
+        }
+        Ok(self.json_object.then_some(GrammarSpec::JsonObject))
+    }
 }
 
 fn read_prompt(arg: &Option<String>) -> anyhow::Result<String> {
@@ -169,6 +198,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
+    let grammar = args.grammar_spec()?;
+    if grammar.is_some() && (args.draft.is_some() || args.beam_width.is_some()) {
+        anyhow::bail!(
+            "--json-schema, --json-object and --grammar work with sampling and greedy decoding, not with --draft or --beam-width"
+        );
+    }
     if args.draft.is_some() {
         validate_draft_tokens(args.draft_k).map_err(|e| anyhow::anyhow!("--draft-k: {e}"))?;
         if args.beam_width.is_some() {
@@ -180,6 +215,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         AnyModel::Seq2Seq(m) => {
             if args.draft.is_some() {
                 anyhow::bail!("--draft works with decoder-only models; {} is an encoder-decoder", m.name);
+            }
+            if grammar.is_some() {
+                anyhow::bail!("structured output works with decoder-only models; {} is an encoder-decoder", m.name);
             }
             return run_seq2seq(args, &m, &prompt, &params);
         }
@@ -194,6 +232,18 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         g.model = g.model.for_batched_serving()?;
     }
     let ids = g.tokenizer.encode(&prompt, true)?;
+    if let Some(spec) = grammar {
+        let mut constraint = ConstraintFactory::new(&g.tokenizer)?
+            .compile(&spec)
+            .map_err(|e| anyhow::anyhow!("structured output: {e}"))?;
+        let result = generate_constrained(&g.model, &g.tokenizer, ids, &params, Some(&mut constraint), |piece| {
+            if !args.json {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            }
+        })?;
+        return print_generation(args, &result, None, Some(&constraint));
+    }
     match args.draft.as_deref() {
         Some(name) if name != "ngram" => {
             // The draft runs one row per call: its own kernels suit it.
@@ -273,8 +323,25 @@ fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
         (Some(_), None) => Some(("ngram", args.draft_k, &mut ngram)),
     };
     let (result, spec) = generate_maybe_speculative(model, tokenizer, ids, params, !args.json, draft)?;
+    print_generation(args, &result, spec.as_ref(), None)
+}
+
+/// Prints a generation's JSON (with `--json`) or its timings line (the
+/// text itself was streamed); with the grammar mask's cost per token when
+/// the output was constrained.
+fn print_generation(
+    args: &GenerateArgs,
+    result: &Generation,
+    spec: Option<&Speculation>,
+    constraint: Option<&Constraint>,
+) -> anyhow::Result<()> {
+    let mask = constraint.map(|c| mask_summary(c.mask_times()));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&generation_json(&result, spec.as_ref()))?);
+        let mut v = generation_json(result, spec);
+        if let Some(m) = mask {
+            v["constraint"] = m;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!();
         let t = &result.timings;
@@ -286,10 +353,25 @@ fn decode_and_print<M: LanguageModel, T: Tokenizer + ?Sized>(
             t.decode_tokens_per_s(),
             result.finish_reason,
             result.seed,
-            spec.as_ref().map(Speculation::summary).unwrap_or_default()
+            spec.map(Speculation::summary).unwrap_or_default()
         );
+        if let Some(m) = mask {
+            eprintln!(
+                "[grammar mask: {} tokens, median {:.1} us, p95 {:.1} us per token]",
+                m["masks"], m["mask_us_median"], m["mask_us_p95"]
+            );
+        }
     }
     Ok(())
+}
+
+/// Count, median, 95th percentile and total of the mask times (microseconds).
+fn mask_summary(times: &[std::time::Duration]) -> serde_json::Value {
+    let mut us: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| if us.is_empty() { 0.0 } else { us[((us.len() - 1) as f64 * q).round() as usize] };
+    json!({"masks": us.len(), "mask_us_median": at(0.5), "mask_us_p95": at(0.95),
+        "mask_ms_total": us.iter().sum::<f64>() / 1e3})
 }
 
 #[derive(clap::Args)]

@@ -15,6 +15,7 @@ use attn_models::{LanguageModel, Logits, SeqStep, Tokenizer};
 use attn_nn::{Error, Result};
 use candle_core::{DType, Tensor};
 
+use crate::constraint::Constraint;
 use crate::detok::Detokenizer;
 use crate::processors::SamplingParams;
 use crate::sampler::Sampler;
@@ -128,6 +129,25 @@ pub fn generate_from_ids<M, T>(
     tokenizer: &T,
     prompt_ids: Vec<u32>,
     params: &SamplingParams,
+    on_text: impl FnMut(&str),
+) -> Result<Generation>
+where
+    M: LanguageModel,
+    T: Tokenizer + ?Sized,
+{
+    generate_constrained(model, tokenizer, prompt_ids, params, None, on_text)
+}
+
+/// [`generate_from_ids`] whose output follows `constraint` (a grammar):
+/// each step masks the logits before sampling and feeds the token to the
+/// grammar after; when the grammar is complete, generation ends with
+/// [`FinishReason::Stop`]. EOS is only possible where the grammar may end.
+pub fn generate_constrained<M, T>(
+    model: &M,
+    tokenizer: &T,
+    prompt_ids: Vec<u32>,
+    params: &SamplingParams,
+    mut constraint: Option<&mut Constraint>,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation>
 where
@@ -149,13 +169,24 @@ where
     let mut out = StopFilter::new(&params.stop);
     let mut completion = Vec::new();
     let mut decode_steps = 0;
+    let mut grammar_done = false;
     let mut finish_reason = loop {
+        if let Some(c) = constraint.as_deref_mut() {
+            c.mask(&mut logits)?;
+        }
         let tok = sampler.sample(&mut logits, &prompt_ids, &completion)?;
         if eos.contains(&tok) {
             break FinishReason::Eos;
         }
         completion.push(tok);
+        if let Some(c) = constraint.as_deref_mut() {
+            c.consume(tok)?;
+        }
         if out.push(&detok.push(tokenizer, tok)?, &mut on_text) {
+            break FinishReason::Stop;
+        }
+        if constraint.as_deref().is_some_and(Constraint::is_finished) {
+            grammar_done = true;
             break FinishReason::Stop;
         }
         if completion.len() >= params.max_tokens || prompt_ids.len() + completion.len() >= ctx {
@@ -164,7 +195,7 @@ where
         logits = forward_last(model, &mut cache, &[tok])?;
         decode_steps += 1;
     };
-    if finish_reason != FinishReason::Stop {
+    if finish_reason != FinishReason::Stop || grammar_done {
         // An incomplete character at the very end: emit it as the tokenizer
         // decodes it, so the stream still equals the final text.
         if out.push(&detok.flush(tokenizer)?, &mut on_text) {
@@ -489,5 +520,36 @@ mod tests {
         // Frequency penalty 0.3: 'a' drops below 'b' after two 'a's, and so on.
         let params = SamplingParams { frequency_penalty: 0.3, ..SamplingParams::greedy() };
         assert_eq!(run(&model, &tok, &params).0.text, "aaba");
+    }
+}
+
+#[cfg(test)]
+mod constrained_tests {
+    use super::*;
+    use crate::constraint::{ConstraintFactory, GrammarSpec};
+    use attn_test_support::toy::ByteTokenizer;
+
+    #[test]
+    fn constrained_generation_streams_a_complete_json_object_and_stops() {
+        let model = attn_test_support::tiny_gpt(3, 96);
+        let tok = ByteTokenizer::new();
+        let factory = ConstraintFactory::new(&tok).unwrap();
+        let schema = serde_json::json!({"type": "object", "properties": {"mood": {"enum": ["up", "down"]},
+            "ids": {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2}},
+            "required": ["mood", "ids"], "additionalProperties": false});
+        for params in [SamplingParams::greedy(), SamplingParams { seed: Some(4), ..SamplingParams::default() }] {
+            let params = SamplingParams { max_tokens: 60, ..params };
+            let mut c = factory.compile(&GrammarSpec::JsonSchema(schema.clone())).unwrap();
+            let mut streamed = String::new();
+            let prompt = tok.encode("out:", true).unwrap();
+            let g =
+                generate_constrained(&model, &tok, prompt, &params, Some(&mut c), |p| streamed.push_str(p)).unwrap();
+            assert_eq!(streamed, g.text);
+            assert_eq!(g.finish_reason, FinishReason::Stop, "{:?}", g.text);
+            let v: serde_json::Value = serde_json::from_str(&g.text).unwrap();
+            assert!(["up", "down"].contains(&v["mood"].as_str().unwrap()), "{v}");
+            assert!(v["ids"].as_array().unwrap().iter().all(|x| x == 1 || x == 2), "{v}");
+            assert_eq!(c.mask_times().len(), g.completion_ids.len());
+        }
     }
 }

@@ -98,7 +98,7 @@ fn token_type(v: i64) -> TokenType {
 /// GPT-2's `bytes_to_unicode`: every byte as a printable character (bytes
 /// that are printable Latin-1 stand for themselves, the others are moved to
 /// U+0100 and up), so a token of arbitrary bytes is a readable string.
-fn bytes_to_unicode() -> [char; 256] {
+pub(crate) fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..=255u8 {
@@ -462,6 +462,18 @@ impl Tokenizer for BpeTokenizer {
 
     fn piece(&self, id: u32) -> Option<String> {
         self.pieces.get(id as usize).cloned()
+    }
+
+    /// The piece with GPT-2's byte alphabet undone; a raw added token (not
+    /// spelled in the alphabet) is its own UTF-8, as in [`Tokenizer::decode`].
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.pieces.get(id as usize)?;
+        let bytes: Option<Vec<u8>> = piece.chars().map(|c| self.char_bytes.get(&c).copied()).collect();
+        Some(bytes.unwrap_or_else(|| piece.as_bytes().to_vec()))
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        matches!(self.token_type(id), Some(TokenType::Control | TokenType::Unknown | TokenType::Unused))
     }
 
     fn vocab_size(&self) -> usize {

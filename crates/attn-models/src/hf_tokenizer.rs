@@ -14,6 +14,10 @@ pub struct HfTokenizer {
     /// Whether the post-processor puts `bos` first (BERT's `[CLS]` does;
     /// the tokenizers attn trains add nothing).
     adds_bos: bool,
+    /// Added tokens marked special (`[CLS]`, `<eos>`, ...).
+    specials: std::collections::HashSet<u32>,
+    /// Byte-level character -> byte, when the decoder is byte-level.
+    char_bytes: Option<std::collections::HashMap<char, u8>>,
 }
 
 impl HfTokenizer {
@@ -41,7 +45,11 @@ impl HfTokenizer {
         let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<bos>"));
         let eos = ["[SEP]", "</s>", "<eos>"].iter().filter_map(|t| id(t)).collect();
         let adds_bos = bos.is_some() && inner.encode("a", true).is_ok_and(|e| e.get_ids().first().copied() == bos);
-        Ok(HfTokenizer { inner, bos, eos, adds_bos })
+        let specials =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(i, _)| i).collect();
+        let char_bytes = matches!(inner.get_decoder(), Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_)))
+            .then(|| crate::bpe::bytes_to_unicode().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect());
+        Ok(HfTokenizer { inner, bos, eos, adds_bos, specials, char_bytes })
     }
 
     /// Token ids of a batch, each truncated; no padding.
@@ -64,6 +72,25 @@ impl Tokenizer for HfTokenizer {
 
     fn piece(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// A byte-level piece with its byte alphabet undone; otherwise the
+    /// token decoded alone.
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if let (Some(map), false) = (&self.char_bytes, self.specials.contains(&id)) {
+            if let Some(bytes) = piece.chars().map(|c| map.get(&c).copied()).collect() {
+                return Some(bytes);
+            }
+        }
+        if self.specials.contains(&id) {
+            return Some(piece.into_bytes());
+        }
+        self.inner.decode(&[id], false).ok().map(String::into_bytes)
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.specials.contains(&id)
     }
 
     fn vocab_size(&self) -> usize {

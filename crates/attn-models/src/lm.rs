@@ -269,6 +269,23 @@ pub trait Tokenizer {
     /// Tokens that end generation (EOS, end of turn).
     fn eos_ids(&self) -> Vec<u32>;
 
+    /// The raw bytes a token adds to the text (byte-level BPE without its
+    /// byte alphabet, SentencePiece with `▁` as a space and `<0xNN>` as the
+    /// byte), for grammar-constrained decoding, which matches output byte by
+    /// byte. `None` outside the vocabulary. For a control token (see
+    /// [`Tokenizer::is_special`]) its name as stored. The default decodes
+    /// the token alone, which is exact for tokens of whole characters only.
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.decode(&[id], false).ok().map(String::into_bytes)
+    }
+
+    /// Whether `id` is a control token (BOS, EOS, turn markers, unknown or
+    /// unused): never text a grammar may produce.
+    fn is_special(&self, id: u32) -> bool {
+        let _ = id;
+        false
+    }
+
     /// Whether `encode(text, true)` starts with BOS. llama.cpp's perplexity
     /// puts BOS in each chunk's first place only for such vocabularies.
     fn adds_bos(&self) -> bool {

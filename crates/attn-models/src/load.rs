@@ -303,6 +303,14 @@ impl Tokenizer for ModelTokenizer {
         self.inner().piece(id)
     }
 
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.inner().token_bytes(id)
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.inner().is_special(id)
+    }
+
     fn vocab_size(&self) -> usize {
         self.inner().vocab_size()
     }

@@ -340,6 +340,22 @@ impl Tokenizer for SpmTokenizer {
         self.pieces.get(id as usize).cloned()
     }
 
+    /// `▁` as a space, a byte token `<0xNN>` as its byte.
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.pieces.get(id as usize)?;
+        if self.types[id as usize] == TokenType::Byte {
+            let byte = piece.strip_prefix("<0x").and_then(|s| s.strip_suffix('>'));
+            if let Some(b) = byte.and_then(|s| u8::from_str_radix(s, 16).ok()) {
+                return Some(vec![b]);
+            }
+        }
+        Some(piece.replace(SPACE, " ").into_bytes())
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        matches!(self.token_type(id), Some(TokenType::Control | TokenType::Unknown | TokenType::Unused))
+    }
+
     fn vocab_size(&self) -> usize {
         self.pieces.len()
     }

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use attn_engine::SamplingParams;
+use attn_engine::{GrammarSpec, SamplingParams};
 
 /// An error as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +156,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<u64>,
     #[serde(default)]
     pub echo: bool,
+    /// Structured output, as for chat (see [`response_format`]).
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// Message content: a string or a list of parts (only text parts).
@@ -333,14 +335,6 @@ impl Sampling {
 impl ChatRequest {
     /// The messages as the chat template takes them; text parts are joined.
     pub fn template_messages(&self) -> Result<Vec<attn_models::chat::Message>, ApiError> {
-        if let Some(f) = &self.response_format {
-            if !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text") {
-                return Err(ApiError::bad_request(
-                    Some("response_format"),
-                    "only response_format {\"type\": \"text\"} is supported",
-                ));
-            }
-        }
         if self.messages.is_empty() {
             return Err(ApiError::bad_request(Some("messages"), "messages must not be empty"));
         }
@@ -418,6 +412,49 @@ fn tool_call(c: &serde_json::Value, param: &str) -> Result<attn_models::chat::To
         kind: "function".into(),
         function: attn_models::chat::FunctionCall { name: name.into(), arguments },
     })
+}
+
+/// The grammar `response_format` asks for: none for `{"type": "text"}`,
+/// any JSON object for `{"type": "json_object"}`, and for
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`
+/// a value valid under `schema`. Whether the schema compiles is checked
+/// when it is compiled (off the async runtime).
+pub fn response_format(v: Option<&Value>) -> Result<Option<GrammarSpec>, ApiError> {
+    const P: &str = "response_format";
+    let bad = |m: String| ApiError::bad_request(Some(P), format!("{P}: {m}"));
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let Some(kind) = v.get("type").and_then(Value::as_str) else {
+        return Err(bad("must be an object with a string `type` (text, json_object or json_schema)".into()));
+    };
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        "json_schema" => {
+            let Some(js) = v.get("json_schema").filter(|j| j.is_object()) else {
+                return Err(bad("type json_schema needs a `json_schema` object with `name` and `schema`".into()));
+            };
+            if let Some(name) = js.get("name") {
+                let ok = name.as_str().is_some_and(|n| {
+                    (1..=64).contains(&n.len())
+                        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                });
+                if !ok {
+                    return Err(bad("json_schema.name must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -".into()));
+                }
+            }
+            if js.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+                return Err(bad("json_schema.strict must be a boolean".into()));
+            }
+            match js.get("schema") {
+                Some(schema) if schema.is_object() || schema.is_boolean() => {
+                    Ok(Some(GrammarSpec::JsonSchema(schema.clone())))
+                }
+                Some(_) => Err(bad("json_schema.schema must be a JSON schema object".into())),
+                None => Err(bad("json_schema.schema is missing".into())),
+            }
+        }
+        other => Err(bad(format!("unknown type `{other}` (supported: text, json_object, json_schema)"))),
+    }
 }
 
 pub fn check_logprobs(param: &str, v: Option<u64>, caps: &Caps) -> Result<Option<usize>, ApiError> {

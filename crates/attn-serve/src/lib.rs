@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use attn_engine::{EngineLimits, EngineRequest, SeqOutput, TokenLogprob};
+use attn_engine::{Constraint, ConstraintFactory, EngineLimits, EngineRequest, GrammarSpec, SeqOutput, TokenLogprob};
 use attn_models::chat::ChatTemplate;
 use attn_models::Tokenizer;
 use axum::body::Bytes;
@@ -52,8 +52,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api::{
-    check_logprobs, engine_error, parse, ApiError, Caps, ChatRequest, Checked, CompletionRequest, EmbeddingInput,
-    EmbeddingRequest, Prompt, Sampling,
+    check_logprobs, engine_error, parse, response_format, ApiError, Caps, ChatRequest, Checked, CompletionRequest,
+    EmbeddingInput, EmbeddingRequest, Prompt, Sampling,
 };
 use crate::metrics::Metrics;
 use crate::worker::{EmbedJob, EmbedWorker, Event, GenWorker, Submission};
@@ -156,6 +156,9 @@ pub struct AppState {
     draining: AtomicBool,
     next_id: AtomicU64,
     started: u64,
+    /// Per generation model: its grammar factory, built on the first
+    /// structured-output request and shared by every later one.
+    grammars: Vec<OnceLock<Result<Arc<ConstraintFactory>, String>>>,
 }
 
 impl AppState {
@@ -166,6 +169,7 @@ impl AppState {
         limits: ServerLimits,
     ) -> Self {
         AppState {
+            grammars: generators.iter().map(|_| OnceLock::new()).collect(),
             generators,
             encoders,
             metrics,
@@ -457,6 +461,32 @@ struct Pending {
     tokenizer: Arc<dyn Tokenizer + Send + Sync>,
 }
 
+/// Compiles a `response_format` grammar for model `g` on a blocking thread
+/// (building the model's grammar factory first, once: both walk the
+/// vocabulary, and a schema may take a while to compile). A schema the
+/// grammar engine refuses is a 400 naming `response_format`.
+async fn compile_constraint(
+    s: &Arc<AppState>,
+    g: &GenModel,
+    spec: Option<GrammarSpec>,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some(spec) = spec else { return Ok(None) };
+    let internal = |m: String| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
+    let i = s.generators.iter().position(|x| std::ptr::eq(x, g)).ok_or_else(|| internal("unknown model".into()))?;
+    let (state, tokenizer) = (s.clone(), g.tokenizer.clone());
+    let bad = |m: String| ApiError::bad_request(Some("response_format"), format!("response_format: {m}"));
+    tokio::task::spawn_blocking(move || {
+        let factory = state.grammars[i]
+            .get_or_init(|| ConstraintFactory::new(&*tokenizer).map(Arc::new).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| bad(format!("this model cannot do structured output: {e}")))?;
+        factory.compile(&spec).map(Some).map_err(|e| bad(e.to_string()))
+    })
+    .await
+    .map_err(|e| internal(format!("compiling the grammar: {e}")))?
+}
+
+#[allow(clippy::too_many_arguments)]
 fn submit(
     s: &AppState,
     g: &GenModel,
@@ -464,9 +494,11 @@ fn submit(
     checked: Checked,
     logprobs: Option<usize>,
     prompt_logprobs: bool,
+    constraint: Option<Constraint>,
     prefix: &str,
 ) -> Result<Pending, ApiError> {
-    let request = EngineRequest { prompt, params: checked.params.clone(), n: checked.n, logprobs, prompt_logprobs };
+    let request =
+        EngineRequest { prompt, params: checked.params.clone(), n: checked.n, logprobs, prompt_logprobs, constraint };
     let limits: EngineLimits = g.worker.limits();
     limits.validate(&request).map_err(engine_error)?;
     let queued = g.worker.outstanding.load(Ordering::SeqCst);
@@ -630,6 +662,10 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
     let (gi, g) = s.generator(req.model.as_deref())?;
     let checked = sampling.check(&s.limits.caps, req.echo)?;
     let logprobs = check_logprobs("logprobs", req.logprobs, &s.limits.caps)?;
+    let grammar = response_format(req.response_format.as_ref())?;
+    if grammar.is_some() && checked.score_only {
+        return Err(ApiError::bad_request(Some("response_format"), "response_format needs max_tokens of at least 1"));
+    }
     if checked.score_only && checked.stream {
         return Err(ApiError::bad_request(Some("max_tokens"), "max_tokens 0 (scoring with echo) cannot be streamed"));
     }
@@ -660,7 +696,8 @@ async fn completions_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection
         .map_err(tok_err)?;
     let g = &s.generators[gi];
     let want_prompt_lps = req.echo && logprobs.is_some();
-    let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, "cmpl")?;
+    let constraint = compile_constraint(s, g, grammar).await?;
+    let mut p = submit(s, g, prompt_ids.clone(), checked, logprobs, want_prompt_lps, constraint, "cmpl")?;
     let created = unix_now();
     if p.checked.stream {
         return Ok(stream_completions(p, created, req.echo.then_some(prompt_text)));
@@ -712,11 +749,17 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
             format!("model `{}` has a chat template that does not render tools", g.name),
         ));
     }
+    let mut grammar = response_format(req.response_format.as_ref())?;
     if matches!(tools.choice, tools::ToolChoice::Required | tools::ToolChoice::Function(_)) {
-        return Err(ApiError::bad_request(
-            Some("tool_choice"),
-            "tool_choice \"required\" or a named function is not supported yet; use \"auto\"",
-        ));
+        // The model must call a tool: its output is held to one call
+        // block naming an allowed tool, arguments valid under its schema.
+        if grammar.is_some() {
+            return Err(ApiError::bad_request(
+                Some("response_format"),
+                "response_format cannot be combined with a tool_choice that forces a tool call",
+            ));
+        }
+        grammar = Some(GrammarSpec::Lark(tools::call_grammar(&tools)));
     }
     let s2 = s.clone();
     let defs = tools.active().then(|| tools.defs.clone());
@@ -735,7 +778,8 @@ async fn chat_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         })
         .await??;
     let g = &s.generators[gi];
-    let mut p = submit(s, g, ids, checked, logprobs, false, "chatcmpl")?;
+    let constraint = compile_constraint(s, g, grammar).await?;
+    let mut p = submit(s, g, ids, checked, logprobs, false, constraint, "chatcmpl")?;
     let created = unix_now();
     if p.checked.stream {
         let names = if tools.active() { Some(tools.names()) } else { None };

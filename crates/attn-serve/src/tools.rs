@@ -320,7 +320,14 @@ pub fn call_grammar(tools: &Tools) -> String {
     let mut rules = Vec::new();
     let mut alts = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let schema = tools.parameters(name).unwrap_or_else(|| json!({"type": "object"}));
+        let mut schema = tools.parameters(name).unwrap_or_else(|| json!({"type": "object"}));
+        // Python's json.dumps layout, as structured output uses: no free
+        // whitespace for a small model to loop on.
+        if let Some(o) = schema.as_object_mut() {
+            o.entry("x-guidance").or_insert_with(
+                || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+            );
+        }
         alts.push(format!("call_{i}"));
         rules.push(format!(
             "call_{i}: \"{{\\\"name\\\": \\\"{name}\\\", \\\"arguments\\\": \" args_{i} \"}}\"\nargs_{i}: %json {schema}"

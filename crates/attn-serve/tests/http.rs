@@ -179,9 +179,9 @@ async fn bad_requests_get_openai_errors_that_name_the_problem() {
         ),
         (
             "/v1/chat/completions",
-            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}"#,
             Some("response_format"),
-            "only",
+            "unknown type",
         ),
         ("/v1/completions", r#"{"prompt": "x", "logit_bias": {"5": 10}}"#, Some("logit_bias"), "not supported"),
     ];

@@ -178,6 +178,17 @@ impl Tokenizer for ByteTokenizer {
     fn piece(&self, id: u32) -> Option<String> {
         self.decode(&[id], false).ok()
     }
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match id {
+            0..=255 => Some(vec![id as u8]),
+            BOS => Some(b"<bos>".to_vec()),
+            EOS => Some(b"<eos>".to_vec()),
+            _ => self.bytes(id).map(<[u8]>::to_vec),
+        }
+    }
+    fn is_special(&self, id: u32) -> bool {
+        id == BOS || id == EOS
+    }
     fn vocab_size(&self) -> usize {
         FIRST_PIECE as usize + self.pieces.len()
     }
