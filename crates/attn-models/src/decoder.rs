@@ -242,7 +242,7 @@ fn expected_tensors(spec: &DecoderSpec) -> Vec<(String, Vec<usize>)> {
 pub(crate) fn vocab_size(f: &GgufFile) -> Result<usize> {
     let rows = f
         .tensor_info("token_embd.weight")
-        .map(|t| t.shape().last().copied().unwrap_or(0))
+        .map(|t| t.shape().first().copied().unwrap_or(0))
         .ok_or_else(|| Error::MissingTensor { name: "token_embd.weight".into() })?;
     let n = f.meta_opt("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(rows, |t| t.len());
     sizes::bounded("vocabulary size (token_embd.weight rows, tokenizer.ggml.tokens)", n as u64, sizes::MAX_VOCAB)
