@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use attn_models::inspect::{inspect, ModelSummary};
+use attn_models::load::check_model;
 
 #[derive(clap::Args)]
 pub struct InfoArgs {
@@ -18,6 +19,9 @@ pub struct InfoArgs {
 
 pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let mut s = inspect(&args.path)?;
+    // A file whose declared sizes do not fit its tensors (or any sane
+    // model) is refused with the error loading it would give.
+    check_model(&args.path)?;
     if args.json {
         if !args.tensors {
             s.tensors.clear();

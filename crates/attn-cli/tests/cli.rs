@@ -168,3 +168,28 @@ fn bench_serve_runs_on_a_gguf_path() {
         .unwrap();
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
 }
+
+/// A GGUF claiming a billion layers (and one claiming one layer fewer than
+/// it holds): `attn info` and `attn generate` refuse it with an error that
+/// names the key and the value and exit with status 1, not a signal.
+#[test]
+fn info_and_generate_refuse_hostile_gguf_sizes() {
+    use attn_models::gguf::Value;
+    use attn_test_support::tiny_gguf::tiny_gemma3_gguf;
+    let cases = [
+        ("billion-layers.gguf", Value::U32(1_000_000_000), "`gemma3.block_count` = 1000000000"),
+        ("one-layer.gguf", Value::U32(1), "`gemma3.block_count` = 1, but the file holds 2 layer groups"),
+    ];
+    for (name, value, message) in cases {
+        let p = temp(name);
+        std::fs::write(&p, tiny_gemma3_gguf(&[("gemma3.block_count", value)])).unwrap();
+        let path = p.to_str().unwrap();
+        for args in [vec!["info", path], vec!["generate", "-m", path, "-n", "1", "hi"]] {
+            let o = attn(&args);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {:?}\n{e}", o.status);
+            assert!(e.starts_with("error:") && e.contains(message) && e.contains(name), "{args:?}: {e}");
+            assert!(!e.contains("panicked") && !e.contains("memory allocation"), "{args:?}: {e}");
+        }
+    }
+}

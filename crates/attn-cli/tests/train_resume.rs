@@ -8,13 +8,17 @@ use std::time::{Duration, Instant};
 use attn_test_support::{fixture_path, workspace_root};
 
 fn config(dir: &Path) -> PathBuf {
+    config_with(dir, 240)
+}
+
+fn config_with(dir: &Path, max_steps: usize) -> PathBuf {
     let text = std::fs::read_to_string(workspace_root().join("configs/ci/shakespeare-tiny.toml")).unwrap();
     let data = std::fs::canonicalize(fixture_path("corpora/shakespeare")).unwrap();
     let text = text
         .lines()
         .map(|l| match l.split('=').next().unwrap_or("").trim() {
             "path" => format!("path = \"{}\"", data.display()),
-            "max_steps" => "max_steps = 240".into(),
+            "max_steps" => format!("max_steps = {max_steps}"),
             "eval_every" => "eval_every = 80".into(),
             "checkpoint_every" => "checkpoint_every = 20".into(),
             // The weight average is part of the state a resume must restore.
@@ -35,7 +39,11 @@ fn attn() -> Command {
 }
 
 fn final_weights(run: &Path) -> Vec<u8> {
-    std::fs::read(run.join("checkpoints/step-00000240/model.safetensors")).unwrap()
+    last_weights(run, 240)
+}
+
+fn last_weights(run: &Path, step: usize) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step:08}/model.safetensors"))).unwrap()
 }
 
 /// Moments and weight average of the last checkpoint, and the exported
@@ -100,6 +108,45 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let (full_state, killed_state) = (final_state(&full), final_state(&killed));
     assert!(full_state.0 == killed_state.0, "optimiser state and weight average differ");
     assert!(full_state.1 == killed_state.1, "exported (averaged) models differ");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A stray empty newest checkpoint folder and a checkpoint whose manifest
+/// was edited are skipped, each with a warning naming it and why, and the
+/// run resumes from the newest valid one and ends as an uninterrupted run.
+#[test]
+fn resume_skips_a_stray_folder_and_a_tampered_manifest() {
+    let dir = std::env::temp_dir().join(format!("attn-resume-skip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config_with(&dir, 60);
+    let (full, broken) = (dir.join("full"), dir.join("broken"));
+    let st = attn().args(["train", "-t", "1"]).arg(&cfg).arg("--out").arg(&full).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+
+    // The same run, then its last checkpoint replaced by an empty folder
+    // and the one before it edited.
+    let st = Command::new("cp").arg("-r").arg(&full).arg(&broken).status().unwrap();
+    assert!(st.success());
+    let ckpt = broken.join("checkpoints");
+    std::fs::remove_dir_all(ckpt.join("step-00000060")).unwrap();
+    std::fs::create_dir(ckpt.join("step-00000060")).unwrap();
+    let mp = ckpt.join("step-00000040/checkpoint.json");
+    let text = std::fs::read_to_string(&mp).unwrap();
+    let tampered = text.replacen("\"step\": 40", "\"step\": 41", 1);
+    assert_ne!(text, tampered);
+    std::fs::write(&mp, tampered).unwrap();
+
+    let st = attn().args(["train", "-t", "1", "--resume"]).arg(&broken).output().unwrap();
+    let stderr = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{stderr}");
+    assert!(stderr.contains("skipping checkpoint") && stderr.contains("step-00000060"), "{stderr}");
+    assert!(stderr.contains("incomplete checkpoint"), "{stderr}");
+    assert!(stderr.contains("step-00000040") && stderr.contains("corrupt checkpoint manifest"), "{stderr}");
+    assert!(stderr.contains("resuming at step 20"), "{stderr}");
+
+    assert_eq!(losses(&full), losses(&broken), "per-step training losses");
+    assert_eq!(losses(&full).len(), 60);
+    assert!(last_weights(&full, 60) == last_weights(&broken, 60), "final weights differ");
     std::fs::remove_dir_all(&dir).ok();
 }
 

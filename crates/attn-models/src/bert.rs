@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gguf::{GgufFile, GgufSource};
 use crate::hf_tokenizer::HfTokenizer;
+use crate::sizes::{self, TensorShapes};
 
 fn default_act() -> String {
     "gelu".into()
@@ -56,18 +57,19 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
+    /// Checks every field: sizes within [`sizes`]' limits (errors name the
+    /// field and its value), and their consistency.
     pub fn validate(&self) -> Result<()> {
-        for (f, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
+        for (f, v, max) in [
+            ("vocab_size", self.vocab_size, sizes::MAX_VOCAB),
+            ("hidden_size", self.hidden_size, sizes::MAX_HIDDEN),
+            ("num_hidden_layers", self.num_hidden_layers, sizes::MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, sizes::MAX_HEADS),
+            ("intermediate_size", self.intermediate_size, sizes::MAX_FFN),
+            ("max_position_embeddings", self.max_position_embeddings, sizes::MAX_CONTEXT),
+            ("type_vocab_size", self.type_vocab_size, sizes::MAX_VOCAB),
         ] {
-            if v == 0 {
-                return Err(Error::config(f, "must be at least 1"));
-            }
+            sizes::bounded_field(f, v, max)?;
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::config(
@@ -80,6 +82,37 @@ impl BertConfig {
         }
         Activation::from_name(&self.hidden_act)?;
         Ok(())
+    }
+
+    /// Checks the sizes against the tensors a file holds, before anything
+    /// is allocated from them: the layer count against the layer groups
+    /// (`layer_prefix`N), the other sizes against the tensors they shape.
+    /// `name` maps an HF parameter name (no `bert.` prefix) to the file's,
+    /// `key` a config field to what the file calls it.
+    pub fn check_tensors(
+        &self,
+        shapes: &TensorShapes,
+        layer_prefix: &str,
+        name: &dyn Fn(&str) -> String,
+        key: &dyn Fn(&str) -> String,
+    ) -> std::result::Result<(), String> {
+        shapes.check_layers(&key("num_hidden_layers"), self.num_hidden_layers, layer_prefix)?;
+        let word = name("embeddings.word_embeddings.weight");
+        shapes.check_dim(&key("vocab_size"), self.vocab_size, &word, 0)?;
+        shapes.check_dim(&key("hidden_size"), self.hidden_size, &word, 1)?;
+        let positions = name("embeddings.position_embeddings.weight");
+        shapes.check_dim(&key("max_position_embeddings"), self.max_position_embeddings, &positions, 0)?;
+        let types = name("embeddings.token_type_embeddings.weight");
+        shapes.check_dim(&key("type_vocab_size"), self.type_vocab_size, &types, 0)?;
+        let up = name("encoder.layer.0.intermediate.dense.weight");
+        shapes.check_dim(&key("intermediate_size"), self.intermediate_size, &up, 0)
+    }
+
+    /// [`BertConfig::check_tensors`] for HF-named weights (with or without
+    /// the `bert.` prefix), fields named as in `config.json`.
+    pub fn check_hf_tensors(&self, shapes: &TensorShapes) -> std::result::Result<(), String> {
+        let prefix = if shapes.get("bert.embeddings.word_embeddings.weight").is_some() { "bert." } else { "" };
+        self.check_tensors(shapes, &format!("{prefix}encoder.layer."), &|n| format!("{prefix}{n}"), &|k| k.to_string())
     }
 }
 
@@ -368,6 +401,51 @@ pub struct SentenceEncoder {
     packed: bool,
 }
 
+/// Checks an HF BERT folder's config (read from `cfg_path`) against the
+/// tensors of its safetensors `files`, reading headers only.
+pub fn check_hf_folder(cfg: &BertConfig, cfg_path: &Path, files: &[std::path::PathBuf]) -> Result<()> {
+    cfg.validate().map_err(|e| Error::format(cfg_path, e.to_string()))?;
+    let shapes = TensorShapes::from_safetensors(files)?;
+    cfg.check_hf_tensors(&shapes).map_err(sizes::in_file(cfg_path))
+}
+
+/// The config of a BERT GGUF (llama.cpp's `bert.*` keys and tensor names),
+/// every size bounded and checked against the file's tensors (headers only).
+pub fn bert_config_from_gguf(f: &GgufFile) -> Result<BertConfig> {
+    let bad = sizes::in_file(f.path());
+    let n = |k: &str, max: usize| sizes::bounded(k, f.meta_u64(k)?, max).map_err(&bad);
+    let rows = |name: &str| {
+        f.tensor_info(name).map(|i| i.shape()[0]).ok_or_else(|| Error::MissingTensor { name: name.to_string() })
+    };
+    let cfg = BertConfig {
+        vocab_size: rows("token_embd.weight")?,
+        hidden_size: n("bert.embedding_length", sizes::MAX_HIDDEN)?,
+        num_hidden_layers: n("bert.block_count", sizes::MAX_LAYERS)?,
+        num_attention_heads: n("bert.attention.head_count", sizes::MAX_HEADS)?,
+        intermediate_size: n("bert.feed_forward_length", sizes::MAX_FFN)?,
+        max_position_embeddings: n("bert.context_length", sizes::MAX_CONTEXT)?,
+        type_vocab_size: rows("token_types.weight")?,
+        hidden_act: f.meta_opt(crate::quantize::HIDDEN_ACT_KEY).and_then(|v| v.as_str()).unwrap_or("gelu").to_string(),
+        layer_norm_eps: f.meta_f64("bert.attention.layer_norm_epsilon")?,
+    };
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    let key = |field: &str| {
+        match field {
+            "num_hidden_layers" => "bert.block_count",
+            "hidden_size" => "bert.embedding_length",
+            "intermediate_size" => "bert.feed_forward_length",
+            "max_position_embeddings" => "bert.context_length",
+            "vocab_size" => "vocabulary size (token_embd.weight rows)",
+            "type_vocab_size" => "token types (token_types.weight rows)",
+            other => other,
+        }
+        .to_string()
+    };
+    let name = |hf: &str| crate::quantize::bert_gguf_tensor_name(hf).unwrap_or_else(|| hf.to_string());
+    cfg.check_tensors(&TensorShapes::from_gguf(&f.header), "blk.", &name, &key).map_err(bad)?;
+    Ok(cfg)
+}
+
 #[derive(Deserialize)]
 struct SbertConfig {
     max_seq_length: usize,
@@ -390,6 +468,8 @@ impl SentenceEncoder {
             read_json("config.json")?.ok_or_else(|| Error::format(&cfg_path, "missing: not an HF model folder"))?;
         let cfg: BertConfig = serde_json::from_str(&cfg_text)
             .map_err(|e| Error::format(&cfg_path, format!("invalid BERT config: {e}")))?;
+        let files = crate::inspect::safetensors_files(dir)?;
+        check_hf_folder(&cfg, &cfg_path, &files)?;
         let max_seq_length = match read_json("sentence_bert_config.json")? {
             Some(t) => {
                 let s: SbertConfig = serde_json::from_str(&t)
@@ -398,7 +478,6 @@ impl SentenceEncoder {
             }
             None => cfg.max_position_embeddings,
         };
-        let files = crate::inspect::safetensors_files(dir)?;
         let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open(&files)?);
         let weights = Weights::new(source, DType::F32, device);
         let model = Bert::load(&weights, &cfg)?;
@@ -414,6 +493,7 @@ impl SentenceEncoder {
     /// names and `bert.*` keys, mean pooling, and the HF tokenizer under
     /// `tokenizer.huggingface.json`.
     pub fn from_gguf(f: Arc<GgufFile>, device: &Device) -> Result<Self> {
+        // Sizes first: nothing below is allocated from an unchecked one.
         let path = f.path().to_path_buf();
         if let Some(p) = f.meta_opt("bert.pooling_type").and_then(|v| v.as_u64()) {
             if p != 1 {
@@ -423,25 +503,7 @@ impl SentenceEncoder {
                 )));
             }
         }
-        let n = |k: &str| f.meta_u64(k).map(|v| v as usize);
-        let rows = |name: &str| {
-            f.tensor_info(name).map(|i| i.shape()[0]).ok_or_else(|| Error::MissingTensor { name: name.to_string() })
-        };
-        let cfg = BertConfig {
-            vocab_size: rows("token_embd.weight")?,
-            hidden_size: n("bert.embedding_length")?,
-            num_hidden_layers: n("bert.block_count")?,
-            num_attention_heads: n("bert.attention.head_count")?,
-            intermediate_size: n("bert.feed_forward_length")?,
-            max_position_embeddings: n("bert.context_length")?,
-            type_vocab_size: rows("token_types.weight")?,
-            hidden_act: f
-                .meta_opt(crate::quantize::HIDDEN_ACT_KEY)
-                .and_then(|v| v.as_str())
-                .unwrap_or("gelu")
-                .to_string(),
-            layer_norm_eps: f.meta_f64("bert.attention.layer_norm_epsilon")?,
-        };
+        let cfg = bert_config_from_gguf(&f)?;
         let max_seq_length = f
             .meta_opt(crate::quantize::MAX_SEQ_LENGTH_KEY)
             .and_then(|v| v.as_u64())

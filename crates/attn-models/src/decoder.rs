@@ -38,6 +38,7 @@ use candle_core::{Device, Tensor};
 
 use crate::gguf::GgufFile;
 use crate::lm::{KvStore, LanguageModel, LayerCaches, Logits, PagedLanguageModel, SeqStep, SequenceCache};
+use crate::sizes::{self, TensorShapes};
 
 /// Where the norms sit around each sub-layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,34 +154,99 @@ impl DecoderSpec {
 
 /// Reads `{arch}.{key}` as a count, refusing sizes no real model has, so a
 /// hostile header cannot make the loader allocate for them.
-pub(crate) fn meta_count(f: &GgufFile, arch: &str, key: &str, max: u64) -> Result<usize> {
+pub(crate) fn meta_count(f: &GgufFile, arch: &str, key: &str, max: usize) -> Result<usize> {
     let k = format!("{arch}.{key}");
-    let v = f.meta_u64(&k)?;
-    if v == 0 || v > max {
-        return Err(Error::format(f.path(), format!("metadata `{k}` = {v} is outside 1..={max}")));
-    }
-    Ok(v as usize)
+    sizes::bounded(&k, f.meta_u64(&k)?, max).map_err(sizes::in_file(f.path()))
 }
 
-/// The layer count from metadata, checked against the blocks the file holds.
+/// The layer count from metadata, checked against the blocks the file
+/// holds: `blk.0` to `blk.{n-1}`, none missing and none beyond.
 pub(crate) fn layer_count(f: &GgufFile, arch: &str) -> Result<usize> {
-    let n = meta_count(f, arch, "block_count", 4096)?;
-    if f.tensor_info(&format!("blk.{}.attn_norm.weight", n - 1)).is_none() {
-        return Err(Error::format(
-            f.path(),
-            format!("metadata `{arch}.block_count` = {n}, but the file has no tensor `blk.{}.attn_norm.weight`", n - 1),
-        ));
-    }
+    let n = meta_count(f, arch, "block_count", sizes::MAX_LAYERS)?;
+    TensorShapes::from_gguf(&f.header)
+        .check_layers(&format!("{arch}.block_count"), n, "blk.")
+        .map_err(sizes::in_file(f.path()))?;
     Ok(n)
+}
+
+/// Checks every size of `spec` (read from the metadata of `f`) against the
+/// tensors the file holds, before anything is allocated from them: the
+/// sizes that shape a tensor first, each error naming its metadata key and
+/// value, then the shape of every tensor the decoder will load.
+pub fn check_tensors(f: &GgufFile, spec: &DecoderSpec) -> Result<()> {
+    let shapes = TensorShapes::from_gguf(&f.header);
+    let a = &spec.arch;
+    let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+    let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+    let key = |k: &str| format!("{a}.{k}");
+    let check = || -> std::result::Result<(), String> {
+        shapes.check_layers(&key("block_count"), spec.n_layers(), "blk.")?;
+        shapes.check_dim(&key("embedding_length"), d, "token_embd.weight", 1)?;
+        let vocab = format!("the vocabulary size {} (tokenizer.ggml.tokens)", spec.vocab_size);
+        shapes.check_dim_as(&vocab, spec.vocab_size, "token_embd.weight", 0)?;
+        shapes.check_dim(&key("feed_forward_length"), ff, "blk.0.ffn_up.weight", 0)?;
+        if spec.qk_norm {
+            shapes.check_dim(&key("attention.key_length"), hd, "blk.0.attn_q_norm.weight", 0)?;
+        }
+        let heads = format!("`{}` = {} (x head size {hd})", key("attention.head_count"), spec.n_heads);
+        shapes.check_dim_as(&heads, nq, "blk.0.attn_q.weight", 0)?;
+        let kv_heads = format!("`{}` = {} (x head size {hd})", key("attention.head_count_kv"), spec.n_kv_heads);
+        shapes.check_dim_as(&kv_heads, nkv, "blk.0.attn_k.weight", 0)?;
+        for (name, shape) in expected_tensors(spec) {
+            shapes.check_shape(&name, &shape)?;
+        }
+        Ok(())
+    };
+    check().map_err(sizes::in_file(f.path()))
+}
+
+/// Every tensor the decoder loads (`output.weight` where the file has one)
+/// and its row-major shape.
+fn expected_tensors(spec: &DecoderSpec) -> Vec<(String, Vec<usize>)> {
+    let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+    let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+    let mut out = vec![
+        ("token_embd.weight".to_string(), vec![spec.vocab_size, d]),
+        ("output.weight".to_string(), vec![spec.vocab_size, d]),
+        ("output_norm.weight".to_string(), vec![d]),
+    ];
+    for i in 0..spec.n_layers() {
+        let mut t = |s: &str, shape: Vec<usize>| out.push((format!("blk.{i}.{s}"), shape));
+        t("attn_q.weight", vec![nq, d]);
+        t("attn_k.weight", vec![nkv, d]);
+        t("attn_v.weight", vec![nkv, d]);
+        if spec.qkv_bias {
+            t("attn_q.bias", vec![nq]);
+            t("attn_k.bias", vec![nkv]);
+            t("attn_v.bias", vec![nkv]);
+        }
+        t("attn_output.weight", vec![d, nq]);
+        t("ffn_gate.weight", vec![ff, d]);
+        t("ffn_up.weight", vec![ff, d]);
+        t("ffn_down.weight", vec![d, ff]);
+        t("attn_norm.weight", vec![d]);
+        t("ffn_norm.weight", vec![d]);
+        if spec.norm == NormPlacement::Sandwich {
+            t("post_attention_norm.weight", vec![d]);
+            t("post_ffw_norm.weight", vec![d]);
+        }
+        if spec.qk_norm {
+            t("attn_q_norm.weight", vec![hd]);
+            t("attn_k_norm.weight", vec![hd]);
+        }
+    }
+    out
 }
 
 /// The vocabulary size: the tokenizer's, else the embedding's rows.
 pub(crate) fn vocab_size(f: &GgufFile) -> Result<usize> {
     let rows = f
         .tensor_info("token_embd.weight")
-        .map(|t| t.shape().last().copied().unwrap_or(0))
+        .map(|t| t.shape().first().copied().unwrap_or(0))
         .ok_or_else(|| Error::MissingTensor { name: "token_embd.weight".into() })?;
-    Ok(f.meta_opt("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(rows, |t| t.len()))
+    let n = f.meta_opt("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(rows, |t| t.len());
+    sizes::bounded("vocabulary size (token_embd.weight rows, tokenizer.ggml.tokens)", n as u64, sizes::MAX_VOCAB)
+        .map_err(sizes::in_file(f.path()))
 }
 
 #[derive(Debug)]
@@ -276,6 +342,20 @@ impl Decoder {
     /// Loads any supported decoder GGUF, kernels as the file was opened
     /// (`dequantize`: f32 weights; `candle_kernels`: candle's matmul).
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let spec = Self::checked_spec(f)?;
+        let kernels = if f.dequantize {
+            Kernels::Dense
+        } else if f.candle_kernels {
+            Kernels::Candle
+        } else {
+            Kernels::Blocks
+        };
+        Self::load(f, spec, kernels)
+    }
+
+    /// The [`DecoderSpec`] of a decoder GGUF with every size checked
+    /// against the file's tensors ([`check_tensors`]); reads headers only.
+    pub fn checked_spec(f: &GgufFile) -> Result<DecoderSpec> {
         let spec = match f.header.architecture() {
             Some("gemma3") => crate::gemma3::spec(f)?,
             Some("llama") => crate::llama::spec(f)?,
@@ -288,19 +368,15 @@ impl Decoder {
             }
             None => return Err(Error::format(f.path(), "GGUF has no general.architecture")),
         };
-        let kernels = if f.dequantize {
-            Kernels::Dense
-        } else if f.candle_kernels {
-            Kernels::Candle
-        } else {
-            Kernels::Blocks
-        };
-        Self::load(f, spec, kernels)
+        spec.validate()?;
+        check_tensors(f, &spec)?;
+        Ok(spec)
     }
 
     /// Loads the tensors `spec` calls for, for `kernels`.
     pub fn load(f: &GgufFile, spec: DecoderSpec, kernels: Kernels) -> Result<Self> {
         spec.validate()?;
+        check_tensors(f, &spec)?;
         let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
         let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
         let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {

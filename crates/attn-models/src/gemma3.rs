@@ -14,6 +14,7 @@ use attn_nn::{Error, Result, RopeLayout};
 
 use crate::decoder::{layer_count, meta_count, vocab_size, DecoderSpec, GatedActivation, LayerSpec, NormPlacement};
 use crate::gguf::GgufFile;
+use crate::sizes;
 
 /// HF transformers' Gemma 3 default for the sliding-window layers' RoPE
 /// base (the GGUF stores only the global one).
@@ -34,8 +35,8 @@ pub fn spec(f: &GgufFile) -> Result<DecoderSpec> {
         return Err(Error::Unsupported(format!("architecture `{arch}` is not gemma3")));
     }
     let opt_f = |k: &str| f.meta_opt(&format!("{a}.{k}")).and_then(|v| v.as_f64());
-    let head_dim = meta_count(f, a, "attention.key_length", 1 << 12)?;
-    let window = meta_count(f, a, "attention.sliding_window", 1 << 24)?;
+    let head_dim = meta_count(f, a, "attention.key_length", sizes::MAX_HEAD_DIM)?;
+    let window = meta_count(f, a, "attention.sliding_window", sizes::MAX_CONTEXT)?;
     let global_base = f.meta_f64("gemma3.rope.freq_base")?;
     let global_scale = opt_f("rope.scaling.factor").unwrap_or(1.0);
     let layers = (0..layer_count(f, a)?)
@@ -47,14 +48,14 @@ pub fn spec(f: &GgufFile) -> Result<DecoderSpec> {
             }
         })
         .collect();
-    let hidden_size = meta_count(f, a, "embedding_length", 1 << 16)?;
+    let hidden_size = meta_count(f, a, "embedding_length", sizes::MAX_HIDDEN)?;
     let spec = DecoderSpec {
         arch: a.into(),
         vocab_size: vocab_size(f)?,
         hidden_size,
-        intermediate_size: meta_count(f, a, "feed_forward_length", 1 << 18)?,
-        n_heads: meta_count(f, a, "attention.head_count", 1 << 10)?,
-        n_kv_heads: meta_count(f, a, "attention.head_count_kv", 1 << 10)?,
+        intermediate_size: meta_count(f, a, "feed_forward_length", sizes::MAX_FFN)?,
+        n_heads: meta_count(f, a, "attention.head_count", sizes::MAX_HEADS)?,
+        n_kv_heads: meta_count(f, a, "attention.head_count_kv", sizes::MAX_HEADS)?,
         head_dim,
         norm_eps: f.meta_f64("gemma3.attention.layer_norm_rms_epsilon")?,
         norm: NormPlacement::Sandwich,
@@ -68,7 +69,7 @@ pub fn spec(f: &GgufFile) -> Result<DecoderSpec> {
         attn_scale: (head_dim as f64).powf(-0.5),
         attn_softcap: opt_f("attn_logit_softcapping").filter(|&c| c > 0.0),
         final_softcap: opt_f("final_logit_softcapping").filter(|&c| c > 0.0),
-        context_length: meta_count(f, a, "context_length", 1 << 24)?,
+        context_length: meta_count(f, a, "context_length", sizes::MAX_CONTEXT)?,
     };
     spec.validate()?;
     Ok(spec)

@@ -100,12 +100,31 @@ impl GptConfig {
             }
             Ok(())
         };
-        pos("vocab_size", self.vocab_size)?;
-        pos("d_model", self.d_model)?;
-        pos("n_layers", self.n_layers)?;
-        pos("n_heads", self.n_heads)?;
-        pos("d_ff", self.d_ff)?;
-        pos("max_len", self.max_len)?;
+        use crate::sizes::{
+            bounded_field, MAX_CONTEXT, MAX_EXPERTS, MAX_FFN, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_TABLE, MAX_VOCAB,
+        };
+        bounded_field("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        bounded_field("d_model", self.d_model, MAX_HIDDEN)?;
+        bounded_field("n_layers", self.n_layers, MAX_LAYERS)?;
+        bounded_field("n_heads", self.n_heads, MAX_HEADS)?;
+        bounded_field("d_ff", self.d_ff, MAX_FFN)?;
+        bounded_field("max_len", self.max_len, MAX_CONTEXT)?;
+        if let Some(kv) = self.n_kv_heads {
+            bounded_field("n_kv_heads", kv, MAX_HEADS)?;
+        }
+        if let Some(m) = &self.moe {
+            bounded_field("moe.n_experts", m.n_experts, MAX_EXPERTS)?;
+        }
+        // The RoPE tables hold max_len x head size values.
+        if self.max_len.saturating_mul(self.d_model / self.n_heads) > MAX_TABLE {
+            return Err(Error::config(
+                "max_len",
+                format!(
+                    "= {} needs RoPE tables of more than {MAX_TABLE} values at d_model {}",
+                    self.max_len, self.d_model
+                ),
+            ));
+        }
         if self.d_model % self.n_heads != 0 {
             return Err(Error::config(
                 "n_heads",

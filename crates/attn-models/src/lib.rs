@@ -16,6 +16,7 @@ pub mod load;
 pub mod quantize;
 pub mod qwen2;
 pub mod registry;
+pub mod sizes;
 pub mod spm;
 pub mod trained;
 pub mod transformer;

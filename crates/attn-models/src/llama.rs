@@ -11,15 +11,16 @@ use attn_nn::{Result, RopeLayout};
 
 use crate::decoder::{layer_count, meta_count, vocab_size, DecoderSpec, GatedActivation, LayerSpec, NormPlacement};
 use crate::gguf::GgufFile;
+use crate::sizes;
 
 /// The spec of a `{arch}` GGUF built like Llama; `layout` is how its q/k
 /// rows are stored, `qkv_bias` whether q/k/v carry biases (Qwen2).
 pub(crate) fn llama_like(f: &GgufFile, a: &str, layout: RopeLayout, qkv_bias: bool) -> Result<DecoderSpec> {
     let opt_f = |k: &str| f.meta_opt(&format!("{a}.{k}")).and_then(|v| v.as_f64());
-    let hidden_size = meta_count(f, a, "embedding_length", 1 << 16)?;
-    let n_heads = meta_count(f, a, "attention.head_count", 1 << 10)?;
+    let hidden_size = meta_count(f, a, "embedding_length", sizes::MAX_HIDDEN)?;
+    let n_heads = meta_count(f, a, "attention.head_count", sizes::MAX_HEADS)?;
     let head_dim = match f.meta_opt(&format!("{a}.attention.key_length")) {
-        Some(_) => meta_count(f, a, "attention.key_length", 1 << 12)?,
+        Some(_) => meta_count(f, a, "attention.key_length", sizes::MAX_HEAD_DIM)?,
         None => hidden_size / n_heads,
     };
     let rope_base = opt_f("rope.freq_base").unwrap_or(10_000.0);
@@ -36,10 +37,10 @@ pub(crate) fn llama_like(f: &GgufFile, a: &str, layout: RopeLayout, qkv_bias: bo
         arch: a.into(),
         vocab_size: vocab_size(f)?,
         hidden_size,
-        intermediate_size: meta_count(f, a, "feed_forward_length", 1 << 18)?,
+        intermediate_size: meta_count(f, a, "feed_forward_length", sizes::MAX_FFN)?,
         n_heads,
         n_kv_heads: match f.meta_opt(&format!("{a}.attention.head_count_kv")) {
-            Some(_) => meta_count(f, a, "attention.head_count_kv", 1 << 10)?,
+            Some(_) => meta_count(f, a, "attention.head_count_kv", sizes::MAX_HEADS)?,
             None => n_heads,
         },
         head_dim,
@@ -54,7 +55,7 @@ pub(crate) fn llama_like(f: &GgufFile, a: &str, layout: RopeLayout, qkv_bias: bo
         attn_scale: (head_dim as f64).powf(-0.5),
         attn_softcap: None,
         final_softcap: None,
-        context_length: meta_count(f, a, "context_length", 1 << 24)?,
+        context_length: meta_count(f, a, "context_length", sizes::MAX_CONTEXT)?,
     };
     spec.validate()?;
     Ok(spec)

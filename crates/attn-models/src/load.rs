@@ -176,6 +176,49 @@ pub fn candle_kernels_requested() -> Result<bool> {
     }
 }
 
+/// Checks every size the model at `path` declares (GGUF metadata,
+/// `config.json`) against sane limits and against the tensors the file
+/// holds, reading headers only: the checks [`load_model`] runs before it
+/// allocates anything, with the same errors (`attn info` runs them).
+/// Files of architectures attn does not run, and bare safetensors files,
+/// have nothing to check.
+pub fn check_model(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        if let Some(dir) = trained::exported_dir(path) {
+            return trained::check_folder(&dir, &trained::read_kind(&dir)?);
+        }
+        let cfg = path.join("config.json");
+        if !cfg.is_file() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&cfg, format!("invalid JSON: {e}")))?;
+        if v.get("model_type").and_then(|m| m.as_str()) == Some("bert") {
+            let bert: crate::bert::BertConfig =
+                serde_json::from_value(v).map_err(|e| Error::format(&cfg, format!("invalid BERT config: {e}")))?;
+            crate::bert::check_hf_folder(&bert, &cfg, &crate::inspect::safetensors_files(path)?)?;
+        }
+        return Ok(());
+    }
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+        if n < 4 || &magic != b"GGUF" {
+            return Ok(());
+        }
+    }
+    let f = GgufFile::open(path)?;
+    match f.header.architecture() {
+        Some(arch) if ARCHITECTURES.contains(&arch) => Decoder::checked_spec(&f).map(|_| ()),
+        Some("bert") => crate::bert::bert_config_from_gguf(&f).map(|_| ()),
+        Some(other) if other.starts_with("attn-") => trained::check_gguf(&f).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// Loads a GGUF file or an HF-style folder (kernels as `ATTN_KERNELS` says).
 pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
     load_model_with(path, device, candle_kernels_requested()?)
@@ -212,6 +255,9 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             if !device.is_cpu() {
                 return Err(Error::Unsupported(format!("{arch} models run on the CPU only")));
             }
+            // Every size checked against the tensors before the tokenizer
+            // or the model allocates anything.
+            Decoder::checked_spec(&f)?;
             let tokenizer = ModelTokenizer::from_gguf(&f)?;
             let model = CausalModel::Decoder(Decoder::from_gguf(&f)?);
             let piece = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i)).unwrap_or_default();

@@ -522,6 +522,14 @@ fn bert_gguf_name(hf: &str) -> BertName {
     BertName::Unknown
 }
 
+/// llama.cpp's name of the HF BERT parameter `hf`, if it has one.
+pub fn bert_gguf_tensor_name(hf: &str) -> Option<String> {
+    match bert_gguf_name(hf) {
+        BertName::Tensor(n) => Some(n),
+        _ => None,
+    }
+}
+
 /// The model's parameter names (as [`crate::bert::Bert::load`] asks for
 /// them) -> llama.cpp's tensor names, for loading a BERT GGUF.
 pub fn bert_rename_map(n_layers: usize) -> HashMap<String, String> {

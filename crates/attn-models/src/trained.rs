@@ -17,6 +17,7 @@ use crate::bert::{BertClassifier, BertConfig};
 use crate::gguf::{GgufFile, GgufSource};
 use crate::gpt::{Gpt, GptConfig};
 use crate::hf_tokenizer::HfTokenizer;
+use crate::sizes::{self, TensorShapes};
 use crate::transformer::{Transformer, TransformerConfig};
 
 /// Ids every tokenizer attn trains gives its special tokens.
@@ -60,6 +61,54 @@ impl ModelKind {
     }
 }
 
+impl ModelKind {
+    /// Checks the config (sizes within [`sizes`]' limits) and its sizes
+    /// against the tensors a file holds, before anything is allocated
+    /// from them; errors name the config field and its value.
+    pub fn check_tensors(&self, shapes: &TensorShapes) -> std::result::Result<(), String> {
+        let check = |r: std::result::Result<(), String>| r;
+        match self {
+            ModelKind::Gpt(c) => {
+                c.validate().map_err(|e| e.to_string())?;
+                check(shapes.check_layers("n_layers", c.n_layers, "layers."))?;
+                check(shapes.check_dim("vocab_size", c.vocab_size, "embed.weight", 0))?;
+                check(shapes.check_dim("d_model", c.d_model, "embed.weight", 1))?;
+                if let Some(m) = &c.moe {
+                    let experts = shapes.groups("layers.0.moe.experts.").len();
+                    if experts != m.n_experts {
+                        return Err(format!(
+                            "`moe.n_experts` = {}, but layer 0 of the file holds {experts} experts",
+                            m.n_experts
+                        ));
+                    }
+                }
+                if let Some(i) = (0..c.n_layers).find(|&i| !c.is_moe_layer(i)) {
+                    check(shapes.check_dim("d_ff", c.d_ff, &format!("layers.{i}.ffn.up_proj.weight"), 0))?;
+                }
+            }
+            ModelKind::Transformer(c) => {
+                c.validate().map_err(|e| e.to_string())?;
+                let t = "transformer.";
+                check(shapes.check_layers("n_encoder_layers", c.n_encoder_layers, &format!("{t}encoder.layers.")))?;
+                check(shapes.check_layers("n_decoder_layers", c.n_decoder_layers, &format!("{t}decoder.layers.")))?;
+                check(shapes.check_dim("src_vocab_size", c.src_vocab_size, "src_embed.weight", 0))?;
+                check(shapes.check_dim("d_model", c.d_model, "src_embed.weight", 1))?;
+                if !c.share_embeddings {
+                    check(shapes.check_dim("tgt_vocab_size", c.tgt_vocab_size, "tgt_embed.weight", 0))?;
+                }
+                check(shapes.check_dim("d_ff", c.d_ff, &format!("{t}encoder.layers.0.linear1.weight"), 0))?;
+            }
+            ModelKind::Classifier { bert, num_labels, .. } => {
+                bert.validate().map_err(|e| e.to_string())?;
+                sizes::bounded_field("num_labels", *num_labels, sizes::MAX_VOCAB).map_err(|e| e.to_string())?;
+                check(bert.check_hf_tensors(shapes))?;
+                check(shapes.check_dim("num_labels", *num_labels, "classifier.weight", 0))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A built attn-trained model.
 #[derive(Clone)]
 pub enum Net {
@@ -99,9 +148,26 @@ pub fn read_kind(model_dir: &Path) -> Result<ModelKind> {
     ModelKind::from_json(&v, &cj_path)
 }
 
+/// Checks an exported folder's config against its `model.safetensors`
+/// (headers only); errors name `config.json`.
+pub fn check_folder(model_dir: &Path, kind: &ModelKind) -> Result<()> {
+    let shapes = TensorShapes::from_safetensors(&[model_dir.join("model.safetensors")])?;
+    kind.check_tensors(&shapes).map_err(sizes::in_file(&model_dir.join("config.json")))
+}
+
+/// Checks the config stored in a GGUF written by `attn quantize` against
+/// the file's tensors (headers only).
+pub fn check_gguf(f: &GgufFile) -> Result<ModelKind> {
+    let (cfg, _) = crate::quantize::attn_model_parts(f)?;
+    let kind = ModelKind::from_json(&cfg, f.path())?;
+    kind.check_tensors(&TensorShapes::from_gguf(&f.header)).map_err(sizes::in_file(f.path()))?;
+    Ok(kind)
+}
+
 /// Builds an exported model from its folder (float32 weights).
 pub fn load_net(model_dir: &Path, kind: &ModelKind, device: &Device) -> Result<Net> {
     let files = [model_dir.join("model.safetensors")];
+    check_folder(model_dir, kind)?;
     let w = Weights::from_safetensors(&files, DType::F32, device)?;
     Net::build(kind, &w)
 }
@@ -118,8 +184,8 @@ pub fn load_folder(path: &Path, device: &Device) -> Result<(Net, HfTokenizer)> {
 /// The same from a GGUF written by `attn quantize`.
 pub fn load_gguf(f: Arc<GgufFile>, device: &Device) -> Result<(Net, HfTokenizer)> {
     let path = f.path().to_path_buf();
-    let (cfg, tok) = crate::quantize::attn_model_parts(&f)?;
-    let kind = ModelKind::from_json(&cfg, &path)?;
+    let kind = check_gguf(&f)?;
+    let (_, tok) = crate::quantize::attn_model_parts(&f)?;
     let source = GgufSource::new(f, Default::default());
     let w = Weights::new(Arc::new(source), DType::F32, device);
     Ok((Net::build(&kind, &w)?, HfTokenizer::from_json(&tok, None, &path)?))

@@ -118,20 +118,31 @@ impl TransformerConfig {
 
     /// Checks every field and their consistency; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("src_vocab_size", self.src_vocab_size),
-            ("tgt_vocab_size", self.tgt_vocab_size),
-            ("d_model", self.d_model),
-            ("n_heads", self.n_heads),
-            ("n_encoder_layers", self.n_encoder_layers),
-            ("n_decoder_layers", self.n_decoder_layers),
-            ("d_ff", self.d_ff),
-            ("max_len", self.max_len),
+        use crate::sizes::{
+            bounded_field, MAX_CONTEXT, MAX_FFN, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_TABLE, MAX_VOCAB,
+        };
+        let bounded = [
+            ("src_vocab_size", self.src_vocab_size, MAX_VOCAB),
+            ("tgt_vocab_size", self.tgt_vocab_size, MAX_VOCAB),
+            ("d_model", self.d_model, MAX_HIDDEN),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("n_encoder_layers", self.n_encoder_layers, MAX_LAYERS),
+            ("n_decoder_layers", self.n_decoder_layers, MAX_LAYERS),
+            ("d_ff", self.d_ff, MAX_FFN),
+            ("max_len", self.max_len, MAX_CONTEXT),
         ];
-        for (field, v) in positive {
-            if v == 0 {
-                return Err(Error::config(field, "must be at least 1"));
-            }
+        for (field, v, max) in bounded {
+            bounded_field(field, v, max)?;
+        }
+        // The sinusoidal table holds max_len x d_model values.
+        if self.max_len.saturating_mul(self.d_model) > MAX_TABLE {
+            return Err(Error::config(
+                "max_len",
+                format!(
+                    "= {} needs a position table of more than {MAX_TABLE} values at d_model {}",
+                    self.max_len, self.d_model
+                ),
+            ));
         }
         if self.d_model % self.n_heads != 0 {
             return Err(Error::config(

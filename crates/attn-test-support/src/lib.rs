@@ -3,7 +3,8 @@
 //! comparing numbers ([`diff`]), plain nested-loop reference maths for the
 //! nn blocks ([`reference`]), doubles that fail or block on purpose
 //! ([`doubles`]), a toy language model and a byte-level
-//! tokenizer ([`toy`]), a tiny random GPT ([`gpt`]) and the real models of
+//! tokenizer ([`toy`]), a tiny random GPT ([`gpt`]), a tiny Gemma 3 GGUF
+//! ([`tiny_gguf`]) and the real models of
 //! the registry, pulled once into the model cache ([`real`]).
 //!
 //! A dev-dependency only. It depends on `attn-nn` and `attn-models` (never
@@ -19,6 +20,7 @@ pub mod gpt;
 pub mod json;
 pub mod real;
 pub mod reference;
+pub mod tiny_gguf;
 pub mod toy;
 
 pub use diff::{assert_close, assert_tensor_close, cosine, max_abs_diff, rel_rms, tensor_max_abs_diff, to_vec};

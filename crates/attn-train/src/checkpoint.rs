@@ -4,9 +4,16 @@
 //! master weights), `optimizer.safetensors` (AdamW moments) and
 //! `checkpoint.json` (step, schedule position, data cursor, RNG, loss scale,
 //! early-stopping state, the model config, parameter shapes and the sha256
-//! of both tensor files). It is written under a temporary name and renamed
+//! of both tensor files), and `checkpoint.json.sha256`, the sha256 of the
+//! manifest's own bytes. It is written under a temporary name and renamed
 //! into place, so a crash at any moment leaves either the complete
-//! checkpoint or none; loading verifies the checksums.
+//! checkpoint or none; loading verifies every checksum before it changes
+//! anything. Resuming walks the checkpoints from newest to oldest and takes
+//! the newest one that verifies ([`load_newest`]).
+//!
+//! Manifests of format 1 (before the manifest checksum) still load, their
+//! tensor files verified as before and their own fields unverified, with a
+//! warning.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -73,7 +80,15 @@ struct Manifest {
     files: BTreeMap<String, String>,
 }
 
-const FORMAT: u32 = 1;
+/// Format 2 adds `checkpoint.json.sha256`; format 1 manifests still load.
+const FORMAT: u32 = 2;
+const OLDEST_FORMAT: u32 = 1;
+const MANIFEST: &str = "checkpoint.json";
+const MANIFEST_SUM: &str = "checkpoint.json.sha256";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
 
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -167,10 +182,15 @@ pub fn save(
         params: params.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect(),
         files,
     };
-    let mp = tmp.join("checkpoint.json");
+    let mp = tmp.join(MANIFEST);
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::format(&mp, e.to_string()))?;
-    fs::write(&mp, text).map_err(|e| Error::io(&mp, e))?;
+    fs::write(&mp, &text).map_err(|e| Error::io(&mp, e))?;
     sync(&mp)?;
+    // The manifest's own checksum, over its exact bytes (re-serialising
+    // parsed floats is not guaranteed to give the same text back).
+    let sp = tmp.join(MANIFEST_SUM);
+    fs::write(&sp, format!("{}\n", sha256_hex(text.as_bytes()))).map_err(|e| Error::io(&sp, e))?;
+    sync(&sp)?;
     let final_dir = dir.join(&name);
     if final_dir.exists() {
         // A checkpoint of this step from before a crash: replace it.
@@ -192,17 +212,53 @@ pub struct Loaded {
     pub state: TrainState,
     pub path: PathBuf,
     pub optimizer: HashMap<String, Tensor>,
+    /// Why parts of it could not be verified (an old manifest format).
+    pub warnings: Vec<String>,
 }
 
 /// Loads the checkpoint at `path` into `params` after checking that it
-/// belongs to this model and that its files are intact.
+/// belongs to this model and that its manifest and files are intact.
+/// Nothing is changed unless every check passes.
 pub fn load(path: &Path, model: &serde_json::Value, params: &[(String, Var)]) -> Result<Loaded> {
-    let mp = path.join("checkpoint.json");
-    let text = fs::read_to_string(&mp).map_err(|e| Error::io(&mp, e))?;
+    let mp = path.join(MANIFEST);
+    if !path.is_dir() {
+        return Err(Error::format(path, "not a checkpoint folder"));
+    }
+    if !mp.exists() {
+        return Err(Error::format(path, format!("incomplete checkpoint: no {MANIFEST}")));
+    }
+    let bytes = fs::read(&mp).map_err(|e| Error::io(&mp, e))?;
     let m: Manifest =
-        serde_json::from_str(&text).map_err(|e| Error::format(&mp, format!("corrupt checkpoint: {e}")))?;
-    if m.format != FORMAT {
-        return Err(Error::format(&mp, format!("checkpoint format {} (this attn reads {FORMAT})", m.format)));
+        serde_json::from_slice(&bytes).map_err(|e| Error::format(&mp, format!("corrupt checkpoint: {e}")))?;
+    let mut warnings = Vec::new();
+    match m.format {
+        FORMAT => {
+            let sp = path.join(MANIFEST_SUM);
+            let recorded = match fs::read_to_string(&sp) {
+                Ok(t) => t.trim().to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::format(path, format!("incomplete checkpoint: no {MANIFEST_SUM}")))
+                }
+                Err(e) => return Err(Error::io(&sp, e)),
+            };
+            let got = sha256_hex(&bytes);
+            if got != recorded {
+                return Err(Error::format(
+                    &mp,
+                    format!("corrupt checkpoint manifest: sha256 {got}, recorded {recorded} in {MANIFEST_SUM}"),
+                ));
+            }
+        }
+        OLDEST_FORMAT => warnings.push(format!(
+            "{}: checkpoint format {OLDEST_FORMAT} has no manifest checksum; its fields are not verified",
+            mp.display()
+        )),
+        other => {
+            return Err(Error::format(
+                &mp,
+                format!("checkpoint format {other} (this attn reads {OLDEST_FORMAT} and {FORMAT})"),
+            ))
+        }
     }
     if &m.model != model {
         return Err(Error::format(
@@ -214,8 +270,16 @@ pub fn load(path: &Path, model: &serde_json::Value, params: &[(String, Var)]) ->
     if m.params != want {
         return Err(Error::format(&mp, "checkpoint of a different model: parameter names or shapes differ"));
     }
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        if !m.files.contains_key(file) {
+            return Err(Error::format(&mp, format!("corrupt checkpoint manifest: no checksum for {file}")));
+        }
+    }
     for (file, sum) in &m.files {
         let p = path.join(file);
+        if !p.exists() {
+            return Err(Error::format(path, format!("incomplete checkpoint: no {file}")));
+        }
         let got = sha256_file(&p)?;
         if &got != sum {
             return Err(Error::format(&p, format!("corrupt checkpoint file: sha256 {got}, recorded {sum}")));
@@ -224,12 +288,48 @@ pub fn load(path: &Path, model: &serde_json::Value, params: &[(String, Var)]) ->
     let mp = path.join("model.safetensors");
     let weights =
         candle_core::safetensors::load(&mp, &Device::Cpu).map_err(|e| Error::format(&mp, format!("corrupt: {e}")))?;
-    for (name, var) in params {
-        let t = weights.get(name).ok_or_else(|| Error::MissingTensor { name: name.clone() })?;
-        var.set(t)?;
-    }
     let op = path.join("optimizer.safetensors");
     let optimizer =
         candle_core::safetensors::load(&op, &Device::Cpu).map_err(|e| Error::format(&op, format!("corrupt: {e}")))?;
-    Ok(Loaded { state: m.state, path: path.to_path_buf(), optimizer })
+    let mut values = Vec::with_capacity(params.len());
+    for (name, var) in params {
+        let t = weights.get(name).ok_or_else(|| Error::format(&mp, format!("missing tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::format(
+                &mp,
+                format!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), var.dims()),
+            ));
+        }
+        values.push((var, t));
+    }
+    for (var, t) in values {
+        var.set(t)?;
+    }
+    Ok(Loaded { state: m.state, path: path.to_path_buf(), optimizer, warnings })
+}
+
+/// Loads the newest checkpoint under `dir` that verifies ([`load`]),
+/// walking from newest to oldest. Each one skipped is reported through
+/// `warn`, naming it and why; none valid is an error listing them all.
+pub fn load_newest(
+    dir: &Path,
+    model: &serde_json::Value,
+    params: &[(String, Var)],
+    mut warn: impl FnMut(String),
+) -> Result<Loaded> {
+    let all = list(dir)?;
+    if all.is_empty() {
+        return Err(Error::format(dir, "no checkpoint to resume from"));
+    }
+    let mut skipped = Vec::new();
+    for (_, path) in all.iter().rev() {
+        match load(path, model, params) {
+            Ok(loaded) => return Ok(loaded),
+            Err(e) => {
+                warn(format!("warning: skipping checkpoint {}: {e}", path.display()));
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    Err(Error::format(dir, format!("no valid checkpoint to resume from ({} tried: {})", all.len(), skipped.join("; "))))
 }

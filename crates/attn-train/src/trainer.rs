@@ -308,9 +308,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut state = TrainState::new(cfg.seed);
     let mut last_ckpt: Option<PathBuf> = None;
     if opts.resume {
-        let all = checkpoint::list(&ckpt_dir)?;
-        let (_, path) = all.last().ok_or_else(|| Error::format(&ckpt_dir, "no checkpoint to resume from"))?;
-        let loaded = checkpoint::load(path, &model_json, &params)?;
+        // The newest checkpoint that verifies: a stray or damaged newer
+        // one is skipped with a warning naming it and why.
+        let loaded = checkpoint::load_newest(&ckpt_dir, &model_json, &params, |w| eprintln!("{w}"))?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
         opt.load_state(&loaded.optimizer, loaded.state.adam_t)?;
         state = loaded.state;
         last_ckpt = Some(loaded.path);
