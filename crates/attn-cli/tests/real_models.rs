@@ -130,7 +130,7 @@ fn broken_model_files_are_clear_errors() {
     one_line_error(&attn(&["generate", "hi", "-m", truncated.to_str().unwrap()]), "truncated");
 
     // An architecture attn does not run, and a supported one with no tokenizer or tensors.
-    for (arch, expected) in [("mamba", "architecture `mamba`"), ("llama", "tokenizer.ggml.model")] {
+    for (arch, expected) in [("mamba", "architecture `mamba`"), ("llama", "`llama.embedding_length` is missing")] {
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("general.architecture".to_string(), attn_models::gguf::Value::String(arch.into()));
         let other = temp(&format!("{arch}.gguf"));

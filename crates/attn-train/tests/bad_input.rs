@@ -87,20 +87,10 @@ fn checkpoints_are_verified_and_never_overwritten() {
     let cfg =
         ci_config("shakespeare-tiny", &dir, &[("max_steps", "12"), ("eval_every", "6"), ("checkpoint_every", "6")]);
     let run = dir.join("run");
-    start(&cfg, &run).unwrap();
+    let first = start(&cfg, &run).unwrap();
     // A second fresh run into the same directory is refused.
     let e = start(&cfg, &run).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
-
-    // Corrupt the latest checkpoint's weights: resume names the file.
-    let latest = run.join("checkpoints/step-00000012");
-    let w = latest.join("model.safetensors");
-    let mut bytes = std::fs::read(&w).unwrap();
-    let n = bytes.len();
-    bytes[n - 3] ^= 0x55;
-    std::fs::write(&w, &bytes).unwrap();
-    let e = resume(&run).unwrap_err().to_string();
-    assert!(e.contains("corrupt") && e.contains("model.safetensors"), "{e}");
 
     // A checkpoint of a different model: the run's config now builds a wider model.
     let run2 = dir.join("run2");
@@ -111,11 +101,30 @@ fn checkpoints_are_verified_and_never_overwritten() {
     let src = run.join("checkpoints/step-00000006");
     let dst = run2.join("checkpoints/step-00000006");
     std::fs::create_dir_all(&dst).unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors", "checkpoint.json"] {
+    for f in ["model.safetensors", "optimizer.safetensors", "checkpoint.json", "checkpoint.json.sha256"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     let e = resume(&run2).unwrap_err().to_string();
     assert!(e.contains("different model"), "{e}");
+
+    // Corrupt the latest checkpoint's weights: resume skips it (with a
+    // warning naming the file) and goes on from the one before, to the same end.
+    let corrupt = |step: &str| {
+        let w = run.join(format!("checkpoints/step-{step}/model.safetensors"));
+        let mut bytes = std::fs::read(&w).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x55;
+        std::fs::write(&w, &bytes).unwrap();
+    };
+    corrupt("00000012");
+    let again = resume(&run).unwrap();
+    assert_eq!(again.steps, 12);
+    assert_eq!(again.valid.as_ref().unwrap().loss, first.valid.as_ref().unwrap().loss);
+    // With every checkpoint corrupt, resume fails and names the file.
+    corrupt("00000006");
+    corrupt("00000012");
+    let e = resume(&run).unwrap_err().to_string();
+    assert!(e.contains("corrupt") && e.contains("model.safetensors"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }
 
