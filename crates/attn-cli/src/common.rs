@@ -22,7 +22,7 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let t = match threads {
         Some(0) => anyhow::bail!("--threads must be at least 1"),
         Some(t) => t,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => default_threads(),
     };
     // Read by rayon (float matmul) and candle's barrier pool when they start.
     std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -47,10 +47,20 @@ pub fn set_training_threads(threads: Option<usize>) -> anyhow::Result<()> {
 }
 
 pub fn threads_in_use() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(default_threads)
+}
+
+static DEFAULT_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The thread count when `--threads` is absent: the CPUs this process may
+/// run on, divided among the MPI ranks of its node when they share them
+/// ([`attn_dist::World::default_threads`]).
+pub fn set_default_threads(n: usize) {
+    let _ = DEFAULT_THREADS.set(n.max(1));
+}
+
+fn default_threads() -> usize {
+    DEFAULT_THREADS.get().copied().unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// Resolves (pulling known names on first use) and loads a model.

@@ -55,7 +55,20 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, world: &attn_dist::World) -> anyhow::Result<()> {
+    if world.size() > 1 {
+        // Only the commands that split their work over ranks run under
+        // mpirun; the others would do the whole job once per rank.
+        match &cli.command {
+            Command::Train(_) => {}
+            _ => anyhow::bail!(
+                "this command does not run as several MPI ranks (this is rank {} of {}): \
+                 under mpirun/srun, run `attn train` (data-parallel)",
+                world.rank(),
+                world.size()
+            ),
+        }
+    }
     match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Generate(a) => generate::run(&a),
@@ -66,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(&a),
         Command::Serve(a) => serve::run(&a),
         Command::BenchServe(a) => serve::bench(&a),
-        Command::Train(a) => train::run(&a),
+        Command::Train(a) => train::run(&a, world),
         Command::Eval(a) => train::eval(&a),
         Command::Plot(a) => train::plot(&a),
         Command::Pull(a) => pull::run(&a),
@@ -92,8 +105,23 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    match run(cli) {
+    // MPI starts here when an MPI launcher started attn (and this build has
+    // the `mpi` feature); otherwise a single process.
+    let world = match attn_dist::init() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    common::set_default_threads(world.default_threads());
+    match run(cli, &world) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if world.size() > 1 => {
+            // The other ranks may be waiting in a collective: end the job.
+            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.size());
+            world.comm.abort(1)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

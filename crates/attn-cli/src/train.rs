@@ -20,7 +20,8 @@ pub struct TrainArgs {
     /// Continue the run in this directory from its latest checkpoint
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
     pub resume: Option<PathBuf>,
-    /// Worker threads (default: all available CPUs)
+    /// Worker threads (default: all available CPUs; under mpirun, the CPUs
+    /// of this rank's node shared among its ranks)
     #[arg(short, long)]
     pub threads: Option<usize>,
     /// Print the summary as JSON
@@ -28,7 +29,7 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+pub fn run(a: &TrainArgs, world: &attn_dist::World) -> anyhow::Result<()> {
     set_training_threads(a.threads)?;
     let (run_dir, resume) = match (&a.resume, &a.out, &a.config) {
         (Some(r), _, _) => (r.clone(), true),
@@ -39,8 +40,16 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         }
         (None, None, None) => anyhow::bail!("give a config file, or --resume RUN_DIR"),
     };
-    let s =
-        train(&TrainOptions { config: a.config.clone(), run_dir, resume, progress: std::io::stderr().is_terminal() })?;
+    let s = train(&TrainOptions {
+        config: a.config.clone(),
+        run_dir,
+        resume,
+        progress: std::io::stderr().is_terminal(),
+        comm: world.comm.clone(),
+    })?;
+    if world.rank() != 0 {
+        return Ok(());
+    }
     if a.json {
         let v = serde_json::json!({
             "run_dir": s.run_dir, "steps": s.steps, "stopped": s.stopped, "elapsed_s": s.elapsed_s,

@@ -49,6 +49,14 @@ pub struct TrainState {
     /// (seed, step, micro-batch), and the data order by (seed, epoch), so
     /// the seed and the step/cursor above are the complete RNG state.
     pub seed: u64,
+    /// Data-parallel shards per micro-batch (`train.shards`): part of the
+    /// numerical recipe, kept so that a resumed run sums the same way.
+    #[serde(default = "one")]
+    pub shards: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainState {
@@ -65,6 +73,7 @@ impl TrainState {
             evals_without_improvement: 0,
             adam_t: 0,
             seed,
+            shards: 1,
         }
     }
 }

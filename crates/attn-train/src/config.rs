@@ -213,6 +213,14 @@ pub struct TrainerConfig {
     pub max_minutes: Option<f64>,
     #[serde(default = "d_accumulate")]
     pub accumulate: usize,
+    /// Data parallelism: each micro-batch's rows are split into this many
+    /// contiguous shards, each shard's gradients are computed on their own
+    /// and the shards' sums are added in shard order. N ranks
+    /// (`mpirun -np N attn train`) each compute one shard; one process
+    /// computes all of them in turn and gets the same bits. Absent = the
+    /// number of ranks of a new run, or the run's own count on resume.
+    #[serde(default)]
+    pub shards: Option<usize>,
     pub lr: f64,
     #[serde(default = "d_schedule")]
     pub schedule: Schedule,
@@ -511,6 +519,9 @@ impl TrainConfig {
         }
         pos("train.max_steps", t.max_steps)?;
         pos("train.accumulate", t.accumulate)?;
+        if let Some(n) = t.shards {
+            pos("train.shards", n)?;
+        }
         pos("train.eval_every", t.eval_every)?;
         pos("train.checkpoint_every", t.checkpoint_every)?;
         pos("train.keep_checkpoints", t.keep_checkpoints)?;

@@ -26,6 +26,10 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Show a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// The process group: [`attn_dist::single`], or the ranks of a
+    /// data-parallel job (`mpirun -np N attn train`), which each compute
+    /// their shard of every micro-batch; rank 0 alone writes files.
+    pub comm: attn_dist::Comm,
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +48,10 @@ struct RunInfo {
     config_dir: PathBuf,
 }
 
-fn say(pb: &ProgressBar, msg: String) {
+fn say(pb: &ProgressBar, lead: bool, msg: String) {
+    if !lead {
+        return;
+    }
     if pb.is_hidden() {
         eprintln!("{msg}");
     } else {
@@ -148,11 +155,31 @@ pub fn accumulate_gradients(
     loss_scale: f64,
     units: &[u32],
 ) -> Result<StepResult> {
+    accumulate_shard(model, batches, (0, 1), cfg, step, loss_scale, units)
+}
+
+/// [`accumulate_gradients`] for shard `shard.0` of `shard.1` of every
+/// micro-batch ([`Batch::shard`]): the gradients of this shard's rows, each
+/// micro-batch's loss still divided by the whole step's target count, so
+/// that the shards' results add up to the step's gradients. Dropout draws
+/// are seeded per (step, micro-batch, shard).
+pub fn accumulate_shard(
+    model: &Model,
+    global: &[Batch],
+    shard: (usize, usize),
+    cfg: &TrainConfig,
+    step: usize,
+    loss_scale: f64,
+    units: &[u32],
+) -> Result<StepResult> {
     let params = model.store.vars();
-    let total: usize = batches.iter().map(count_targets).sum();
+    let total: usize = global.iter().map(count_targets).sum();
     if total == 0 {
         return Err(Error::input("train", "a step without targets"));
     }
+    let (index, count) = shard;
+    let batches: Vec<(usize, Batch)> =
+        global.iter().enumerate().filter_map(|(i, b)| b.shard(index, count).map(|s| (i, s))).collect();
     let net = model.net()?;
     let aux_coef = match &model.kind {
         ModelKind::Gpt(c) => c.moe.as_ref().map_or(0.0, |m| m.aux_loss_coef),
@@ -160,8 +187,13 @@ pub fn accumulate_gradients(
     };
     let mut grads: Vec<Vec<f32>> = params.iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect();
     let (mut nll_sum, mut targets, mut tokens, mut aux_sum, mut util) = (0.0, 0, 0, None::<f64>, Vec::new());
-    for (i, b) in batches.iter().enumerate() {
-        attn_nn::rng::seed(attn_nn::rng::derive(&[cfg.seed, step as u64, i as u64]));
+    for (i, b) in &batches {
+        let seed = if count == 1 {
+            attn_nn::rng::derive(&[cfg.seed, step as u64, *i as u64])
+        } else {
+            attn_nn::rng::derive(&[cfg.seed, step as u64, *i as u64, index as u64])
+        };
+        attn_nn::rng::seed(seed);
         let l = batch_loss(&net, b, &model.device, true, cfg.train.label_smoothing, units)?;
         let share = l.targets as f64 / total as f64;
         let mut loss = (l.loss_sum / total as f64)?;
@@ -200,6 +232,109 @@ pub fn accumulate_gradients(
         }
     }
     Ok(StepResult { grads, nll_sum, targets, tokens, aux: aux_sum, expert_util: util })
+}
+
+/// One optimiser step's gradients over `shards` data-parallel shards: this
+/// process computes its shards (all of them alone, its own under MPI), and
+/// the shards' sums are added in shard order, across ranks by
+/// [`Collective::all_reduce_sum`](attn_dist::Collective::all_reduce_sum)
+/// over flat buckets. Every rank ends with the same bits, equal to what
+/// one process computing every shard gets.
+pub fn data_parallel_gradients(
+    comm: &dyn attn_dist::Collective,
+    model: &Model,
+    batches: &[Batch],
+    shards: usize,
+    cfg: &TrainConfig,
+    step: usize,
+    loss_scale: f64,
+    units: &[u32],
+) -> Result<StepResult> {
+    let mine: Vec<usize> = if comm.size() == 1 { (0..shards).collect() } else { vec![comm.rank()] };
+    let mut acc: Option<StepResult> = None;
+    for s in mine {
+        let r = on_pool(|| accumulate_shard(model, batches, (s, shards), cfg, step, loss_scale, units))?;
+        acc = Some(match acc {
+            None => r,
+            Some(mut a) => {
+                for (x, y) in a.grads.iter_mut().zip(&r.grads) {
+                    for (p, q) in x.iter_mut().zip(y) {
+                        *p += q;
+                    }
+                }
+                a.nll_sum += r.nll_sum;
+                a.targets += r.targets;
+                a.tokens += r.tokens;
+                a.aux = match (a.aux, r.aux) {
+                    (Some(p), Some(q)) => Some(p + q),
+                    (p, q) => p.or(q),
+                };
+                if !r.expert_util.is_empty() {
+                    a.expert_util = r.expert_util;
+                }
+                a
+            }
+        });
+    }
+    let mut r = acc.ok_or_else(|| Error::input("train", "no data-parallel shards"))?;
+    if comm.size() > 1 {
+        all_reduce_buckets(comm, &mut r.grads);
+        let mut stats =
+            [r.nll_sum, r.targets as f64, r.tokens as f64, r.aux.unwrap_or(0.0), f64::from(u8::from(r.aux.is_some()))];
+        comm.all_reduce_sum_f64(&mut stats);
+        r.nll_sum = stats[0];
+        r.targets = stats[1] as usize;
+        r.tokens = stats[2] as usize;
+        r.aux = (stats[4] > 0.0).then_some(stats[3]);
+    }
+    Ok(r)
+}
+
+/// Sums every parameter's gradient over the ranks, small tensors packed
+/// into buckets of up to 4M values (16 MB) so that a model of many small
+/// tensors costs a few large messages, not one per tensor.
+fn all_reduce_buckets(comm: &dyn attn_dist::Collective, grads: &mut [Vec<f32>]) {
+    const BUCKET: usize = 1 << 22;
+    let mut buf: Vec<f32> = Vec::new();
+    let mut members: Vec<usize> = Vec::new();
+    let flush = |buf: &mut Vec<f32>, members: &mut Vec<usize>, grads: &mut [Vec<f32>]| {
+        if members.is_empty() {
+            return;
+        }
+        comm.all_reduce_sum(buf);
+        let mut at = 0;
+        for &i in members.iter() {
+            let n = grads[i].len();
+            grads[i].copy_from_slice(&buf[at..at + n]);
+            at += n;
+        }
+        buf.clear();
+        members.clear();
+    };
+    for i in 0..grads.len() {
+        if grads[i].len() >= BUCKET {
+            comm.all_reduce_sum(&mut grads[i]);
+            continue;
+        }
+        if buf.len() + grads[i].len() > BUCKET {
+            flush(&mut buf, &mut members, grads);
+        }
+        buf.extend_from_slice(&grads[i]);
+        members.push(i);
+    }
+    flush(&mut buf, &mut members, grads);
+}
+
+/// Rank 0's training state to every rank (after an evaluation, which rank
+/// 0 alone runs: its best-metric and early-stopping counts decide for all).
+fn sync_state(comm: &dyn attn_dist::Collective, state: &mut TrainState) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes = if comm.rank() == 0 { serde_json::to_vec(state).unwrap_or_default() } else { Vec::new() };
+    comm.broadcast(&mut bytes, 0);
+    *state = serde_json::from_slice(&bytes).map_err(|e| Error::input("train", format!("rank 0's state: {e}")))?;
+    Ok(())
 }
 
 /// Validation (or test) evaluation with the task's metrics.
@@ -242,6 +377,10 @@ fn metric_value(metric: Metric, r: &EvalResult) -> Option<f64> {
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let run_dir = opts.run_dir.clone();
     let ckpt_dir = run_dir.join("checkpoints");
+    let comm = opts.comm.clone();
+    let (rank, world) = (comm.rank(), comm.size());
+    // Rank 0 writes every file; the others compute their shards.
+    let lead = rank == 0;
     let cfg = if opts.resume {
         if !run_dir.join("run.json").exists() {
             return Err(Error::format(&run_dir, "not a run directory (no run.json): nothing to resume"));
@@ -269,25 +408,49 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 "already holds checkpoints; continue it with `attn train --resume` or choose another --out",
             ));
         }
-        fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-        write_atomic(&run_dir.join("config.toml"), cfg.source.as_bytes())?;
-        let info = RunInfo { config_dir: fs::canonicalize(&cfg.base_dir).unwrap_or(cfg.base_dir.clone()) };
-        write_atomic(&run_dir.join("run.json"), serde_json::to_string(&info).unwrap_or_default().as_bytes())?;
+        // Every rank has checked before rank 0 writes.
+        comm.barrier();
+        if lead {
+            fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+            write_atomic(&run_dir.join("config.toml"), cfg.source.as_bytes())?;
+            let info = RunInfo { config_dir: fs::canonicalize(&cfg.base_dir).unwrap_or(cfg.base_dir.clone()) };
+            write_atomic(&run_dir.join("run.json"), serde_json::to_string(&info).unwrap_or_default().as_bytes())?;
+        }
         cfg
     };
     let device = Device::Cpu;
     let tok_path = run_dir.join("tokenizer.json");
     let started = Instant::now();
-    let prepared = task::prepare(&cfg, if opts.resume && tok_path.exists() { Some(&tok_path) } else { None })?;
-    if !tok_path.exists() {
-        prepared.tokenizer.save(&tok_path)?;
-    }
+    // Rank 0 prepares the data (training the tokenizer of a new run); the
+    // other ranks then load its tokenizer, so every rank has the same ids.
+    let prepared = if lead {
+        let p = task::prepare(&cfg, if opts.resume && tok_path.exists() { Some(&tok_path) } else { None })?;
+        if !tok_path.exists() {
+            p.tokenizer.save(&tok_path)?;
+        }
+        comm.barrier();
+        p
+    } else {
+        comm.barrier();
+        if !tok_path.exists() {
+            return Err(Error::format(
+                &tok_path,
+                format!(
+                    "rank {rank} cannot see the tokenizer rank 0 wrote: the run directory must be on a \
+                     filesystem every rank shares"
+                ),
+            ));
+        }
+        task::prepare(&cfg, Some(&tok_path))?
+    };
     let plan = plan_epoch(&prepared.train, cfg.seed, 0, cfg.data.batch_tokens, cfg.data.max_rows, true);
     let mut report = prepared.report.clone();
     report["batches_per_epoch"] = json!(plan.len());
     report["padding_fraction"] = json!(padding_fraction(&prepared.train, &plan));
     report["prepare_s"] = json!(started.elapsed().as_secs_f64());
-    write_atomic(&run_dir.join("data.json"), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+    if lead {
+        write_atomic(&run_dir.join("data.json"), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+    }
 
     let kind = task::model_kind(&cfg, prepared.tokenizer.vocab_size())?;
     let model_json = kind.to_json();
@@ -295,9 +458,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let params = model.store.vars();
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(params.clone(), &cfg.train).with_ema(cfg.train.ema_decay)?;
-    checkpoint::clean_temporaries(&ckpt_dir)?;
+    if lead {
+        checkpoint::clean_temporaries(&ckpt_dir)?;
+    }
     // Half-written model exports of a killed run.
-    if let Ok(rd) = fs::read_dir(&run_dir) {
+    if let Some(rd) = fs::read_dir(&run_dir).ok().filter(|_| lead) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if n.starts_with(".tmp-model-") || n.starts_with(".old-model-") {
@@ -310,17 +475,44 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if opts.resume {
         // The newest checkpoint that verifies: a stray or damaged newer
         // one is skipped with a warning naming it and why.
-        let loaded = checkpoint::load_newest(&ckpt_dir, &model_json, &params, |w| eprintln!("{w}"))?;
-        for w in &loaded.warnings {
+        let loaded = checkpoint::load_newest(&ckpt_dir, &model_json, &params, |w| {
+            if lead {
+                eprintln!("{w}")
+            }
+        })?;
+        for w in loaded.warnings.iter().filter(|_| lead) {
             eprintln!("warning: {w}");
         }
         opt.load_state(&loaded.optimizer, loaded.state.adam_t)?;
         state = loaded.state;
         last_ckpt = Some(loaded.path);
     }
-    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), opts.resume.then_some(state.step))?;
+    // The shards of a new run: the config's, else one per rank; a resumed
+    // run keeps its own (they decide how the gradients are summed).
+    let shards = cfg.train.shards.unwrap_or(if opts.resume { state.shards } else { world });
+    if world > 1 && world != shards {
+        return Err(Error::config(
+            "train.shards",
+            format!("the run splits each micro-batch into {shards} shards: run it on 1 or {shards} ranks, not {world}"),
+        ));
+    }
+    state.shards = shards;
+    // Every rank must be at the same step (a rank that saw an older
+    // checkpoint would silently train another model).
+    let mut at = vec![state.step as f64];
+    comm.all_reduce_sum_f64(&mut at);
+    if at[0] != (state.step * world) as f64 {
+        return Err(Error::input(
+            "train",
+            format!("the ranks resumed from different checkpoints (rank {rank} is at step {})", state.step),
+        ));
+    }
+    let mut log = match lead {
+        true => Some(MetricsLog::open(&run_dir.join("metrics.jsonl"), opts.resume.then_some(state.step))?),
+        false => None,
+    };
     let t = &cfg.train;
-    let pb = if opts.progress {
+    let pb = if opts.progress && lead {
         ProgressBar::new(t.max_steps as u64)
     } else {
         ProgressBar::with_draw_target(Some(t.max_steps as u64), ProgressDrawTarget::hidden())
@@ -332,14 +524,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     pb.set_position(state.step as u64);
     say(
         &pb,
+        lead,
         format!(
-            "{}: {} parameters, {} training examples in {} batches/epoch (padding {:.1}%), {:?}{}",
+            "{}: {} parameters, {} training examples in {} batches/epoch (padding {:.1}%), {:?}{}{}",
             cfg.data.task.name(),
             n_params,
             prepared.train.len(),
             plan.len(),
             100.0 * report["padding_fraction"].as_f64().unwrap_or(0.0),
             t.precision,
+            if world > 1 { format!(", data-parallel over {world} ranks") } else { String::new() },
             if opts.resume { format!(", resuming at step {}", state.step) } else { String::new() }
         ),
     );
@@ -359,25 +553,35 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut evaluated_at = None;
     let use_scale = t.precision == Precision::F16;
     // Evaluate on validation, log, keep the best, export: in the loop and after it.
+    // Rank 0 alone evaluates (and exports); its verdict (best metric,
+    // early-stopping count) goes to every rank.
     macro_rules! evaluate {
-        () => {
-            evaluate_and_keep_best(&mut Evaluation {
-                model: &model,
-                opt: &mut opt,
-                prepared: &prepared,
-                cfg: &cfg,
-                device: &device,
-                run_dir: &run_dir,
-                log: &mut log,
-                pb: &pb,
-                state: &mut state,
-            })?
-        };
+        () => {{
+            let ev = match log.as_mut() {
+                Some(log) => Some(evaluate_and_keep_best(&mut Evaluation {
+                    model: &model,
+                    opt: &mut opt,
+                    prepared: &prepared,
+                    cfg: &cfg,
+                    device: &device,
+                    run_dir: &run_dir,
+                    log,
+                    pb: &pb,
+                    state: &mut state,
+                })?),
+                None => None,
+            };
+            sync_state(&*comm, &mut state)?;
+            ev
+        }};
     }
 
     while state.step < t.max_steps {
         if let Some(m) = t.max_minutes {
-            if state.elapsed_s >= m * 60.0 {
+            // Rank 0's clock decides for every rank.
+            let mut out = vec![u8::from(state.elapsed_s >= m * 60.0)];
+            comm.broadcast(&mut out, 0);
+            if out[0] == 1 {
                 stopped = format!("time budget of {m} minutes");
                 break;
             }
@@ -385,7 +589,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let t0 = Instant::now();
         let batches: Vec<Batch> = (0..t.accumulate).map(|_| loader.next_batch()).collect::<Result<_>>()?;
         let scale = if use_scale { state.loss_scale } else { 1.0 };
-        let r = on_pool(|| accumulate_gradients(&model, &batches, &cfg, state.step, scale, &units))?;
+        let r = data_parallel_gradients(&*comm, &model, &batches, shards, &cfg, state.step, scale, &units)?;
         let mut grads = r.grads;
         let finite = r.nll_sum.is_finite() && grads.iter().all(|g| g.iter().all(|x| x.is_finite()));
         if !finite {
@@ -396,6 +600,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 state.cursor = batches.last().map(|b| b.next).unwrap_or(state.cursor);
                 say(
                     &pb,
+                    lead,
                     format!(
                         "step {}: gradients overflowed in f16, loss scale now {}",
                         state.step + 1,
@@ -445,7 +650,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if use_scale {
                 line["loss_scale"] = json!(state.loss_scale);
             }
-            log.write(&line)?;
+            if let Some(log) = log.as_mut() {
+                log.write(&line)?;
+            }
             pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s | lr {lr:.2e}"));
             window = (0, 0.0);
         }
@@ -454,9 +661,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if state.step % t.eval_every == 0 || state.step == t.max_steps {
             let ev = evaluate!();
             evaluated_at = Some(state.step);
-            last_valid = Some(ev);
+            last_valid = ev;
         }
-        if state.step % t.checkpoint_every == 0 || state.step == t.max_steps {
+        if (state.step % t.checkpoint_every == 0 || state.step == t.max_steps) && lead {
             last_ckpt = Some(checkpoint::save(
                 &ckpt_dir,
                 &state,
@@ -477,7 +684,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     drop(loader);
     if evaluated_at != Some(state.step) {
         let ev = evaluate!();
-        last_valid = Some(ev);
+        last_valid = ev;
+    }
+    if !lead {
+        // Rank 0 finishes the run's files; the others are done.
+        comm.barrier();
+        return Ok(TrainSummary {
+            run_dir,
+            steps: state.step,
+            stopped,
+            elapsed_s: state.elapsed_s,
+            tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+            valid: None,
+        });
     }
     if last_ckpt.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string())
         != Some(format!("step-{:08}", state.step))
@@ -491,7 +710,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         exported?;
     }
     let title = run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    if let Err(e) = crate::plot::plot_metrics(log.path(), &run_dir.join("curves.png"), &title) {
+    let log_path = log.as_ref().map(|l| l.path().to_path_buf()).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
+    if let Err(e) = crate::plot::plot_metrics(&log_path, &run_dir.join("curves.png"), &title) {
         eprintln!("warning: could not plot the curves: {e}");
     }
     let summary = TrainSummary {
@@ -507,6 +727,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         "metric": metric, "parameters": n_params,
         "valid": summary.valid.as_ref().map(|v| v.to_json(state.step, "valid"))});
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&sj).unwrap_or_default().as_bytes())?;
+    comm.barrier();
     Ok(summary)
 }
 
@@ -540,7 +761,7 @@ fn evaluate_and_export(e: &mut Evaluation) -> Result<EvalResult> {
     let net = e.model.eval_net()?;
     let ev = evaluate(&net, e.prepared, e.cfg, false, t.eval_batches, t.eval_decode, 1, e.device)?;
     e.log.write(&ev.to_json(step, "valid"))?;
-    say(e.pb, format!("step {step}: {}", describe(&ev)));
+    say(e.pb, true, format!("step {step}: {}", describe(&ev)));
     let metric = e.cfg.metric();
     if let Some(v) = metric_value(metric, &ev) {
         let better = match e.state.best_metric {

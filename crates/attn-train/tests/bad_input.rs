@@ -54,11 +54,18 @@ fn start(cfg: &Path, run_dir: &Path) -> attn_nn::Result<attn_train::TrainSummary
         run_dir: run_dir.to_path_buf(),
         resume: false,
         progress: false,
+        comm: attn_dist::single(),
     })
 }
 
 fn resume(run_dir: &Path) -> attn_nn::Result<attn_train::TrainSummary> {
-    train(&TrainOptions { config: None, run_dir: run_dir.to_path_buf(), resume: true, progress: false })
+    train(&TrainOptions {
+        config: None,
+        run_dir: run_dir.to_path_buf(),
+        resume: true,
+        progress: false,
+        comm: attn_dist::single(),
+    })
 }
 
 #[test]

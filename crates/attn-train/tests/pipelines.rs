@@ -14,8 +14,14 @@ fn run(name: &str, tag: &str, overrides: &[(&str, &str)]) -> (std::path::PathBuf
     let dir = tempdir(tag);
     let cfg = ci_config(name, &dir, overrides);
     let run_dir = dir.join("run");
-    let s =
-        train(&TrainOptions { config: Some(cfg), run_dir: run_dir.clone(), resume: false, progress: false }).unwrap();
+    let s = train(&TrainOptions {
+        config: Some(cfg),
+        run_dir: run_dir.clone(),
+        resume: false,
+        progress: false,
+        comm: attn_dist::single(),
+    })
+    .unwrap();
     (run_dir, s)
 }
 

@@ -35,7 +35,14 @@ fn trained_gpt_round_trips_through_quantize() {
         &[("max_steps", "6"), ("eval_every", "1000"), ("checkpoint_every", "1000")],
     );
     let run_dir = dir.join("run");
-    train(&TrainOptions { config: Some(cfg), run_dir: run_dir.clone(), resume: false, progress: false }).unwrap();
+    train(&TrainOptions {
+        config: Some(cfg),
+        run_dir: run_dir.clone(),
+        resume: false,
+        progress: false,
+        comm: attn_dist::single(),
+    })
+    .unwrap();
     let (float, tok) = load_exported(&run_dir.join("model"), &Device::Cpu).unwrap();
     let text = "ROMEO: But soft, what light";
     let ids = attn_models::Tokenizer::encode(&tok, text, false).unwrap();

@@ -83,6 +83,14 @@ impl Padded {
     }
 }
 
+impl Padded {
+    /// Rows `range`, re-padded to their own widest row.
+    fn rows(&self, range: std::ops::Range<usize>) -> Padded {
+        let rows: Vec<&[u32]> = range.map(|i| &self.ids[i * self.cols..i * self.cols + self.lengths[i]]).collect();
+        Padded::new(&rows)
+    }
+}
+
 /// Where the next batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Cursor {
@@ -103,6 +111,27 @@ pub struct Batch {
     pub labels: Vec<u32>,
     pub real_tokens: usize,
     pub padded_tokens: usize,
+}
+
+impl Batch {
+    /// Shard `index` of `count` for data parallelism: a contiguous run of
+    /// rows (the first shards one row longer when the rows do not divide),
+    /// re-padded to its own widest row; `None` when it gets no rows.
+    pub fn shard(&self, index: usize, count: usize) -> Option<Batch> {
+        if count <= 1 {
+            return Some(self.clone());
+        }
+        let range = attn_dist::split_even(self.a.rows, count, 1).into_iter().nth(index)?;
+        if range.is_empty() {
+            return None;
+        }
+        let a = self.a.rows(range.clone());
+        let b = self.b.as_ref().map(|b| b.rows(range.clone()));
+        let labels = if self.labels.is_empty() { Vec::new() } else { self.labels[range.clone()].to_vec() };
+        let real_tokens = a.lengths.iter().sum::<usize>() + b.as_ref().map_or(0, |b| b.lengths.iter().sum::<usize>());
+        let padded_tokens = a.ids.len() + b.as_ref().map_or(0, |b| b.ids.len());
+        Some(Batch { at: self.at, next: self.next, a, b, labels, real_tokens, padded_tokens })
+    }
 }
 
 /// Indices of each batch of an epoch. With `shuffle` (training) the plan
