@@ -193,3 +193,20 @@ fn info_and_generate_refuse_hostile_gguf_sizes() {
         }
     }
 }
+
+/// A build without the `mpi` feature, started by an MPI launcher as one of
+/// several ranks, refuses instead of running the whole job on every rank.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn started_as_an_mpi_rank_without_mpi_support_is_a_clear_error() {
+    for (k, v) in [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_attn")).args(["tokenize", "hi"]).env(k, "2").env(v, "1").output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("built without MPI support") && err.contains("rank 1 of 2") && err.contains("--features mpi"),
+            "{err}"
+        );
+    }
+}
