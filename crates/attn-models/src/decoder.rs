@@ -27,7 +27,10 @@
 //! projections and FFNs as one matrix; attention runs per sequence on its
 //! own cache (contiguous or paged, through [`KvStore`]).
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
+
+use attn_dist::Comm;
 
 use attn_nn::infer::{Input, Linear, Table, Weight};
 use attn_nn::kernels::fast::{self, AttnCall};
@@ -281,6 +284,144 @@ pub enum Kernels {
     Candle,
 }
 
+/// How a decoder is split over the ranks of a process group.
+#[derive(Clone, Default)]
+pub enum Parallel {
+    /// The whole model in this process.
+    #[default]
+    None,
+    /// Tensor parallelism: every matrix is split by its output rows. Each
+    /// rank holds a contiguous range of the attention heads (q, k, v rows,
+    /// and those heads' KV cache, a KV head replicated where there are
+    /// fewer KV heads than ranks), of the FFN's hidden units (gate/up
+    /// rows), of the model width (the output and down projections' rows)
+    /// and of the vocabulary (the head's rows). Between them the ranks
+    /// all-gather the attention output, the projections' outputs, the FFN
+    /// activations and the logits, so every rank ends a call with the same
+    /// logits, and these are the single process's bits exactly: no sum is
+    /// ever split (Megatron's split of the output and down projections by
+    /// their inputs adds partial sums, which rounds differently from one
+    /// process and flips greedy near-ties; this split moves about as many
+    /// bytes in as many MPI calls as attn's rank-ordered all-reduce).
+    Tensor(Comm),
+}
+
+impl std::fmt::Debug for Parallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Parallel::None => write!(f, "None"),
+            Parallel::Tensor(c) => write!(f, "Tensor(rank {} of {})", c.rank(), c.size()),
+        }
+    }
+}
+
+/// Every rank's range of one split dimension, and this rank's.
+#[derive(Debug, Clone)]
+struct Split {
+    parts: Vec<Range<usize>>,
+    rank: usize,
+}
+
+impl Split {
+    fn new(parts: Vec<Range<usize>>, rank: usize) -> Self {
+        Split { parts, rank }
+    }
+    fn mine(&self) -> Range<usize> {
+        self.parts[self.rank].clone()
+    }
+    fn max(&self) -> usize {
+        self.parts.iter().map(|r| r.len()).max().unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.parts.last().map_or(0, |r| r.end)
+    }
+    /// Every rank's columns of `[t, total]` (`mine`: `[t, this rank's
+    /// part]`) gathered into `out` on every rank.
+    fn gather(&self, comm: &dyn attn_dist::Collective, mine: &[f32], t: usize, out: &mut [f32]) {
+        let (part, max, total) = (self.mine().len(), self.max(), self.total());
+        let mut padded = vec![0f32; t * max];
+        for r in 0..t {
+            padded[r * max..r * max + part].copy_from_slice(&mine[r * part..(r + 1) * part]);
+        }
+        let all = comm.all_gather(&padded);
+        for (rank, range) in self.parts.iter().enumerate() {
+            let base = rank * t * max;
+            for r in 0..t {
+                out[r * total + range.start..r * total + range.end]
+                    .copy_from_slice(&all[base + r * max..base + r * max + range.len()]);
+            }
+        }
+    }
+}
+
+/// This rank's part of a tensor-parallel decoder.
+#[derive(Clone)]
+struct TpPart {
+    comm: Comm,
+    /// Query heads (and their columns, `head_dim` per head) and the KV
+    /// heads they read.
+    heads: Split,
+    head_cols: Split,
+    kv_heads: Range<usize>,
+    /// The FFN's hidden units, the model width, the vocabulary.
+    ff: Split,
+    width: Split,
+    vocab: Split,
+}
+
+impl std::fmt::Debug for TpPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpPart")
+            .field("rank", &self.comm.rank())
+            .field("heads", &self.heads.mine())
+            .field("kv_heads", &self.kv_heads)
+            .field("ff", &self.ff.mine())
+            .field("width", &self.width.mine())
+            .field("vocab", &self.vocab.mine())
+            .finish()
+    }
+}
+
+impl TpPart {
+    /// Rank `comm.rank()`'s part of `spec` over `comm.size()` ranks.
+    fn plan(spec: &DecoderSpec, comm: Comm) -> Result<Self> {
+        let (rank, n) = (comm.rank(), comm.size());
+        let (nh, nkv) = (spec.n_heads, spec.n_kv_heads);
+        let group = nh / nkv;
+        let cannot = |why: String| {
+            Error::Unsupported(format!(
+                "tensor parallelism over {n} ranks for {} ({nh} query heads, {nkv} KV heads): {why}",
+                spec.arch
+            ))
+        };
+        let (heads, kv_heads) = if nkv >= n {
+            let kv = attn_dist::split_even(nkv, n, 1);
+            (kv.iter().map(|r| r.start * group..r.end * group).collect::<Vec<_>>(), kv[rank].clone())
+        } else {
+            // Fewer KV heads than ranks: each rank takes part of one KV
+            // head's query group and a copy of that KV head.
+            if n % nkv != 0 || group % (n / nkv) != 0 {
+                return Err(cannot(format!("{n} ranks do not split the {nkv} KV heads' groups of {group} evenly")));
+            }
+            let per = group / (n / nkv);
+            let h: Vec<Range<usize>> = (0..n).map(|r| r * per..(r + 1) * per).collect();
+            let kv = h[rank].start / group;
+            (h, kv..kv + 1)
+        };
+        if heads[rank].is_empty() {
+            return Err(cannot(format!("rank {rank} would get no heads")));
+        }
+        let split = |len: usize| Split::new(attn_dist::split_even(len, n, 1), rank);
+        let (ff, width, vocab) = (split(spec.intermediate_size), split(spec.hidden_size), split(spec.vocab_size));
+        if ff.mine().is_empty() || width.mine().is_empty() {
+            return Err(cannot(format!("rank {rank} would get no rows of the FFN or the model width")));
+        }
+        let hd = spec.head_dim;
+        let head_cols = Split::new(heads.iter().map(|r| r.start * hd..r.end * hd).collect(), rank);
+        Ok(TpPart { comm, heads: Split::new(heads, rank), head_cols, kv_heads, ff, width, vocab })
+    }
+}
+
 /// A decoder-only language model: one type for every architecture.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -292,6 +433,8 @@ pub struct Decoder {
 #[derive(Debug)]
 struct Inner {
     spec: DecoderSpec,
+    /// This rank's part under tensor parallelism.
+    tp: Option<TpPart>,
     kernels: Kernels,
     layers: Vec<Layer>,
     embed: Table,
@@ -320,6 +463,9 @@ struct Scratch {
     hr: Vec<f32>,
     wide: Vec<f32>,
     positions: Vec<u32>,
+    /// Tensor parallelism: a gathered input, this rank's output rows.
+    full: Vec<f32>,
+    part: Vec<f32>,
     /// `(cos, sin)` per distinct RoPE.
     tables: Vec<(Vec<f32>, Vec<f32>)>,
     acts: Q8Acts,
@@ -342,6 +488,11 @@ impl Decoder {
     /// Loads any supported decoder GGUF, kernels as the file was opened
     /// (`dequantize`: f32 weights; `candle_kernels`: candle's matmul).
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        Self::from_gguf_parallel(f, Parallel::None)
+    }
+
+    /// [`Decoder::from_gguf`], this rank's part of the model under `parallel`.
+    pub fn from_gguf_parallel(f: &GgufFile, parallel: Parallel) -> Result<Self> {
         let spec = Self::checked_spec(f)?;
         let kernels = if f.dequantize {
             Kernels::Dense
@@ -350,7 +501,7 @@ impl Decoder {
         } else {
             Kernels::Blocks
         };
-        Self::load(f, spec, kernels)
+        Self::load_parallel(f, spec, kernels, parallel)
     }
 
     /// The [`DecoderSpec`] of a decoder GGUF with every size checked
@@ -375,17 +526,45 @@ impl Decoder {
 
     /// Loads the tensors `spec` calls for, for `kernels`.
     pub fn load(f: &GgufFile, spec: DecoderSpec, kernels: Kernels) -> Result<Self> {
+        Self::load_parallel(f, spec, kernels, Parallel::None)
+    }
+
+    /// [`Decoder::load`], this rank's part under `parallel`.
+    pub fn load_parallel(f: &GgufFile, spec: DecoderSpec, kernels: Kernels, parallel: Parallel) -> Result<Self> {
         spec.validate()?;
         check_tensors(f, &spec)?;
         let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
         let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+        let tp = match parallel {
+            Parallel::Tensor(comm) if comm.size() > 1 => {
+                if kernels == Kernels::Candle {
+                    return Err(Error::Unsupported(
+                        "tensor parallelism with candle's kernels (ATTN_KERNELS=candle): use the default kernels"
+                            .into(),
+                    ));
+                }
+                Some(TpPart::plan(&spec, comm)?)
+            }
+            _ => None,
+        };
+        // This rank's rows and columns of each kind of matrix (all of them
+        // without tensor parallelism).
+        let scaled = |r: &Range<usize>, by: usize| r.start * by..r.end * by;
+        let q_rows = tp.as_ref().map_or(0..nq, |p| scaled(&p.heads.mine(), hd));
+        let kv_rows = tp.as_ref().map_or(0..nkv, |p| scaled(&p.kv_heads, hd));
+        let ff_rows = tp.as_ref().map_or(0..ff, |p| p.ff.mine());
+        let d_rows = tp.as_ref().map_or(0..d, |p| p.width.mine());
+        let part = |name: &str, rows: usize, cols: usize, r: Range<usize>, c: Range<usize>| -> Result<Linear> {
+            Linear::new(weight_part(f, name, rows, cols, r, c, kernels)?, None)
+        };
         let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
             let w = weight(f, name, rows, cols, kernels)?;
             Linear::new(w, None)
         };
-        let biased = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
-            let w = weight(f, &format!("{name}.weight"), rows, cols, kernels)?;
-            Linear::new(w, Some(f.vector(&format!("{name}.bias"), rows)?))
+        let biased = |name: &str, rows: usize, cols: usize, r: Range<usize>| -> Result<Linear> {
+            let w = weight_part(f, &format!("{name}.weight"), rows, cols, r.clone(), 0..cols, kernels)?;
+            let b = f.vector(&format!("{name}.bias"), rows)?;
+            Linear::new(w, Some(b[r].to_vec()))
         };
         // The embedding and the head first: they are the largest tensors,
         // and while one is converted its file pages are resident too (they
@@ -400,7 +579,10 @@ impl Decoder {
             },
         };
         // The output projection is tied to the embedding unless the file has its own.
-        let head = if f.tensor_info("output.weight").is_some() {
+        let head = if let Some(p) = &tp {
+            let name = if f.tensor_info("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+            part(name, spec.vocab_size, d, p.vocab.mine(), 0..d)?
+        } else if f.tensor_info("output.weight").is_some() {
             linear("output.weight", spec.vocab_size, d)?
         } else if kernels == Kernels::Candle {
             linear("token_embd.weight", spec.vocab_size, d)?
@@ -420,22 +602,26 @@ impl Decoder {
             };
             let sandwich = spec.norm == NormPlacement::Sandwich;
             let (wq, wk, wv) = if spec.qkv_bias {
-                (biased(&p("attn_q"), nq, d)?, biased(&p("attn_k"), nkv, d)?, biased(&p("attn_v"), nkv, d)?)
+                (
+                    biased(&p("attn_q"), nq, d, q_rows.clone())?,
+                    biased(&p("attn_k"), nkv, d, kv_rows.clone())?,
+                    biased(&p("attn_v"), nkv, d, kv_rows.clone())?,
+                )
             } else {
                 (
-                    linear(&p("attn_q.weight"), nq, d)?,
-                    linear(&p("attn_k.weight"), nkv, d)?,
-                    linear(&p("attn_v.weight"), nkv, d)?,
+                    part(&p("attn_q.weight"), nq, d, q_rows.clone(), 0..d)?,
+                    part(&p("attn_k.weight"), nkv, d, kv_rows.clone(), 0..d)?,
+                    part(&p("attn_v.weight"), nkv, d, kv_rows.clone(), 0..d)?,
                 )
             };
             layers.push(Layer {
                 wq,
                 wk,
                 wv,
-                wo: linear(&p("attn_output.weight"), d, nq)?,
-                wg: linear(&p("ffn_gate.weight"), ff, d)?,
-                wu: linear(&p("ffn_up.weight"), ff, d)?,
-                wd: linear(&p("ffn_down.weight"), d, ff)?,
+                wo: part(&p("attn_output.weight"), d, nq, d_rows.clone(), 0..nq)?,
+                wg: part(&p("ffn_gate.weight"), ff, d, ff_rows.clone(), 0..d)?,
+                wu: part(&p("ffn_up.weight"), ff, d, ff_rows.clone(), 0..d)?,
+                wd: part(&p("ffn_down.weight"), d, ff, d_rows.clone(), 0..ff)?,
                 attn_norm: f.vector(&p("attn_norm.weight"), d)?,
                 ffn_norm: f.vector(&p("ffn_norm.weight"), d)?,
                 post_attn_norm: sandwich.then(|| f.vector(&p("post_attention_norm.weight"), d)).transpose()?,
@@ -448,7 +634,17 @@ impl Decoder {
         }
         let final_norm = f.vector("output_norm.weight", d)?;
         Ok(Decoder {
-            inner: Arc::new(Inner { spec, kernels, layers, embed, head, final_norm, ropes, scratch: Mutex::default() }),
+            inner: Arc::new(Inner {
+                spec,
+                tp,
+                kernels,
+                layers,
+                embed,
+                head,
+                final_norm,
+                ropes,
+                scratch: Mutex::default(),
+            }),
             kv_dtype: KvDtype::from_env()?,
         })
     }
@@ -526,6 +722,7 @@ impl Decoder {
         Ok(Decoder {
             inner: Arc::new(Inner {
                 spec: i.spec.clone(),
+                tp: i.tp.clone(),
                 kernels: Kernels::Blocks,
                 layers,
                 embed: i.embed.clone(),
@@ -634,6 +831,36 @@ impl Decoder {
     }
 }
 
+/// Rows `r` and columns `c` of the weight `name` (`[rows, cols]`) stored
+/// for `kernels` (block or dense: candle's kernels take whole matrices).
+fn weight_part(
+    f: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    r: Range<usize>,
+    c: Range<usize>,
+    kernels: Kernels,
+) -> Result<Weight> {
+    if r == (0..rows) && c == (0..cols) {
+        return weight(f, name, rows, cols, kernels);
+    }
+    Ok(match kernels {
+        Kernels::Blocks => Weight::Blocks(Arc::new(f.q8_matrix_part(name, rows, cols, r, c)?)),
+        Kernels::Dense => {
+            let Weight::Dense { w, .. } = weight(f, name, rows, cols, Kernels::Dense)? else {
+                unreachable!("dense weights load as Weight::Dense")
+            };
+            let mut out = Vec::with_capacity(r.len() * c.len());
+            for row in r.clone() {
+                out.extend_from_slice(&w[row * cols + c.start..row * cols + c.end]);
+            }
+            Weight::Dense { w: Arc::new(out), rows: r.len(), cols: c.len() }
+        }
+        Kernels::Candle => return Err(Error::Unsupported(format!("a part of `{name}` with candle's kernels"))),
+    })
+}
+
 /// The weight `name` (`[rows, cols]`) stored for `kernels`.
 fn weight(f: &GgufFile, name: &str, rows: usize, cols: usize, kernels: Kernels) -> Result<Weight> {
     Ok(match kernels {
@@ -685,11 +912,14 @@ impl Inner {
         sc: &mut Scratch,
     ) -> Result<Vec<f32>> {
         let spec = &self.spec;
-        let (d, hd, nh, nkv, ff) =
+        let (d, hd, mut nh, mut nkv, mut ff) =
             (spec.hidden_size, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.intermediate_size);
+        if let Some(p) = &self.tp {
+            (nh, nkv, ff) = (p.heads.mine().len(), p.kv_heads.len(), p.ff.mine().len());
+        }
         let t = ids.len();
         let eps = spec.norm_eps as f32;
-        let Scratch { x, h, q, k, v, att, o, g, u, hr, wide, positions, tables, acts } = sc;
+        let Scratch { x, h, q, k, v, att, o, g, u, hr, wide, positions, tables, acts, full, part } = sc;
         let x = sized(x, t * d);
         for (i, &id) in ids.iter().enumerate() {
             let row = &mut x[i * d..(i + 1) * d];
@@ -746,7 +976,17 @@ impl Inner {
                     &mut att[s * nh * hd..(s + len) * nh * hd],
                 )?;
             }
-            l.wo.forward(&mut Input::new(att, t, nh * hd, acts), o, wide)?;
+            match &self.tp {
+                None => l.wo.forward(&mut Input::new(att, t, nh * hd, acts), o, wide)?,
+                Some(p) => {
+                    // Every head's output, then this rank's rows of the projection.
+                    let all = sized(full, t * spec.n_heads * hd);
+                    p.head_cols.gather(&*p.comm, att, t, all);
+                    let mine = sized(part, t * p.width.mine().len());
+                    l.wo.forward(&mut Input::new(all, t, spec.n_heads * hd, acts), mine, wide)?;
+                    p.width.gather(&*p.comm, mine, t, o);
+                }
+            }
             residual(x, o, l.post_attn_norm.as_deref(), eps);
 
             // Gated FFN.
@@ -758,7 +998,16 @@ impl Inner {
                 GatedActivation::GeluTanh => fast::gelu_tanh_mul(g, u),
                 GatedActivation::Silu => fast::silu_mul(g, u),
             }
-            l.wd.forward(&mut Input::new(g, t, ff, acts), o, wide)?;
+            match &self.tp {
+                None => l.wd.forward(&mut Input::new(g, t, ff, acts), o, wide)?,
+                Some(p) => {
+                    let all = sized(full, t * spec.intermediate_size);
+                    p.ff.gather(&*p.comm, g, t, all);
+                    let mine = sized(part, t * p.width.mine().len());
+                    l.wd.forward(&mut Input::new(all, t, spec.intermediate_size, acts), mine, wide)?;
+                    p.width.gather(&*p.comm, mine, t, o);
+                }
+            }
             residual(x, o, l.post_ffn_norm.as_deref(), eps);
         }
         // Only the wanted rows go through the final norm and the head.
@@ -770,6 +1019,11 @@ impl Inner {
         let vocab = self.head.rows();
         let mut logits = vec![0f32; rows.len() * vocab];
         self.head.forward(&mut Input::new(hr, rows.len(), d, acts), &mut logits, wide)?;
+        if let Some(p) = &self.tp {
+            let mut all = vec![0f32; rows.len() * spec.vocab_size];
+            p.vocab.gather(&*p.comm, &logits, rows.len(), &mut all);
+            logits = all;
+        }
         if let Some(cap) = spec.final_softcap {
             let cap = cap as f32;
             for z in &mut logits {
@@ -814,7 +1068,12 @@ impl LanguageModel for Decoder {
 
 impl PagedLanguageModel for Decoder {
     fn kv_shape(&self) -> KvShape {
-        KvShape { dtype: self.kv_dtype, ..self.inner.spec.kv_shape() }
+        let mut shape = KvShape { dtype: self.kv_dtype, ..self.inner.spec.kv_shape() };
+        if let Some(p) = &self.inner.tp {
+            // This rank's cache holds its KV heads only.
+            shape = KvShape { n_kv_heads: p.kv_heads.len(), ..shape };
+        }
+        shape
     }
 
     fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>> {

@@ -663,6 +663,59 @@ impl GgufFile {
         Ok(m)
     }
 
+    /// The columns of one quantization block of tensor `name` (1 for
+    /// float tensors): a matrix splits by columns only at multiples of it.
+    pub fn block_width(&self, name: &str) -> Result<usize> {
+        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let (per, _) = info.ty.block().ok_or_else(|| {
+            Error::Unsupported(format!("tensor `{name}` has GGML type {}, which attn cannot read", info.ty.name()))
+        })?;
+        Ok(per as usize)
+    }
+
+    /// Rows `r` and columns `c` of matrix `name` (`[rows, cols]`) for attn's
+    /// block kernels, cut from the file's own blocks (for tensor
+    /// parallelism: each rank converts only its part). `c` must start and
+    /// end on block boundaries ([`GgufFile::block_width`]).
+    pub fn q8_matrix_part(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        r: std::ops::Range<usize>,
+        c: std::ops::Range<usize>,
+    ) -> Result<attn_nn::kernels::q8::Q8Matrix> {
+        if r == (0..rows) && c == (0..cols) {
+            return self.q8_matrix(name, rows, cols);
+        }
+        let info = self.checked_info(name, &[rows, cols])?;
+        let per = self.block_width(name)?;
+        let (_, size) = info.ty.block().unwrap_or((1, 4));
+        let size = size as usize;
+        if r.end > rows
+            || c.end > cols
+            || r.is_empty()
+            || c.is_empty()
+            || c.start % per != 0
+            || (c.end % per != 0 && c.end != cols)
+        {
+            return Err(Error::input(
+                "tensor part",
+                format!("rows {r:?} x columns {c:?} of `{name}` ({rows}x{cols}, blocks of {per} columns)"),
+            ));
+        }
+        let data = self.tensor_data(info);
+        let row_bytes = cols.div_ceil(per) * size;
+        let (b0, b1) = (c.start / per * size, c.end.div_ceil(per) * size);
+        let mut part = Vec::with_capacity(r.len() * (b1 - b0));
+        for row in r.clone() {
+            part.extend_from_slice(&data[row * row_bytes + b0..row * row_bytes + b1]);
+        }
+        let m = self.q8_from_bytes(name, info, &part, r.len(), c.len())?;
+        self.release(info);
+        Ok(m)
+    }
+
     /// [`GgufFile::q8_matrix`] of `data`, `rows` rows of tensor `info`.
     fn q8_from_bytes(
         &self,

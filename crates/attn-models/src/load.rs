@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use crate::bert::{BertClassifier, SentenceEncoder};
 use crate::bpe::BpeTokenizer;
 use crate::chat::{ChatTemplate, GEMMA3_TEMPLATE};
-use crate::decoder::{Decoder, ARCHITECTURES};
+use crate::decoder::{Decoder, Parallel, ARCHITECTURES};
 use crate::gguf::GgufFile;
 use crate::gpt::Gpt;
 use crate::hf_tokenizer::HfTokenizer;
@@ -226,7 +226,24 @@ pub fn load_model(path: &Path, device: &Device) -> Result<AnyModel> {
 
 /// [`load_model`], computing with candle's kernels when asked.
 pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Result<AnyModel> {
+    load_model_parallel(path, device, candle_kernels, Parallel::None)
+}
+
+/// [`load_model_with`], this rank's part of a decoder model under
+/// `parallel` (tensor or pipeline parallelism over MPI ranks).
+pub fn load_model_parallel(path: &Path, device: &Device, candle_kernels: bool, parallel: Parallel) -> Result<AnyModel> {
+    let split = !matches!(parallel, Parallel::None);
+    let not_split = || {
+        Error::Unsupported(format!(
+            "{}: only the decoder models ({}) run split over ranks",
+            path.display(),
+            ARCHITECTURES.join(", ")
+        ))
+    };
     if path.is_dir() {
+        if split {
+            return Err(not_split());
+        }
         if trained::exported_dir(path).is_some() {
             let (net, tok) = trained::load_folder(path, device)?;
             return Ok(trained_model(net, tok, path));
@@ -259,7 +276,7 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             // or the model allocates anything.
             Decoder::checked_spec(&f)?;
             let tokenizer = ModelTokenizer::from_gguf(&f)?;
-            let model = CausalModel::Decoder(Decoder::from_gguf(&f)?);
+            let model = CausalModel::Decoder(Decoder::from_gguf_parallel(&f, parallel)?);
             let piece = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i)).unwrap_or_default();
             let bos = piece(tokenizer.bos_id());
             let eos = piece(tokenizer.eos_ids().first().copied());
@@ -277,6 +294,7 @@ pub fn load_model_with(path: &Path, device: &Device, candle_kernels: bool) -> Re
             let name = f.meta_opt("general.name").and_then(|v| v.as_str()).unwrap_or(arch).to_string();
             Ok(AnyModel::Generator(Box::new(Generator { model, tokenizer, chat_template: Some(chat_template), name })))
         }
+        Some(_) if split => Err(not_split()),
         Some("bert") => Ok(AnyModel::Encoder(Box::new(SentenceEncoder::from_gguf(Arc::new(f), device)?))),
         Some(other) if other.starts_with("attn-") => {
             let (net, tok) = trained::load_gguf(Arc::new(f), device)?;
