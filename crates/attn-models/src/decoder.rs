@@ -271,6 +271,8 @@ struct Layer {
     /// Index of this layer's RoPE tables in a call's set.
     rope: usize,
     window: Option<usize>,
+    /// The layer's number in the whole model (its KV cache slot).
+    index: usize,
 }
 
 /// Which kernels the weights are loaded for.
@@ -304,6 +306,14 @@ pub enum Parallel {
     /// process and flips greedy near-ties; this split moves about as many
     /// bytes in as many MPI calls as attn's rank-ordered all-reduce).
     Tensor(Comm),
+    /// Pipeline parallelism: the layers split into contiguous stages, one
+    /// per rank (the embedding on the first, the final norm and the head on
+    /// the last). A call's sequences, and the long prompts among them in
+    /// chunks, go through the stages one micro-batch after another, so
+    /// that stage `s` works on micro-batch `m` while stage `s + 1` works on
+    /// `m - 1`; the last stage's logits go to every rank. Each rank holds
+    /// its layers' weights and KV cache only.
+    Pipeline(Comm),
 }
 
 impl std::fmt::Debug for Parallel {
@@ -311,8 +321,55 @@ impl std::fmt::Debug for Parallel {
         match self {
             Parallel::None => write!(f, "None"),
             Parallel::Tensor(c) => write!(f, "Tensor(rank {} of {})", c.rank(), c.size()),
+            Parallel::Pipeline(c) => write!(f, "Pipeline(rank {} of {})", c.rank(), c.size()),
         }
     }
+}
+
+/// This rank's stage of a pipeline-parallel decoder, and the time it spent
+/// waiting for its neighbours (the pipeline's bubble, as this rank saw it).
+struct PpPart {
+    comm: Comm,
+    layers: Range<usize>,
+    /// Nanoseconds in pipeline calls, and waiting in them for activations
+    /// or logits.
+    busy_ns: std::sync::atomic::AtomicU64,
+    wait_ns: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for PpPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PpPart").field("rank", &self.comm.rank()).field("layers", &self.layers).finish()
+    }
+}
+
+impl PpPart {
+    fn plan(spec: &DecoderSpec, comm: Comm) -> Result<Self> {
+        let (rank, n) = (comm.rank(), comm.size());
+        if spec.n_layers() < n {
+            return Err(Error::Unsupported(format!(
+                "pipeline parallelism over {n} ranks for a model of {} layers (at most one stage per layer)",
+                spec.n_layers()
+            )));
+        }
+        let layers = attn_dist::split_even(spec.n_layers(), n, 1)[rank].clone();
+        Ok(PpPart { comm, layers, busy_ns: Default::default(), wait_ns: Default::default() })
+    }
+    fn first(&self) -> bool {
+        self.comm.rank() == 0
+    }
+    fn last(&self) -> bool {
+        self.comm.rank() + 1 == self.comm.size()
+    }
+}
+
+/// Time a pipeline stage spent in forward calls and, of that, waiting.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PipelineTimes {
+    pub stage: usize,
+    pub layers: (usize, usize),
+    pub busy_s: f64,
+    pub wait_s: f64,
 }
 
 /// Every rank's range of one split dimension, and this rank's.
@@ -435,10 +492,14 @@ struct Inner {
     spec: DecoderSpec,
     /// This rank's part under tensor parallelism.
     tp: Option<TpPart>,
+    /// This rank's stage under pipeline parallelism.
+    pp: Option<Arc<PpPart>>,
     kernels: Kernels,
     layers: Vec<Layer>,
-    embed: Table,
-    head: Linear,
+    /// The embedding (on the first pipeline stage) and the head (on the
+    /// last).
+    embed: Option<Table>,
+    head: Option<Linear>,
     final_norm: Vec<f32>,
     /// Distinct (base, scale) pairs of the layers' RoPE.
     ropes: Vec<(f64, f64)>,
@@ -535,8 +596,9 @@ impl Decoder {
         check_tensors(f, &spec)?;
         let (d, hd, ff) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
         let (nq, nkv) = (spec.n_heads * hd, spec.n_kv_heads * hd);
-        let tp = match parallel {
+        let tp = match &parallel {
             Parallel::Tensor(comm) if comm.size() > 1 => {
+                let comm = comm.clone();
                 if kernels == Kernels::Candle {
                     return Err(Error::Unsupported(
                         "tensor parallelism with candle's kernels (ATTN_KERNELS=candle): use the default kernels"
@@ -547,6 +609,11 @@ impl Decoder {
             }
             _ => None,
         };
+        let pp = match &parallel {
+            Parallel::Pipeline(comm) if comm.size() > 1 => Some(Arc::new(PpPart::plan(&spec, comm.clone())?)),
+            _ => None,
+        };
+        let (first, last) = pp.as_ref().map_or((true, true), |p| (p.first(), p.last()));
         // This rank's rows and columns of each kind of matrix (all of them
         // without tensor parallelism).
         let scaled = |r: &Range<usize>, by: usize| r.start * by..r.end * by;
@@ -571,27 +638,38 @@ impl Decoder {
         // are released after), so converting them before anything else is
         // loaded keeps the peak near the loaded model's size (Gemma 3 270M:
         // 543 -> about 380 MB).
-        let embed = match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
-            Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
-            _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
-                Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
-                _ => unreachable!("dense weights load as Weight::Dense"),
-            },
+        let tied = f.tensor_info("output.weight").is_none();
+        let table = if first || (last && tied && tp.is_none() && kernels != Kernels::Candle) {
+            Some(match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Blocks)? {
+                Weight::Blocks(m) if kernels != Kernels::Dense => Table::Blocks(m),
+                _ => match weight(f, "token_embd.weight", spec.vocab_size, d, Kernels::Dense)? {
+                    Weight::Dense { w, rows, cols } => Table::Dense { w, rows, cols },
+                    _ => unreachable!("dense weights load as Weight::Dense"),
+                },
+            })
+        } else {
+            None
         };
         // The output projection is tied to the embedding unless the file has its own.
-        let head = if let Some(p) = &tp {
+        let head = if !last {
+            None
+        } else if let Some(p) = &tp {
             let name = if f.tensor_info("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
-            part(name, spec.vocab_size, d, p.vocab.mine(), 0..d)?
-        } else if f.tensor_info("output.weight").is_some() {
-            linear("output.weight", spec.vocab_size, d)?
+            Some(part(name, spec.vocab_size, d, p.vocab.mine(), 0..d)?)
+        } else if !tied {
+            Some(linear("output.weight", spec.vocab_size, d)?)
         } else if kernels == Kernels::Candle {
-            linear("token_embd.weight", spec.vocab_size, d)?
+            Some(linear("token_embd.weight", spec.vocab_size, d)?)
         } else {
-            embed.as_linear()?
+            Some(table.as_ref().ok_or_else(|| Error::MissingTensor { name: "token_embd.weight".into() })?.as_linear()?)
         };
+        let embed = if first { table } else { None };
         let mut ropes: Vec<(f64, f64)> = Vec::new();
         let mut layers = Vec::new();
         for (i, ls) in spec.layers.iter().enumerate() {
+            if pp.as_ref().is_some_and(|p| !p.layers.contains(&i)) {
+                continue;
+            }
             let p = |s: &str| format!("blk.{i}.{s}");
             let rope = match ropes.iter().position(|&r| r == (ls.rope_base, ls.rope_scale)) {
                 Some(r) => r,
@@ -630,6 +708,7 @@ impl Decoder {
                 k_norm: spec.qk_norm.then(|| f.vector(&p("attn_k_norm.weight"), hd)).transpose()?,
                 rope,
                 window: ls.window,
+                index: i,
             });
         }
         let final_norm = f.vector("output_norm.weight", d)?;
@@ -637,6 +716,7 @@ impl Decoder {
             inner: Arc::new(Inner {
                 spec,
                 tp,
+                pp,
                 kernels,
                 layers,
                 embed,
@@ -677,7 +757,7 @@ impl Decoder {
             .iter()
             .map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.wg, &l.wu, &l.wd].iter().map(|m| m.bytes()).sum::<usize>())
             .sum();
-        l + self.inner.head.bytes()
+        l + self.inner.head.as_ref().map_or(0, |h| h.bytes())
     }
 
     /// The same model with every matrix in attn's 8-bit blocks (the batched
@@ -716,6 +796,7 @@ impl Decoder {
                     k_norm: l.k_norm.clone(),
                     rope: l.rope,
                     window: l.window,
+                    index: l.index,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -723,10 +804,11 @@ impl Decoder {
             inner: Arc::new(Inner {
                 spec: i.spec.clone(),
                 tp: i.tp.clone(),
+                pp: i.pp.clone(),
                 kernels: Kernels::Blocks,
                 layers,
                 embed: i.embed.clone(),
-                head: to_blocks(&i.head)?,
+                head: i.head.as_ref().map(to_blocks).transpose()?,
                 final_norm: i.final_norm.clone(),
                 ropes: i.ropes.clone(),
                 scratch: Mutex::default(),
@@ -771,6 +853,9 @@ impl Decoder {
         batch: &mut [SeqStep<'_, C>],
         logits: Logits,
     ) -> Result<Vec<Tensor>> {
+        if let Some(pp) = &self.inner.pp {
+            return self.forward_pipeline(pp, batch, logits);
+        }
         if batch.iter().map(|s| s.tokens.len()).sum::<usize>() <= UBATCH {
             return self.forward_kv_once(batch, logits);
         }
@@ -794,6 +879,175 @@ impl Decoder {
         Ok(out)
     }
 
+    /// The forward pass of a pipeline stage. The call's new tokens are cut
+    /// into micro-batches (whole sequences packed up to a token budget, a
+    /// longer prompt in chunks of it); every rank takes them in the same
+    /// order: the first stage embeds, the others receive the activations
+    /// from the stage before, each runs its layers, commits its own caches
+    /// and sends the activations on; the last stage computes the logits
+    /// and gives them to every rank.
+    fn forward_pipeline<C: SequenceCache + KvStore>(
+        &self,
+        pp: &PpPart,
+        batch: &mut [SeqStep<'_, C>],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
+        let started = std::time::Instant::now();
+        let mut waited = std::time::Duration::ZERO;
+        self.check_batch(batch)?;
+        let (d, vocab) = (self.inner.spec.hidden_size, self.inner.spec.vocab_size);
+        let (rank, comm) = (pp.comm.rank(), &*pp.comm);
+        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        // Several micro-batches per stage keep the stages busy together.
+        // They are cut where one process's kernels would compute the same
+        // bits: in multiples of the attention's query block, never leaving
+        // a piece below the row count where the matmuls and the attention
+        // change algorithm (one process takes the whole call at once).
+        let budget =
+            (total / (4 * comm.size()) / fast::QUERY_BLOCK * fast::QUERY_BLOCK).clamp(fast::QUERY_BLOCK, UBATCH);
+        let small = fast::BLOCKED_FROM;
+        let mut items: Vec<Vec<(usize, Range<usize>)>> = Vec::new();
+        let mut open: Vec<(usize, Range<usize>)> = Vec::new();
+        let mut open_tokens = 0;
+        // One process takes a call of up to UBATCH tokens at once, a longer
+        // one sequence by sequence in pieces of UBATCH: so do the stages.
+        let whole_call = total <= UBATCH;
+        for (i, s) in batch.iter().enumerate() {
+            let len = s.tokens.len();
+            let pieces: Vec<Range<usize>> = if whole_call {
+                vec![0..len]
+            } else {
+                (0..len).step_by(UBATCH).map(|a| a..(a + UBATCH).min(len)).collect()
+            };
+            for piece in pieces {
+                let mut start = piece.start;
+                while start < piece.end {
+                    let left = piece.end - start;
+                    let take = if left - left.min(budget) < small { left } else { budget };
+                    if !open.is_empty() && (!whole_call || open_tokens + take > budget) {
+                        items.push(std::mem::take(&mut open));
+                        open_tokens = 0;
+                    }
+                    open.push((i, start..start + take));
+                    open_tokens += take;
+                    start += take;
+                }
+            }
+        }
+        if !open.is_empty() {
+            if whole_call && open_tokens < small && total >= small && !items.is_empty() {
+                // Whole short sequences: they join the micro-batch before.
+                items.last_mut().expect("an item").extend(open);
+            } else {
+                items.push(open);
+            }
+        }
+        let mut per_seq: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        for item in &items {
+            let ids: Vec<u32> = item.iter().flat_map(|(i, r)| batch[*i].tokens[r.clone()].iter().copied()).collect();
+            let mut spans = Vec::with_capacity(item.len());
+            let mut rows = Vec::new();
+            let mut at = 0;
+            for (i, r) in item {
+                spans.push((at, r.len(), batch[*i].cache.len()));
+                match logits {
+                    Logits::All => rows.extend(at..at + r.len()),
+                    Logits::Last if r.end == batch[*i].tokens.len() => rows.push(at + r.len() - 1),
+                    Logits::Last => {}
+                }
+                at += r.len();
+            }
+            let input = if pp.first() {
+                None
+            } else {
+                let mut buf = vec![0f32; ids.len() * d];
+                let t0 = std::time::Instant::now();
+                comm.recv(rank - 1, &mut buf);
+                waited += t0.elapsed();
+                Some(buf)
+            };
+            let out = {
+                let mut caches: Vec<&mut C> = Vec::with_capacity(item.len());
+                let mut next = item.iter().map(|(i, _)| *i).peekable();
+                for (i, s) in batch.iter_mut().enumerate() {
+                    if next.peek() == Some(&i) {
+                        next.next();
+                        caches.push(&mut *s.cache);
+                    }
+                }
+                let run = |caches: &mut Vec<&mut C>| self.inner.forward(&ids, &spans, caches, &rows, input.as_deref());
+                if rayon::current_thread_index().is_some() {
+                    run(&mut caches)?
+                } else {
+                    rayon::scope(|_| run(&mut caches))?
+                }
+            };
+            for (i, r) in item {
+                batch[*i].cache.commit(r.len())?;
+            }
+            if pp.last() {
+                // The logits rows of this micro-batch, back to their sequences.
+                let mut row = 0;
+                for (i, r) in item {
+                    let n = match logits {
+                        Logits::All => r.len(),
+                        Logits::Last => usize::from(r.end == batch[*i].tokens.len()),
+                    };
+                    per_seq[*i].extend_from_slice(&out[row * vocab..(row + n) * vocab]);
+                    row += n;
+                }
+            } else {
+                let t0 = std::time::Instant::now();
+                comm.send(rank + 1, &out);
+                waited += t0.elapsed();
+            }
+        }
+        // Every rank returns the last stage's logits.
+        let last = comm.size() - 1;
+        let mut bytes: Vec<u8> = if pp.last() {
+            per_seq.iter().flat_map(|v| v.iter().flat_map(|x| x.to_le_bytes())).collect()
+        } else {
+            Vec::new()
+        };
+        let t0 = std::time::Instant::now();
+        comm.broadcast(&mut bytes, last);
+        waited += t0.elapsed();
+        let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for s in batch.iter() {
+            let n = match logits {
+                Logits::All => s.tokens.len(),
+                Logits::Last => 1,
+            };
+            if all.len() < (at + n) * vocab {
+                return Err(Error::input("pipeline", "the last stage sent fewer logits than the call needs"));
+            }
+            let t = Tensor::from_slice(&all[at * vocab..(at + n) * vocab], (n, vocab), &Device::Cpu)?;
+            out.push(match logits {
+                Logits::All => t,
+                Logits::Last => t.get(0)?,
+            });
+            at += n;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        pp.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        pp.wait_ns.fetch_add(waited.as_nanos() as u64, Relaxed);
+        Ok(out)
+    }
+
+    /// Under pipeline parallelism: this rank's stage, its layers, and the
+    /// time it spent in forward calls and waiting in them.
+    pub fn pipeline_times(&self) -> Option<PipelineTimes> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.pp.as_ref().map(|p| PipelineTimes {
+            stage: p.comm.rank(),
+            layers: (p.layers.start, p.layers.end),
+            busy_s: p.busy_ns.load(Relaxed) as f64 * 1e-9,
+            wait_s: p.wait_ns.load(Relaxed) as f64 * 1e-9,
+        })
+    }
+
     fn forward_kv_once<C: SequenceCache + KvStore>(
         &self,
         batch: &mut [SeqStep<'_, C>],
@@ -814,9 +1068,9 @@ impl Decoder {
             // caller to sleep (perf, decode: 12% of the time was in the
             // scheduler).
             if rayon::current_thread_index().is_some() {
-                self.inner.forward(&ids, &spans, &mut caches, &rows)?
+                self.inner.forward(&ids, &spans, &mut caches, &rows, None)?
             } else {
-                rayon::scope(|_| self.inner.forward(&ids, &spans, &mut caches, &rows))?
+                rayon::scope(|_| self.inner.forward(&ids, &spans, &mut caches, &rows, None))?
             }
         };
         for (s, &(_, len, _)) in batch.iter_mut().zip(&spans) {
@@ -894,9 +1148,10 @@ impl Inner {
         spans: &[(usize, usize, usize)],
         caches: &mut [&mut C],
         rows: &[usize],
+        input: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let mut sc = self.scratch.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
-        let logits = self.forward_with(ids, spans, caches, rows, &mut sc)?;
+        let logits = self.forward_with(ids, spans, caches, rows, &mut sc, input)?;
         if let Ok(mut pool) = self.scratch.lock() {
             pool.push(sc);
         }
@@ -910,6 +1165,7 @@ impl Inner {
         caches: &mut [&mut C],
         rows: &[usize],
         sc: &mut Scratch,
+        input: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let spec = &self.spec;
         let (d, hd, mut nh, mut nkv, mut ff) =
@@ -921,14 +1177,21 @@ impl Inner {
         let eps = spec.norm_eps as f32;
         let Scratch { x, h, q, k, v, att, o, g, u, hr, wide, positions, tables, acts, full, part } = sc;
         let x = sized(x, t * d);
-        for (i, &id) in ids.iter().enumerate() {
-            let row = &mut x[i * d..(i + 1) * d];
-            self.embed.row_into(id as usize, row)?;
-            if let Some(scale) = spec.embed_scale {
-                for v in row.iter_mut() {
-                    *v *= scale;
+        match (input, &self.embed) {
+            // A later pipeline stage: the previous stage's activations.
+            (Some(inp), _) => x.copy_from_slice(&inp[..t * d]),
+            (None, Some(embed)) => {
+                for (i, &id) in ids.iter().enumerate() {
+                    let row = &mut x[i * d..(i + 1) * d];
+                    embed.row_into(id as usize, row)?;
+                    if let Some(scale) = spec.embed_scale {
+                        for v in row.iter_mut() {
+                            *v *= scale;
+                        }
+                    }
                 }
             }
+            (None, None) => return Err(Error::input("decoder", "a later pipeline stage needs its input activations")),
         }
         positions.clear();
         positions.extend(spans.iter().flat_map(|&(_, len, past)| (past as u32)..((past + len) as u32)));
@@ -950,7 +1213,8 @@ impl Inner {
         let o = sized(o, t * d);
         let g = sized(g, t * ff);
         let u = sized(u, t * ff);
-        for (li, l) in self.layers.iter().enumerate() {
+        for l in &self.layers {
+            let li = l.index;
             // Attention.
             fast::rms_norm_rows_to(x, &l.attn_norm, eps, h);
             let mut inp = Input::new(h, t, d, acts);
@@ -1010,15 +1274,19 @@ impl Inner {
             }
             residual(x, o, l.post_ffn_norm.as_deref(), eps);
         }
+        // A pipeline stage before the last hands on its activations.
+        let Some(head) = &self.head else {
+            return Ok(x.to_vec());
+        };
         // Only the wanted rows go through the final norm and the head.
         hr.clear();
         for &r in rows {
             hr.extend_from_slice(&x[r * d..(r + 1) * d]);
         }
         fast::rms_norm_rows(hr, &self.final_norm, eps);
-        let vocab = self.head.rows();
+        let vocab = head.rows();
         let mut logits = vec![0f32; rows.len() * vocab];
-        self.head.forward(&mut Input::new(hr, rows.len(), d, acts), &mut logits, wide)?;
+        head.forward(&mut Input::new(hr, rows.len(), d, acts), &mut logits, wide)?;
         if let Some(p) = &self.tp {
             let mut all = vec![0f32; rows.len() * spec.vocab_size];
             p.vocab.gather(&*p.comm, &logits, rows.len(), &mut all);

@@ -101,8 +101,9 @@ impl LayerCaches {
 
 impl SequenceCache for LayerCaches {
     fn len(&self) -> usize {
-        let tensors = self.layers.first().map_or(0, |c| c.len());
-        tensors.max(self.raw.first().map_or(0, |c| c.len()))
+        // A pipeline stage fills only its own layers.
+        let tensors = self.layers.iter().map(|c| c.len()).max().unwrap_or(0);
+        tensors.max(self.raw.iter().map(|c| c.len()).max().unwrap_or(0))
     }
 
     fn truncate(&mut self, len: usize) -> Result<()> {

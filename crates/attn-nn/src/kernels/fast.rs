@@ -435,7 +435,7 @@ fn attend_row_in<K: KvRows>(
     }
 }
 
-const QUERY_BLOCK: usize = 128;
+pub const QUERY_BLOCK: usize = 128;
 
 /// Calls with this many queries or more take the blocked `gemm` path.
 pub const BLOCKED_FROM: usize = 48;
