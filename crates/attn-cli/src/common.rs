@@ -63,6 +63,31 @@ fn default_threads() -> usize {
     DEFAULT_THREADS.get().copied().unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
+/// [`open_model`], this rank's part under `parallel`. Rank 0 resolves (and
+/// pulls) the model first, so that ranks sharing a model cache do not
+/// download it at once.
+pub fn open_model_parallel(
+    arg: &str,
+    parallel: attn_models::decoder::Parallel,
+    comm: &dyn attn_dist::Collective,
+) -> anyhow::Result<AnyModel> {
+    let resolve = || resolve_model(arg, comm.rank() == 0 && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let path = if comm.rank() == 0 {
+        let p = resolve();
+        comm.barrier();
+        p?
+    } else {
+        comm.barrier();
+        resolve()?
+    };
+    Ok(attn_models::load::load_model_parallel(
+        &path,
+        &Device::Cpu,
+        attn_models::load::candle_kernels_requested()?,
+        parallel,
+    )?)
+}
+
 /// Resolves (pulling known names on first use) and loads a model.
 pub fn open_model(arg: &str) -> anyhow::Result<AnyModel> {
     let path = resolve_model(arg, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;

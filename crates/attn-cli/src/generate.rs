@@ -11,9 +11,10 @@ use attn_models::chat::Message;
 use attn_models::{LanguageModel, Tokenizer};
 use serde_json::json;
 
-use attn_models::load::{AnyModel, Seq2Seq};
+use attn_models::decoder::Parallel;
+use attn_models::load::{AnyModel, CausalModel, Seq2Seq};
 
-use crate::common::{open_generator, open_model, set_threads, SamplingArgs, DEFAULT_CHAT, DEFAULT_GENERATOR};
+use crate::common::{open_generator, open_model_parallel, set_threads, SamplingArgs, DEFAULT_CHAT, DEFAULT_GENERATOR};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -66,9 +67,24 @@ pub struct GenerateArgs {
     /// Structured output: the text follows the Lark grammar in FILE (llguidance's dialect)
     #[arg(long, value_name = "FILE")]
     grammar: Option<std::path::PathBuf>,
+    /// Under mpirun/srun: split the model over the MPI ranks by rows of every
+    /// matrix (heads, FFN units, width, vocabulary); each rank holds its part
+    /// of the weights and of the KV cache, and the logits equal one process's
+    #[arg(long, conflicts_with = "pipeline_parallel")]
+    tensor_parallel: bool,
+    /// Under mpirun/srun: split the model's layers into one contiguous stage
+    /// per MPI rank, micro-batches flowing stage to stage; prints each stage's
+    /// waiting share (the pipeline bubble)
+    #[arg(long)]
+    pipeline_parallel: bool,
 }
 
 impl GenerateArgs {
+    /// Whether the model is split over the ranks.
+    pub fn parallel(&self) -> bool {
+        self.tensor_parallel || self.pipeline_parallel
+    }
+
     /// The grammar the structured-output flags ask for.
     fn grammar_spec(&self) -> anyhow::Result<Option<GrammarSpec>> {
         let read = |flag: &str, path: &std::path::Path| {
@@ -191,9 +207,30 @@ fn generate_maybe_speculative<M: LanguageModel, T: Tokenizer + ?Sized>(
     Ok(result)
 }
 
-pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+pub fn run(args: &GenerateArgs, world: &attn_dist::World) -> anyhow::Result<()> {
     set_threads(args.threads)?;
-    let params = args.sampling.params()?;
+    let mut params = args.sampling.params()?;
+    let comm = world.comm.clone();
+    let parallel = if args.tensor_parallel {
+        Parallel::Tensor(comm.clone())
+    } else if args.pipeline_parallel {
+        Parallel::Pipeline(comm.clone())
+    } else {
+        Parallel::None
+    };
+    if args.parallel() && world.size() == 1 {
+        eprintln!("note: one rank (not started by mpirun/srun): the whole model runs in this process");
+    }
+    if world.size() > 1 {
+        // Every rank decodes the same tokens from the same logits: they
+        // must draw with the same seed (rank 0's). Rank 0 alone prints.
+        let mut seed = params.seed.unwrap_or_else(rand::random).to_le_bytes().to_vec();
+        comm.broadcast(&mut seed, 0);
+        params.seed = Some(u64::from_le_bytes(seed[..8].try_into()?));
+        if world.rank() != 0 {
+            silence_stdout();
+        }
+    }
     let prompt = read_prompt(&args.prompt)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
@@ -210,7 +247,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             anyhow::bail!("--draft and --beam-width do not combine: speculative decoding samples or decodes greedily");
         }
     }
-    let mut g = match open_model(&args.model)? {
+    let mut g = match open_model_parallel(&args.model, parallel, &*comm)? {
         AnyModel::Generator(g) => g,
         AnyModel::Seq2Seq(m) => {
             if args.draft.is_some() {
@@ -260,6 +297,45 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             decode_and_print(args, &g.model, &g.tokenizer, ids, &params, Some(&mut drafter))
         }
         _ => decode_and_print(args, &g.model, &g.tokenizer, ids, &params, None),
+    }?;
+    report_pipeline(&g.model, &*comm);
+    Ok(())
+}
+
+/// Rank 0 prints each pipeline stage's layers and the share of its time in
+/// forward calls it spent waiting for the other stages (the bubble).
+fn report_pipeline(model: &CausalModel, comm: &dyn attn_dist::Collective) {
+    let CausalModel::Decoder(d) = model else { return };
+    let Some(t) = d.pipeline_times() else { return };
+    let all = comm.all_gather(&[t.layers.0 as f32, t.layers.1 as f32, t.busy_s as f32, t.wait_s as f32]);
+    if comm.rank() != 0 {
+        return;
+    }
+    let mut parts = Vec::new();
+    let (mut busy, mut wait) = (0.0, 0.0);
+    for (stage, v) in all.chunks_exact(4).enumerate() {
+        parts.push(format!(
+            "stage {stage} (layers {}..{}) waited {:.0}% of {:.2} s",
+            v[0],
+            v[1],
+            100.0 * v[3] / v[2].max(1e-9),
+            v[2]
+        ));
+        busy += v[2] as f64;
+        wait += v[3] as f64;
+    }
+    eprintln!("pipeline: {}; bubble {:.1}%", parts.join(", "), 100.0 * wait / busy.max(1e-9));
+}
+
+/// Sends this process's standard output to /dev/null (the ranks other than
+/// 0 of a split model compute the same text).
+fn silence_stdout() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 replaces stdout with an open file; nothing
+        // holds a raw pointer into the old descriptor.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
 }
 

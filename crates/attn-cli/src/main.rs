@@ -61,9 +61,11 @@ fn run(cli: Cli, world: &attn_dist::World) -> anyhow::Result<()> {
         // mpirun; the others would do the whole job once per rank.
         match &cli.command {
             Command::Train(_) => {}
+            Command::Generate(g) if g.parallel() => {}
             _ => anyhow::bail!(
                 "this command does not run as several MPI ranks (this is rank {} of {}): \
-                 under mpirun/srun, run `attn train` (data-parallel)",
+                 under mpirun/srun, run `attn train` (data-parallel) or `attn generate --tensor-parallel` \
+                 / `--pipeline-parallel`",
                 world.rank(),
                 world.size()
             ),
@@ -71,7 +73,7 @@ fn run(cli: Cli, world: &attn_dist::World) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Info(args) => info::run(&args),
-        Command::Generate(a) => generate::run(&a),
+        Command::Generate(a) => generate::run(&a, &world),
         Command::Chat(a) => generate::chat(&a),
         Command::Embed(a) => embed::embed(&a),
         Command::Tokenize(a) => embed::tokenize(&a),

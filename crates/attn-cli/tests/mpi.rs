@@ -222,3 +222,45 @@ fn commands_that_do_not_split_their_work_refuse_to_run_as_ranks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not run as several MPI ranks"), "{err}");
 }
+
+fn completion_ids(out: &Output) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    v["completion_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// `mpirun -np 2 attn generate --tensor-parallel` and `--pipeline-parallel`
+/// give one process's greedy tokens (the decoders' split logits are one
+/// process's bits: crates/attn-models/tests/{tensor,pipeline}_parallel.rs).
+#[test]
+fn split_models_generate_the_tokens_of_one_process() {
+    let model = attn_test_support::real_model("smollm2-135m-instruct");
+    let model = model.to_str().unwrap();
+    let prompt = "The three laws of motion are";
+    let args = ["generate", "-m", model, "-n", "24", "--temperature", "0", "--json", prompt];
+    let one = ok({
+        let mut c = attn();
+        c.args(args).args(["-t", "1"]);
+        c
+    });
+    let want = completion_ids(&one);
+    assert_eq!(want.len(), 24);
+    for flag in ["--tensor-parallel", "--pipeline-parallel"] {
+        let mut a = args.to_vec();
+        a.push(flag);
+        let out = ok(mpirun(&a));
+        assert_eq!(completion_ids(&out), want, "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if flag == "--pipeline-parallel" {
+            assert!(err.contains("stage 1 (layers 15..30)") && err.contains("bubble"), "{err}");
+        }
+    }
+    // The seed is rank 0's: sampled text is the same on every rank.
+    let sampled = ["generate", "-m", model, "-n", "16", "--seed", "7", "--json", "--tensor-parallel", prompt];
+    let a = completion_ids(&ok(mpirun(&sampled)));
+    let b = completion_ids(&ok({
+        let mut c = attn();
+        c.args(&sampled[..sampled.len() - 2]).arg(prompt).args(["-t", "1"]);
+        c
+    }));
+    assert_eq!(a, b);
+}
