@@ -62,10 +62,11 @@ fn run(cli: Cli, world: &attn_dist::World) -> anyhow::Result<()> {
         match &cli.command {
             Command::Train(_) => {}
             Command::Generate(g) if g.parallel() => {}
+            Command::Serve(s) if s.tensor_parallel || s.pipeline_parallel => {}
             _ => anyhow::bail!(
                 "this command does not run as several MPI ranks (this is rank {} of {}): \
-                 under mpirun/srun, run `attn train` (data-parallel) or `attn generate --tensor-parallel` \
-                 / `--pipeline-parallel`",
+                 under mpirun/srun, run `attn train` (data-parallel), or `attn generate` / `attn serve` \
+                 with --tensor-parallel or --pipeline-parallel",
                 world.rank(),
                 world.size()
             ),
@@ -79,7 +80,7 @@ fn run(cli: Cli, world: &attn_dist::World) -> anyhow::Result<()> {
         Command::Tokenize(a) => embed::tokenize(&a),
         Command::Perplexity(a) => perplexity::run(&a),
         Command::Bench(a) => bench::run(&a),
-        Command::Serve(a) => serve::run(&a),
+        Command::Serve(a) => serve::run(&a, &world),
         Command::BenchServe(a) => serve::bench(&a),
         Command::Train(a) => train::run(&a, world),
         Command::Eval(a) => train::eval(&a),

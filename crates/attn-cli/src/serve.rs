@@ -17,7 +17,8 @@ use attn_serve::worker::{EmbedWorker, GenWorker};
 use attn_serve::{AppState, EmbedModel, GenModel, HttpOptions, ServerLimits};
 
 use crate::bench_serve::{self, BenchServeArgs};
-use crate::common::{open_model_with, set_threads, DEFAULT_GENERATOR};
+use crate::common::{open_model_parallel, open_model_with, set_threads, DEFAULT_GENERATOR};
+use attn_models::decoder::Parallel;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -92,6 +93,27 @@ pub struct ServeArgs {
     /// kernel reads each weight once per step for all sequences
     #[arg(long)]
     pub no_batched_kernels: bool,
+    /// Under mpirun/srun: split the generation model over the MPI ranks by
+    /// rows of every matrix; rank 0 serves HTTP and schedules, every rank
+    /// computes its part of each step
+    #[arg(long, conflicts_with = "pipeline_parallel")]
+    pub tensor_parallel: bool,
+    /// Under mpirun/srun: split the generation model's layers into one stage
+    /// per MPI rank; rank 0 serves HTTP and schedules
+    #[arg(long)]
+    pub pipeline_parallel: bool,
+}
+
+impl ServeArgs {
+    fn parallel(&self, comm: &attn_dist::Comm) -> Parallel {
+        if self.tensor_parallel {
+            Parallel::Tensor(comm.clone())
+        } else if self.pipeline_parallel {
+            Parallel::Pipeline(comm.clone())
+        } else {
+            Parallel::None
+        }
+    }
 }
 
 /// Parses sizes like `512MB`, `2GiB`, `1.5G`, `1000000`.
@@ -164,8 +186,10 @@ pub fn served_name(arg: &str) -> String {
     p.file_stem().map_or_else(|| arg.to_string(), |s| s.to_string_lossy().into_owned())
 }
 
-/// Loads the models and starts their worker threads.
-pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+/// Loads the models and starts their worker threads; with a model split
+/// over ranks (this is rank 0), its engine announces each step to them.
+pub fn build_state(args: &ServeArgs, comm: &attn_dist::Comm) -> anyhow::Result<Arc<AppState>> {
+    let split = args.tensor_parallel || args.pipeline_parallel;
     let metrics = Arc::new(Metrics::default());
     let mut generators = Vec::new();
     let mut encoders = Vec::new();
@@ -175,7 +199,27 @@ pub fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
         {
             anyhow::bail!("model `{name}` is given twice");
         }
-        match open_model_with(arg, args.no_batched_kernels || attn_models::load::candle_kernels_requested()?)? {
+        let model = if split {
+            open_model_parallel(arg, args.parallel(comm), &**comm)?
+        } else {
+            open_model_with(arg, args.no_batched_kernels || attn_models::load::candle_kernels_requested()?)?
+        };
+        match model {
+            AnyModel::Generator(g) if split => {
+                let g = *g;
+                let bytes = kv_bytes(args)?;
+                let cfg = engine_config(&g.model, args, bytes)?;
+                let tokenizer = Arc::new(g.tokenizer);
+                eprintln!(
+                    "{name}: split over {} ranks; this rank's KV cache {} blocks x {} positions",
+                    comm.size(),
+                    cfg.num_blocks,
+                    cfg.block_size
+                );
+                let model = attn_serve::dist::Leader::new(g.model, comm.clone(), cfg.block_size, cfg.num_blocks);
+                let worker = GenWorker::spawn(name.clone(), model, tokenizer.clone(), cfg, metrics.clone())?;
+                generators.push(GenModel { name, worker, tokenizer, chat_template: g.chat_template });
+            }
             AnyModel::Generator(g) => {
                 let g = *g;
                 let bytes = kv_bytes(args)?;
@@ -257,8 +301,34 @@ async fn shutdown_signal() {
     eprintln!("shutting down: finishing in-flight requests, refusing new ones");
 }
 
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+pub fn run(args: &ServeArgs, world: &attn_dist::World) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    let split = args.tensor_parallel || args.pipeline_parallel;
+    if split && args.models.len() != 1 {
+        anyhow::bail!("a model split over ranks is served alone: give one -m/--model");
+    }
+    if split && world.size() == 1 {
+        eprintln!("note: one rank (not started by mpirun/srun): the whole model runs in this process");
+    }
+    if world.rank() != 0 {
+        // A worker rank: its part of the model follows rank 0's steps.
+        let model = match open_model_parallel(&args.models[0], args.parallel(&world.comm), &*world.comm)? {
+            AnyModel::Generator(g) => g.model,
+            other => {
+                anyhow::bail!("`{}` is a {} model; a split model must generate text", args.models[0], other.kind())
+            }
+        };
+        // mpirun forwards SIGTERM/SIGINT to every rank: rank 0 drains its
+        // requests (which need this rank) and then stops the others.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: setting the disposition of two signals to "ignore".
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        }
+        attn_serve::dist::follow(&model, &*world.comm)?;
+        return Ok(());
+    }
     if args.max_num_seqs == 0 || args.max_batched_tokens < args.max_num_seqs {
         anyhow::bail!("--max-batched-tokens must be at least --max-num-seqs, and both at least 1");
     }
@@ -274,7 +344,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // Bind first: a busy port fails at once, before the models load.
     let listener =
         rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("cannot listen on {addr}"))?;
-    let state = build_state(args)?;
+    let state = build_state(args, &world.comm)?;
     rt.block_on(async {
         let names: Vec<String> =
             attn_serve::model_names(&state).into_iter().map(|(n, k)| format!("{n} ({k})")).collect();
@@ -397,9 +467,11 @@ pub fn bench(cmd: &BenchServeCmd) -> anyhow::Result<()> {
                 read_timeout_s: 30,
                 threads: cmd.threads,
                 no_batched_kernels: cmd.no_batched_kernels,
+                tensor_parallel: false,
+                pipeline_parallel: false,
             };
             set_threads(args.threads)?;
-            let state = build_state(&args)?;
+            let state = build_state(&args, &attn_dist::single())?;
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
             let url = format!("http://{}", listener.local_addr()?);

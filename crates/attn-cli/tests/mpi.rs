@@ -264,3 +264,84 @@ fn split_models_generate_the_tokens_of_one_process() {
     }));
     assert_eq!(a, b);
 }
+
+/// `mpirun -np 2 attn serve --tensor-parallel` (and `--pipeline-parallel`):
+/// rank 0 serves HTTP and schedules, rank 1 computes its part of each step;
+/// concurrent requests (one continuous batch) get one process's greedy
+/// text, and SIGTERM to rank 0 drains it and stops every rank cleanly.
+#[test]
+fn a_split_model_serves_concurrent_requests_and_stops_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let model = attn_test_support::real_model("smollm2-135m-instruct");
+    let model = model.to_str().unwrap();
+    let prompt = "The three laws of motion are";
+    let one = ok({
+        let mut c = attn();
+        c.args(["generate", "-m", model, "-n", "20", "--temperature", "0", "--json", prompt, "-t", "1"]);
+        c
+    });
+    let want: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    let want = want["text"].as_str().unwrap().to_string();
+    for flag in ["--tensor-parallel", "--pipeline-parallel"] {
+        // By its registry name (the cached file), the name requests use.
+        let mut job =
+            mpirun(&["serve", flag, "-m", "smollm2-135m-instruct", "--port", "0", "--kv-cache-memory", "64MiB"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+        let mut err = BufReader::new(job.stderr.take().unwrap());
+        let mut url = None;
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 {
+            if let Some(at) = line.find("http://") {
+                url = line[at + 7..].split_whitespace().next().map(|s| s.to_string());
+                break;
+            }
+            line.clear();
+        }
+        let host = url.expect("the server's address");
+        let body = format!(
+            r#"{{"model":"smollm2-135m-instruct","prompt":{},"max_tokens":20,"temperature":0}}"#,
+            serde_json::to_string(prompt).unwrap()
+        );
+        let texts: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|_| {
+                    let (host, body) = (host.clone(), body.clone());
+                    s.spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut c = std::net::TcpStream::connect(&host).unwrap();
+                        write!(
+                            c,
+                            "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .unwrap();
+                        let mut resp = String::new();
+                        c.read_to_string(&mut resp).unwrap();
+                        let json = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
+                        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {resp}"));
+                        v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{resp}")).to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for t in &texts {
+            assert_eq!(t, &want, "{flag}");
+        }
+        let pid = rank_pid(job.id(), 0).expect("rank 0's process");
+        // SAFETY: kill(2) on a pid this test's child started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = job.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "the job did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{flag}: {status:?}");
+    }
+}

@@ -359,8 +359,8 @@ impl<M: PagedLanguageModel, T: Tokenizer> LlmEngine<M, T> {
     }
 
     fn run(&mut self, batch: &[(SeqId, usize)], copies: &[(u32, u32)]) -> Result<Vec<SeqOutput>> {
-        for &(src, dst) in copies {
-            self.pool.copy_block(src, dst)?;
+        if !copies.is_empty() {
+            self.model.copy_blocks(&self.pool, copies)?;
         }
         // Sequences that need every position's logits run in their own call.
         let (all, last): (Vec<(SeqId, usize)>, Vec<(SeqId, usize)>) =

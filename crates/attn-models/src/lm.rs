@@ -235,6 +235,16 @@ pub trait PagedLanguageModel: LanguageModel {
     /// [`LanguageModel::forward`] with paged caches. Each cache's block
     /// table must already have room for its new tokens.
     fn forward_paged(&self, batch: &mut [SeqStep<'_, PagedCache>], logits: Logits) -> Result<Vec<Tensor>>;
+
+    /// Copies whole blocks of `pool` (`(src, dst)`: a forked sequence's
+    /// shared last block before it diverges). A model split over ranks
+    /// has each rank copy its own pool's blocks.
+    fn copy_blocks(&self, pool: &attn_nn::KvPool, copies: &[(u32, u32)]) -> Result<()> {
+        for &(src, dst) in copies {
+            pool.copy_block(src, dst)?;
+        }
+        Ok(())
+    }
 }
 
 /// Text <-> token ids.

@@ -21,6 +21,7 @@
 //! named.
 
 pub mod api;
+pub mod dist;
 pub mod metrics;
 pub mod tools;
 pub mod worker;
