@@ -265,6 +265,27 @@ fn split_models_generate_the_tokens_of_one_process() {
     assert_eq!(a, b);
 }
 
+/// A job that is killed if the test fails before it ends (a server's
+/// ranks would otherwise outlive the test).
+struct Job(std::process::Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SIGTERM to mpirun ends every rank (SIGKILL would leave them).
+        // SAFETY: kill(2) on this test's own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while let Ok(None) = self.0.try_wait() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = self.0.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// `mpirun -np 2 attn serve --tensor-parallel` (and `--pipeline-parallel`):
 /// rank 0 serves HTTP and schedules, rank 1 computes its part of each step;
 /// concurrent requests (one continuous batch) get one process's greedy
@@ -285,11 +306,12 @@ fn a_split_model_serves_concurrent_requests_and_stops_cleanly() {
     for flag in ["--tensor-parallel", "--pipeline-parallel"] {
         // By its registry name (the cached file), the name requests use.
         let mut job =
-            mpirun(&["serve", flag, "-m", "smollm2-135m-instruct", "--port", "0", "--kv-cache-memory", "64MiB"])
+            Job(mpirun(&["serve", flag, "-m", "smollm2-135m-instruct", "--port", "0", "--kv-cache-memory", "64MiB"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap();
+                .unwrap());
+        let job = &mut job.0;
         let mut err = BufReader::new(job.stderr.take().unwrap());
         let mut url = None;
         let mut line = String::new();
