@@ -251,7 +251,7 @@ fn split_models_generate_the_tokens_of_one_process() {
         assert_eq!(completion_ids(&out), want, "{flag}");
         let err = String::from_utf8_lossy(&out.stderr);
         if flag == "--pipeline-parallel" {
-            assert!(err.contains("stage 1 (layers 15..30)") && err.contains("bubble"), "{err}");
+            assert!(err.contains("stage 1 (layers 16..30)") && err.contains("bubble"), "{err}");
         }
     }
     // The seed is rank 0's: sampled text is the same on every rank.
