@@ -5,38 +5,7 @@
 
 use attn_models::decoder::{Decoder, Parallel};
 use attn_models::{LanguageModel, Logits, SeqStep};
-use attn_test_support::{fixture_json, ids, real_gguf};
-
-/// Runs `f` on each stage at once, each on its own thread with its own
-/// one-thread rayon pool.
-fn on_ranks<T: Send>(parts: &[Decoder], f: impl Fn(&Decoder) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = parts
-            .iter()
-            .map(|p| {
-                let f = &f;
-                s.spawn(move || {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-                    pool.install(|| f(p))
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
-fn greedy(m: &Decoder, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.new_cache().unwrap();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..n {
-        let l = m.forward(&mut [SeqStep { tokens: &next, cache: &mut cache }], Logits::Last).unwrap();
-        let t = l[0].argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        out.push(t);
-        next = vec![t];
-    }
-    out
-}
+use attn_test_support::{fixture_json, greedy_tokens, ids, on_ranks, real_gguf};
 
 fn bits(t: &candle_core::Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
@@ -84,8 +53,8 @@ fn check(name: &str, fixture: &str, long: bool) {
     assert!(positions >= 300);
     for p in reference["teacher_forced"].as_array().unwrap().iter().take(3) {
         let prompt = &ids(&p["ids"])[..16];
-        let want = greedy(&whole, prompt, 24);
-        for got in on_ranks(&stages, |m| greedy(m, prompt, 24)) {
+        let want = greedy_tokens(&whole, prompt, 24);
+        for got in on_ranks(&stages, |m| greedy_tokens(m, prompt, 24)) {
             assert_eq!(got, want, "{name}: greedy tokens from {}", p["name"]);
         }
     }

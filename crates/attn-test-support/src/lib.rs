@@ -18,6 +18,7 @@ pub mod doubles;
 pub mod files;
 pub mod gpt;
 pub mod json;
+pub mod ranks;
 pub mod real;
 pub mod reference;
 pub mod tiny_gguf;
@@ -27,4 +28,5 @@ pub use diff::{assert_close, assert_tensor_close, cosine, max_abs_diff, rel_rms,
 pub use files::{fixture_json, fixture_path, fixture_text, process_temp_dir, set_threads, tempdir, workspace_root};
 pub use gpt::tiny_gpt;
 pub use json::{floats, ids};
+pub use ranks::{greedy_tokens, on_ranks};
 pub use real::{real_gguf, real_model};
