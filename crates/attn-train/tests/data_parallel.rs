@@ -49,7 +49,12 @@ fn two_thread_ranks_equal_one_process_with_two_shards() {
     .unwrap();
     assert!(weights(&ranks) == weights(&one));
 
-    // A run of 2 shards resumes in one process and goes on bit for bit.
+    // The 2-rank run resumes in one process (from step 5, the newer
+    // checkpoint removed) and ends on the same bits: the run keeps its 2
+    // shards, computed in turn.
+    let want = weights(&ranks);
+    std::fs::remove_dir_all(ranks.join("checkpoints/step-00000010")).unwrap();
+    std::fs::remove_dir_all(ranks.join("model")).unwrap();
     let resumed = train(&TrainOptions {
         config: None,
         run_dir: ranks.clone(),
@@ -59,6 +64,7 @@ fn two_thread_ranks_equal_one_process_with_two_shards() {
     })
     .unwrap();
     assert_eq!(resumed.steps, 10);
+    assert!(weights(&ranks) == want, "resumed in one process, the 2-rank run ended elsewhere");
 }
 
 #[test]
