@@ -7,9 +7,8 @@
 //! - block-quantized weights ([`Q8Matrix`]: Q8_0, Q5_0, Q4_0 and the other
 //!   GGUF block types at their own width) use the batched block matmul of
 //!   [`crate::kernels::q8`] (AVX-512 VNNI, AVX2 or portable, picked at run time);
-//!   without VNNI, a call with many rows (prefill) expands the weight to f32
-//!   a chunk of rows at a time and multiplies with `gemm` instead, since the
-//!   AVX2 block kernel's cost grows with every row;
+//!   with the portable kernel, a call with many rows (prefill) expands the
+//!   weight to f32 a chunk of rows at a time and multiplies with `gemm`;
 //! - float weights (a GGUF opened dequantized, for reference comparisons)
 //!   use `gemm`;
 //! - candle's own quantized matmul (`ATTN_KERNELS=candle`, the reference
@@ -28,10 +27,11 @@ use crate::error::{Error, Result};
 use crate::kernels::fast;
 use crate::kernels::q8::{Kernel, Q8Acts, Q8Matrix};
 
-/// Without AVX-512 VNNI, from this many rows on a block-quantized matmul
-/// expands the weight to f32 and uses `gemm`. With VNNI the block kernel is
-/// the faster one at any size (Gemma 3 270M, 512-token prefill, 2 threads:
-/// 527 and 601 tok/s against 254 and 377 with the expansion), and every
+/// With the portable block kernel (no AVX2), from this many rows a
+/// block-quantized matmul expands the weight to f32 and uses `gemm`. The
+/// AVX2 and AVX-512 VNNI block kernels are the faster ones at any size
+/// (AVX2, 2 threads, 512-token prefill: Gemma 3 270M 503 against 355 tok/s
+/// with the expansion, Qwen2.5-Coder-0.5B 155 against 108), and every
 /// matmul is then batch-invariant.
 const GEMM_ROWS: usize = fast::BLOCKED_FROM;
 /// Output rows of a (large) matrix expanded to f32 at a time.
@@ -122,7 +122,7 @@ impl Linear {
         }
         let out = &mut out[..m * n];
         match &self.weight {
-            Weight::Blocks(w) if m >= GEMM_ROWS && Kernel::detected() != Kernel::Vnni => {
+            Weight::Blocks(w) if m >= GEMM_ROWS && Kernel::detected() == Kernel::Portable => {
                 let chunk = EXPAND_CHUNK.min(n);
                 scratch.resize(chunk * k, 0.0);
                 let mut r0 = 0;

@@ -502,6 +502,7 @@ impl Kernel {
         match self {
             Kernel::Vnni if m == 1 => (4, 1),
             Kernel::Vnni => (2, 6),
+            Kernel::Avx2 if m == 1 => (1, 1),
             Kernel::Avx2 => (1, 4),
             Kernel::Portable => (1, 1),
         }
@@ -1111,6 +1112,20 @@ impl Q8Matrix {
     /// no other thread writes these groups' outputs.
     unsafe fn run_groups(&self, a: &Q8Acts, g0: usize, g1: usize, kernel: Kernel, out: *mut f32) {
         let m = a.m;
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2 && m >= WIDE_FROM {
+            return self.run_groups_wide_avx2(a, g0, g1, out);
+        }
+        self.run_groups_narrow(a, g0, g1, kernel, out)
+    }
+
+    /// [`Self::run_groups`] with the tiles of [`Kernel::tile`], the weights
+    /// unpacked in registers.
+    ///
+    /// # Safety
+    /// As [`Self::run_groups`].
+    unsafe fn run_groups_narrow(&self, a: &Q8Acts, g0: usize, g1: usize, kernel: Kernel, out: *mut f32) {
+        let m = a.m;
         let (gmax, nmax) = kernel.tile(m);
         let mut res = [[0f32; GROUP]; 12];
         let mut g = g0;
@@ -1122,12 +1137,9 @@ impl Q8Matrix {
                 match kernel {
                     Kernel::Portable => self.tile_portable(g, gt, a, n0, nt, &mut res),
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => match self.quants {
-                        Quants::Q8(_) => tiles_avx2::<W_Q8>(self, g, a, n0, nt, &mut res),
-                        Quants::Q5 { .. } => tiles_avx2::<W_Q5>(self, g, a, n0, nt, &mut res),
-                        Quants::Q4 { .. } => tiles_avx2::<W_Q4>(self, g, a, n0, nt, &mut res),
-                        Quants::Q6 { .. } => tiles_avx2::<W_Q6>(self, g, a, n0, nt, &mut res),
-                    },
+                    Kernel::Avx2 => {
+                        tiles_avx2::<false>(self, &Planes::of(self, std::ptr::null()), g, gt, a, n0, nt, &mut res)
+                    }
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Vnni => match self.quants {
                         Quants::Q8(_) => tiles_vnni::<W_Q8>(self, g, gt, a, n0, nt, &mut res),
@@ -1487,17 +1499,158 @@ unsafe fn tile_vnni<const G: usize, const N: usize, const W: u8>(
     }
 }
 
-/// [`tile_avx2`] for `nt` (1 to 4) activation rows.
+/// The planes of a [`Q8Matrix`]'s storage, or one group widened to bytes,
+/// as raw pointers for [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Planes {
+    q8: *const Line,
+    nib: *const Line,
+    high: *const u64,
+    crumbs: *const Line,
+    /// A group's lines widened by [`Q8Matrix::widen_group`].
+    wide: *const Line,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Planes {
+    fn of(w: &Q8Matrix, wide: *const Line) -> Self {
+        let mut p = Planes {
+            q8: std::ptr::null(),
+            nib: std::ptr::null(),
+            high: std::ptr::null(),
+            crumbs: std::ptr::null(),
+            wide,
+        };
+        match &w.quants {
+            Quants::Q8(q) => p.q8 = q.as_ptr(),
+            Quants::Q5 { nib, high } => (p.nib, p.high) = (nib.as_ptr(), high.as_ptr()),
+            Quants::Q4 { nib, .. } => p.nib = nib.as_ptr(),
+            Quants::Q6 { nib, crumbs } => (p.nib, p.crumbs) = (nib.as_ptr(), crumbs.as_ptr()),
+        }
+        p
+    }
+
+    /// Asks for panel `pb`'s weight bytes to be brought into the cache
+    /// (`pb` may be past the end: prefetches never fault).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn prefetch<const W: u8>(&self, pb: usize) {
+        use std::arch::x86_64::*;
+        let line = |p: *const Line, i: usize| _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i) as *const i8);
+        match W {
+            W_Q8 => (0..LINES).for_each(|k| line(self.q8, pb * LINES + k)),
+            _ => {
+                (0..4).for_each(|k| line(self.nib, pb * 4 + k));
+                if W == W_Q5 {
+                    _mm_prefetch::<_MM_HINT_T0>(self.high.wrapping_add(pb * LINES) as *const i8);
+                } else if W == W_Q6 {
+                    (0..2).for_each(|k| line(self.crumbs, pb * 2 + k));
+                }
+            }
+        }
+    }
+
+    /// Line `k`, rows `8h..8h + 8` of panel `pb` (of the widened group when
+    /// `WIDE`): 8-bit weights as `w` (signed), narrower ones as `u = w + off`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn line<const W: u8, const WIDE: bool>(&self, pb: usize, k: usize, h: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let half = |p: *const Line| _mm256_load_si256((p as *const u8).add(32 * h) as *const __m256i);
+        if W == W_Q8 {
+            return _mm256_xor_si256(half(self.q8.add(pb * LINES + k)), _mm256_set1_epi8(-128));
+        }
+        if WIDE {
+            return half(self.wide.add(pb * LINES + k));
+        }
+        let two = half(self.nib.add(pb * 4 + k / 2));
+        let plane = if k % 2 == 0 { two } else { _mm256_srli_epi16::<4>(two) };
+        let low = _mm256_and_si256(plane, _mm256_set1_epi8(0x0f));
+        if W == W_Q5 {
+            // Byte i of the 32-bit mask to bytes 8i..8i + 8, one bit each.
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let m = (*self.high.add(pb * LINES + k) >> (32 * h)) as u32;
+            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, select), select);
+            _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+        } else if W == W_Q6 {
+            let cr = half(self.crumbs.add(pb * 2 + k / 4));
+            let cr = match k % 4 {
+                0 => _mm256_slli_epi16::<4>(cr),
+                1 => _mm256_slli_epi16::<2>(cr),
+                2 => cr,
+                _ => _mm256_srli_epi16::<2>(cr),
+            };
+            _mm256_or_si256(low, _mm256_and_si256(cr, _mm256_set1_epi8(0x30)))
+        } else {
+            low
+        }
+    }
+}
+
+/// Lines whose 16-bit pair sums [`tile_avx2`] may add before widening them:
+/// pair sums are at most `2 · u_max · 127` (`u_max` 15, 31, 63; 8-bit
+/// weights, through the sign trick, `2 · 128 · 127`).
+#[cfg(target_arch = "x86_64")]
+const fn lines_in_16_bits(w: u8) -> usize {
+    match w {
+        W_Q4 => 8,
+        W_Q5 => 4,
+        W_Q6 => 2,
+        _ => 1,
+    }
+}
+
+/// Block forms as [`tile_avx2`] parameters (see [`Form`]).
+#[cfg(target_arch = "x86_64")]
+const F_ONE: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const F_MIN: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const F_HALVES: u8 = 2;
+
+/// [`tile_avx2`] for a tile of [`Kernel::tile`] (`gt` groups × `nt` rows,
+/// or one widened group × up to 4 rows), dispatched on the storage and form.
 ///
 /// # Safety
 /// As [`tile_avx2`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles_avx2<const W: u8>(w: &Q8Matrix, g: usize, a: &Q8Acts, n0: usize, nt: usize, res: &mut [[f32; GROUP]]) {
-    match nt {
-        1 => tile_avx2::<1, W>(w, g, a, n0, res),
-        2 => tile_avx2::<2, W>(w, g, a, n0, res),
-        3 => tile_avx2::<3, W>(w, g, a, n0, res),
-        _ => tile_avx2::<4, W>(w, g, a, n0, res),
+unsafe fn tiles_avx2<const WIDE: bool>(
+    w: &Q8Matrix,
+    p: &Planes,
+    g: usize,
+    gt: usize,
+    a: &Q8Acts,
+    n0: usize,
+    nt: usize,
+    res: &mut [[f32; GROUP]],
+) {
+    unsafe fn by_size<const W: u8, const F: u8, const WIDE: bool>(
+        (w, p, g, gt, a, n0, nt, res): (&Q8Matrix, &Planes, usize, usize, &Q8Acts, usize, usize, &mut [[f32; GROUP]]),
+    ) {
+        match (gt, nt) {
+            (2, _) => tile_avx2::<2, 1, W, F, WIDE>(w, p, g, a, n0, res),
+            (_, 1) => tile_avx2::<1, 1, W, F, WIDE>(w, p, g, a, n0, res),
+            (_, 2) => tile_avx2::<1, 2, W, F, WIDE>(w, p, g, a, n0, res),
+            (_, 3) => tile_avx2::<1, 3, W, F, WIDE>(w, p, g, a, n0, res),
+            _ => tile_avx2::<1, 4, W, F, WIDE>(w, p, g, a, n0, res),
+        }
+    }
+    let t = (w, p, g, gt, a, n0, nt, res);
+    match (&w.quants, w.form()) {
+        (Quants::Q8(_), Form::One) => by_size::<W_Q8, F_ONE, false>(t),
+        (Quants::Q8(_), Form::Min) => by_size::<W_Q8, F_MIN, false>(t),
+        (Quants::Q8(_), Form::Halves) => by_size::<W_Q8, F_HALVES, false>(t),
+        (Quants::Q4 { .. }, Form::One) => by_size::<W_Q4, F_ONE, WIDE>(t),
+        (Quants::Q4 { .. }, Form::Min) => by_size::<W_Q4, F_MIN, WIDE>(t),
+        (Quants::Q5 { .. }, Form::One) => by_size::<W_Q5, F_ONE, WIDE>(t),
+        (Quants::Q6 { .. }, Form::Halves) => by_size::<W_Q6, F_HALVES, WIDE>(t),
+        // No loader pairs these storages and forms; the reference takes any.
+        _ => t.0.tile_portable(g, gt, a, n0, nt, t.7),
     }
 }
 
@@ -1550,139 +1703,207 @@ unsafe fn factors_avx2(
     }
 }
 
-/// One group × `N` activation rows with AVX2, eight weight rows at a time,
-/// on the weights at their stored width. Each 32-byte half line holds 4
-/// weights of 8 rows; `vpmaddubsw` multiplies them by 4 activation bytes
-/// (broadcast) into pair sums and `vpmaddwd` by ones makes each row's sum
-/// of 4 in its own lane, so rows never need a horizontal add. Narrow
-/// weights are unpacked in registers to unsigned bytes `u = w + off`
-/// (at most 63: pair sums stay below `i16::MAX`), and `off · Σx` is taken
-/// off each block's integer sum; 8-bit weights go through the sign trick
-/// (`|w|` times `x` with `w`'s sign), exact since `|x| <= 127`.
+/// `G` groups × `N` activation rows with AVX2, on the weights at their
+/// stored width (or, `WIDE`, on one group widened to bytes once for many
+/// rows). Each 32-byte half line holds 4 weights of 8 rows; `vpmaddubsw`
+/// multiplies both halves by 4 activation bytes (broadcast) into pair sums,
+/// and `vpmaddwd` by ones makes each row's sum in its own lane, so rows
+/// never need a horizontal add. Narrow weights are unpacked in registers
+/// to unsigned bytes `u = w + off` (at most 63), their pair sums added in
+/// 16 bits over [`lines_in_16_bits`] lines before one `vpmaddwd`, and
+/// `off · Σx` taken off each block's integer sum; 8-bit weights go through
+/// the sign trick (`|w|` times `x` with `w`'s sign), exact since
+/// `|x| <= 127`. The integer sums are exact, so the result is the portable
+/// kernel's bit for bit.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; group `g0` and rows `n0..n0 + N` exist;
-/// the matrix's storage is the one `W` names.
+/// The CPU has AVX2, FMA and F16C; groups `g0..g0 + G` and rows
+/// `n0..n0 + N` exist; `W` and `F` are the matrix's storage and form; with
+/// `WIDE`, `G` is 1 and `p.wide` holds group `g0` widened.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const N: usize, const W: u8>(
+unsafe fn tile_avx2<const G: usize, const N: usize, const W: u8, const F: u8, const WIDE: bool>(
     w: &Q8Matrix,
+    p: &Planes,
     g0: usize,
     a: &Q8Acts,
     n0: usize,
     res: &mut [[f32; GROUP]],
 ) {
     use std::arch::x86_64::*;
+    /// Blocks ahead that the decode tiles prefetch.
+    const AHEAD: usize = 6;
     let nb = w.blocks;
-    let (mut q8, mut nib, mut high, mut crumbs) =
-        (std::ptr::null::<Line>(), std::ptr::null::<Line>(), std::ptr::null::<u64>(), std::ptr::null::<Line>());
-    match &w.quants {
-        Quants::Q8(q) => q8 = q.as_ptr().add(g0 * nb * LINES),
-        Quants::Q5 { nib: n, high: h } => {
-            nib = n.as_ptr().add(g0 * nb * 4);
-            high = h.as_ptr().add(g0 * nb * LINES);
-        }
-        Quants::Q4 { nib: n, .. } => nib = n.as_ptr().add(g0 * nb * 4),
-        Quants::Q6 { nib: n, crumbs: c } => {
-            nib = n.as_ptr().add(g0 * nb * 4);
-            crumbs = c.as_ptr().add(g0 * nb * 2);
-        }
-    }
-    // The sign trick computes `Σ w·x` itself; narrow weights carry `off`.
     let off = if W == W_Q8 { 0 } else { w.quants.offset() };
-    let form = w.form();
-    let (segs, per) = if form == Form::Halves { (2, LINES / 2) } else { (1, LINES) };
+    let l16 = lines_in_16_bits(W);
+    let (segs, per) = if F == F_HALVES { (2, LINES / 2) } else { (1, LINES) };
     let xq = a.quants.as_ptr().add(n0 * nb * BLOCK);
     let xs = a.scales.as_ptr().add(n0 * nb);
     let xsum = a.sums.as_ptr().add(n0 * nb);
     let xlow = a.lows.as_ptr().add(n0 * nb);
     let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    let low4 = _mm256_set1_epi8(0x0f);
-    let bit4 = _mm256_set1_epi8(0x10);
-    let bits45 = _mm256_set1_epi8(0x30);
-    // Byte i of a 32-bit mask to bytes 8i..8i + 8, then one bit per byte.
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-    );
-    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let mut facc = [[_mm256_setzero_ps(); N]; 2];
+    let mut facc = [[[_mm256_setzero_ps(); N]; 2]; G];
     for b in 0..nb {
-        for (h, fh) in facc.iter_mut().enumerate() {
-            let (fa, fc) = factors_avx2(w, g0, b, h);
+        for (gi, fg) in facc.iter_mut().enumerate() {
+            let g = g0 + gi;
+            let pb = if WIDE { b } else { g * nb + b };
+            if N == 1 && !WIDE && false {
+                p.prefetch::<W>(pb + AHEAD);
+            }
+            let fac = [factors_avx2(w, g, b, 0), factors_avx2(w, g, b, 1)];
             for seg in 0..segs {
-                let mut acc = [_mm256_setzero_si256(); N];
-                for k in seg * per..(seg + 1) * per {
-                    // Line k of rows 8h..8h + 8.
-                    let line = if W == W_Q8 {
-                        _mm256_xor_si256(
-                            _mm256_load_si256((q8.add(b * LINES + k) as *const u8).add(32 * h) as *const __m256i),
-                            flip,
-                        )
-                    } else {
-                        let two =
-                            _mm256_load_si256((nib.add(b * 4 + k / 2) as *const u8).add(32 * h) as *const __m256i);
-                        let plane = if k % 2 == 0 { two } else { _mm256_srli_epi16::<4>(two) };
-                        let low = _mm256_and_si256(plane, low4);
-                        if W == W_Q5 {
-                            let m = (*high.add(b * LINES + k) >> (32 * h)) as u32;
-                            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread);
-                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, select), select);
-                            _mm256_or_si256(low, _mm256_and_si256(set, bit4))
-                        } else if W == W_Q6 {
-                            let cr = _mm256_load_si256(
-                                (crumbs.add(b * 2 + k / 4) as *const u8).add(32 * h) as *const __m256i
-                            );
-                            let cr = match k % 4 {
-                                0 => _mm256_slli_epi16::<4>(cr),
-                                1 => _mm256_slli_epi16::<2>(cr),
-                                2 => cr,
-                                _ => _mm256_srli_epi16::<2>(cr),
-                            };
-                            _mm256_or_si256(low, _mm256_and_si256(cr, bits45))
-                        } else {
-                            low
+                let mut acc = [[_mm256_setzero_si256(); N]; 2];
+                for c0 in (seg * per..(seg + 1) * per).step_by(l16) {
+                    let mut acc16 = [[_mm256_setzero_si256(); N]; 2];
+                    for k in c0..c0 + l16 {
+                        let lw = [p.line::<W, WIDE>(pb, k, 0), p.line::<W, WIDE>(pb, k, 1)];
+                        let mag = if W == W_Q8 { [_mm256_abs_epi8(lw[0]), _mm256_abs_epi8(lw[1])] } else { lw };
+                        for n in 0..N {
+                            let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                            let xb = _mm256_set1_epi32(x4);
+                            for h in 0..2 {
+                                if W == W_Q8 {
+                                    let pr = _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(xb, lw[h]));
+                                    acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(pr, ones));
+                                } else {
+                                    acc16[h][n] = _mm256_add_epi16(acc16[h][n], _mm256_maddubs_epi16(mag[h], xb));
+                                }
+                            }
                         }
-                    };
-                    let mag = if W == W_Q8 { _mm256_abs_epi8(line) } else { line };
-                    for (n, acc) in acc.iter_mut().enumerate() {
-                        let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
-                        let xb = _mm256_set1_epi32(x4);
-                        let xb = if W == W_Q8 { _mm256_sign_epi8(xb, line) } else { xb };
-                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xb), ones));
+                    }
+                    if W != W_Q8 {
+                        for h in 0..2 {
+                            for n in 0..N {
+                                acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(acc16[h][n], ones));
+                            }
+                        }
                     }
                 }
-                let f = if seg == 0 { fa } else { fc };
-                for n in 0..N {
-                    let s = if off == 0 {
-                        acc[n]
-                    } else {
-                        let sum = *xsum.add(n * nb + b);
-                        let sx = match (segs, seg) {
-                            (1, _) => sum,
-                            (_, 0) => *xlow.add(n * nb + b),
-                            _ => sum - *xlow.add(n * nb + b),
+                for h in 0..2 {
+                    let f = if seg == 0 { fac[h].0 } else { fac[h].1 };
+                    for n in 0..N {
+                        let s = if off == 0 {
+                            acc[h][n]
+                        } else {
+                            let sum = *xsum.add(n * nb + b);
+                            let sx = match (segs, seg) {
+                                (1, _) => sum,
+                                (_, 0) => *xlow.add(n * nb + b),
+                                _ => sum - *xlow.add(n * nb + b),
+                            };
+                            _mm256_sub_epi32(acc[h][n], _mm256_set1_epi32(off * sx))
                         };
-                        _mm256_sub_epi32(acc[n], _mm256_set1_epi32(off * sx))
-                    };
-                    let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
-                    fh[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fh[n]);
+                        let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
+                        fg[h][n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fg[h][n]);
+                    }
                 }
             }
-            if form == Form::Min {
-                for n in 0..N {
-                    let d = _mm256_mul_ps(fc, _mm256_set1_ps(*xs.add(n * nb + b)));
-                    fh[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(*xsum.add(n * nb + b) as f32), fh[n]);
+            if F == F_MIN {
+                for h in 0..2 {
+                    for n in 0..N {
+                        let d = _mm256_mul_ps(fac[h].1, _mm256_set1_ps(*xs.add(n * nb + b)));
+                        fg[h][n] = _mm256_fmadd_ps(d, _mm256_set1_ps(*xsum.add(n * nb + b) as f32), fg[h][n]);
+                    }
                 }
             }
         }
     }
-    for (h, fh) in facc.iter().enumerate() {
-        for n in 0..N {
-            _mm256_storeu_ps(res[n].as_mut_ptr().add(8 * h), fh[n]);
+    for (gi, fg) in facc.iter().enumerate() {
+        for (h, fh) in fg.iter().enumerate() {
+            for n in 0..N {
+                _mm256_storeu_ps(res[gi * N + n].as_mut_ptr().add(8 * h), fh[n]);
+            }
         }
     }
 }
+
+/// From this many activation rows the AVX2 kernel widens each weight group
+/// to bytes once and runs [`tile_avx2`] on it over the rows (prefill);
+/// below it, [`tile_avx2`] unpacks the narrow planes in registers for each
+/// tile (decode).
+const WIDE_FROM: usize = 8;
+
+impl Q8Matrix {
+    /// Group `g`'s integer weights as unsigned bytes `u = w + off` in
+    /// [`Quants::Q8`]'s line layout (`[block][line 0..8]`), into `out`
+    /// (`blocks · 8` lines). 8-bit storage is already in that layout and is
+    /// not copied: `None`.
+    fn widen_group(&self, g: usize, out: &mut [Line]) -> Option<()> {
+        if let Quants::Q8(_) = self.quants {
+            return None;
+        }
+        let nb = self.blocks;
+        for b in 0..nb {
+            let p = g * nb + b;
+            for k in 0..LINES {
+                let dst = &mut out[b * LINES + k].0;
+                let plane = |nib: &[Line], dst: &mut [u8; 64]| {
+                    let src = &nib[p * 4 + k / 2].0;
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = if k % 2 == 0 { s & 0x0f } else { s >> 4 };
+                    }
+                };
+                match &self.quants {
+                    Quants::Q8(_) => unreachable!("returned above"),
+                    Quants::Q4 { nib, .. } => plane(nib, dst),
+                    Quants::Q5 { nib, high } => {
+                        plane(nib, dst);
+                        let hm = high[p * LINES + k];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d |= (((hm >> i) & 1) as u8) << 4;
+                        }
+                    }
+                    Quants::Q6 { nib, crumbs } => {
+                        plane(nib, dst);
+                        let cr = &crumbs[p * 2 + k / 4].0;
+                        for (d, c) in dst.iter_mut().zip(cr) {
+                            *d |= ((c >> (2 * (k % 4))) & 3) << 4;
+                        }
+                    }
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// The AVX2 kernel for many rows: each group of groups `g0..g1` is
+    /// widened to bytes once, then multiplied by every activation row, four
+    /// at a time.
+    ///
+    /// # Safety
+    /// As [`Self::run_groups`] with the AVX2 kernel.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_groups_wide_avx2(&self, a: &Q8Acts, g0: usize, g1: usize, out: *mut f32) {
+        let m = a.m;
+        let mut wide = match self.quants {
+            Quants::Q8(_) => Vec::new(),
+            _ => vec![Line([0; 64]); self.blocks * LINES],
+        };
+        let mut res = [[0f32; GROUP]; 4];
+        for g in g0..g1 {
+            let narrow = self.widen_group(g, &mut wide).is_some();
+            let p = Planes::of(self, wide.as_ptr());
+            let mut n0 = 0;
+            while n0 < m {
+                let nt = 4.min(m - n0);
+                if narrow {
+                    tiles_avx2::<true>(self, &p, g, 1, a, n0, nt, &mut res);
+                } else {
+                    tiles_avx2::<false>(self, &p, g, 1, a, n0, nt, &mut res);
+                }
+                let r0 = g * GROUP;
+                let valid = GROUP.min(self.rows - r0);
+                for ni in 0..nt {
+                    let dst = out.add((n0 + ni) * self.rows + r0);
+                    std::ptr::copy_nonoverlapping(res[ni].as_ptr(), dst, valid);
+                }
+                n0 += nt;
+            }
+        }
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2128,10 +2349,20 @@ mod tests {
                 acts.quantize(&x, 1, cols).unwrap();
                 let mut want = vec![0f32; rows];
                 q.matmul_acts_with(&acts, &mut want, Kernel::Portable).unwrap();
+                // One row (decode), and 16 equal rows (the widened prefill
+                // path, whose 16-bit sums run over several lines).
+                let many: Vec<f32> = x.iter().cycle().take(16 * cols).copied().collect();
+                let mut acts16 = Q8Acts::default();
+                acts16.quantize(&many, 16, cols).unwrap();
                 for k in Kernel::available() {
                     let mut got = vec![0f32; rows];
                     q.matmul_acts_with(&acts, &mut got, k).unwrap();
                     assert_eq!(got, want, "{dtype:?} {k:?}");
+                    let mut got16 = vec![0f32; 16 * rows];
+                    q.matmul_acts_with(&acts16, &mut got16, k).unwrap();
+                    for row in got16.chunks(rows) {
+                        assert_eq!(row, want, "{dtype:?} {k:?}, 16 rows");
+                    }
                 }
                 for (r, g) in want.iter().enumerate() {
                     let reference: f32 = (0..cols).map(|c| deq[r * cols + c] * x[c]).sum();
