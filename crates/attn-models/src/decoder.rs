@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use attn_dist::Comm;
 
-use attn_nn::infer::{Input, Linear, Table, Weight};
+use attn_nn::infer::{forward_many, Input, Linear, Table, Weight};
 use attn_nn::kernels::fast::{self, AttnCall};
 use attn_nn::kernels::q8::{Q8Acts, Q8Matrix};
 use attn_nn::{Error, KvDtype, KvShape, PagedCache, Result, RopeLayout, SdpaOptions};
@@ -1251,10 +1251,11 @@ impl Inner {
             let li = l.index;
             // Attention.
             fast::rms_norm_rows_to(x, &l.attn_norm, eps, h);
-            let mut inp = Input::new(h, t, d, acts);
-            l.wq.forward(&mut inp, q, wide)?;
-            l.wk.forward(&mut inp, k, wide)?;
-            l.wv.forward(&mut inp, v, wide)?;
+            forward_many(
+                &mut Input::new(h, t, d, acts),
+                &mut [(&l.wq, &mut *q), (&l.wk, &mut *k), (&l.wv, &mut *v)],
+                wide,
+            )?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 fast::rms_norm_rows(q, qn, eps);
                 fast::rms_norm_rows(k, kn, eps);
@@ -1289,9 +1290,7 @@ impl Inner {
 
             // Gated FFN.
             fast::rms_norm_rows_to(x, &l.ffn_norm, eps, h);
-            let mut inp = Input::new(h, t, d, acts);
-            l.wg.forward(&mut inp, g, wide)?;
-            l.wu.forward(&mut inp, u, wide)?;
+            forward_many(&mut Input::new(h, t, d, acts), &mut [(&l.wg, &mut *g), (&l.wu, &mut *u)], wide)?;
             match spec.activation {
                 GatedActivation::GeluTanh => fast::gelu_tanh_mul(g, u),
                 GatedActivation::Silu => fast::silu_mul(g, u),

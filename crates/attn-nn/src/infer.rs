@@ -147,15 +147,52 @@ impl Linear {
                 out.copy_from_slice(&y);
             }
         }
+        self.add_bias(out);
+        Ok(())
+    }
+
+    /// Adds the bias (if any) to each row of `out` (`[m, rows]`).
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
-            for row in out.chunks_exact_mut(n) {
+            for row in out.chunks_exact_mut(self.rows) {
                 for (v, bi) in row.iter_mut().zip(b) {
                     *v += bi;
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// `out_i[m, rows_i] = input · W_iᵀ (+ b_i)` for several linears of the same
+/// input (q, k and v; gate and up). Block-quantized weights share one
+/// parallel call ([`Q8Matrix::matmul_acts_many`]); each output is exactly
+/// what [`Linear::forward`] gives.
+pub fn forward_many(input: &mut Input<'_>, parts: &mut [(&Linear, &mut [f32])], scratch: &mut Vec<f32>) -> Result<()> {
+    let (m, k) = (input.m, input.cols);
+    let blocks =
+        parts.iter().all(|(l, out)| matches!(l.weight, Weight::Blocks(_)) && l.cols == k && out.len() >= m * l.rows);
+    if !blocks || (m >= GEMM_ROWS && Kernel::detected() == Kernel::Portable) {
+        for (l, out) in parts.iter_mut() {
+            l.forward(input, out, scratch)?;
+        }
+        return Ok(());
+    }
+    if !input.quantized {
+        input.acts.quantize(input.x, m, k)?;
+        input.quantized = true;
+    }
+    let mut mats: Vec<(&Q8Matrix, &mut [f32])> = parts
+        .iter_mut()
+        .map(|(l, out)| match &l.weight {
+            Weight::Blocks(w) => (&**w, &mut out[..m * l.rows]),
+            _ => unreachable!("checked above: every weight is block-quantized"),
+        })
+        .collect();
+    Q8Matrix::matmul_acts_many(&mut mats, input.acts)?;
+    for (l, out) in parts.iter_mut() {
+        l.add_bias(&mut out[..m * l.rows]);
+    }
+    Ok(())
 }
 
 /// Rows of an embedding table, looked up by id.
