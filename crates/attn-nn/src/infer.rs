@@ -34,6 +34,23 @@ use crate::kernels::q8::{Kernel, Q8Acts, Q8Matrix};
 /// with the expansion, Qwen2.5-Coder-0.5B 155 against 108), and every
 /// matmul is then batch-invariant.
 const GEMM_ROWS: usize = fast::BLOCKED_FROM;
+/// Whether many-row block matmuls expand the weight to f32 and keep the
+/// activations in f32 on every kernel (`ATTN_PREFILL=f32`): slower, but a
+/// prefill's logits are then those of the dequantized model in float32
+/// (HF transformers' reference) up to summation order. By default prefill
+/// quantizes activations to 8 bits per block of 32, as decode does (and as
+/// llama.cpp does).
+fn prefill_f32() -> bool {
+    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F32.get_or_init(|| std::env::var("ATTN_PREFILL").is_ok_and(|v| v == "f32"))
+}
+
+/// Whether a block matmul of `m` rows expands the weight to f32 and uses
+/// `gemm`.
+fn expands(m: usize) -> bool {
+    m >= GEMM_ROWS && (Kernel::detected() == Kernel::Portable || prefill_f32())
+}
+
 /// Output rows of a (large) matrix expanded to f32 at a time.
 const EXPAND_CHUNK: usize = 4096;
 
@@ -122,7 +139,7 @@ impl Linear {
         }
         let out = &mut out[..m * n];
         match &self.weight {
-            Weight::Blocks(w) if m >= GEMM_ROWS && Kernel::detected() == Kernel::Portable => {
+            Weight::Blocks(w) if expands(m) => {
                 let chunk = EXPAND_CHUNK.min(n);
                 scratch.resize(chunk * k, 0.0);
                 let mut r0 = 0;
@@ -171,7 +188,7 @@ pub fn forward_many(input: &mut Input<'_>, parts: &mut [(&Linear, &mut [f32])], 
     let (m, k) = (input.m, input.cols);
     let blocks =
         parts.iter().all(|(l, out)| matches!(l.weight, Weight::Blocks(_)) && l.cols == k && out.len() >= m * l.rows);
-    if !blocks || (m >= GEMM_ROWS && Kernel::detected() == Kernel::Portable) {
+    if !blocks || expands(m) {
         for (l, out) in parts.iter_mut() {
             l.forward(input, out, scratch)?;
         }
