@@ -1650,13 +1650,13 @@ unsafe fn tiles_avx2<const WIDE: bool>(
     res: &mut [[f32; GROUP]],
 ) {
     unsafe fn by_size<const W: u8, const F: u8, const WIDE: bool>(
-        (w, p, g, gt, a, n0, nt, res): (&Q8Matrix, &Planes, usize, usize, &Q8Acts, usize, usize, &mut [[f32; GROUP]]),
+        (w, p, g, _gt, a, n0, nt, res): (&Q8Matrix, &Planes, usize, usize, &Q8Acts, usize, usize, &mut [[f32; GROUP]]),
     ) {
-        match (gt, nt) {
-            (_, 1) => tile_avx2::<1, 1, W, F, WIDE>(w, p, g, a, n0, res),
-            (_, 2) => tile_avx2::<1, 2, W, F, WIDE>(w, p, g, a, n0, res),
-            (_, 3) => tile_avx2::<1, 3, W, F, WIDE>(w, p, g, a, n0, res),
-            _ => tile_avx2::<1, 4, W, F, WIDE>(w, p, g, a, n0, res),
+        match nt {
+            1 => tile_avx2::<1, W, F, WIDE>(w, p, g, a, n0, res),
+            2 => tile_avx2::<2, W, F, WIDE>(w, p, g, a, n0, res),
+            3 => tile_avx2::<3, W, F, WIDE>(w, p, g, a, n0, res),
+            _ => tile_avx2::<4, W, F, WIDE>(w, p, g, a, n0, res),
         }
     }
     let t = (w, p, g, gt, a, n0, nt, res);
@@ -1722,7 +1722,7 @@ unsafe fn factors_avx2(
     }
 }
 
-/// `G` groups × `N` activation rows with AVX2, on the weights at their
+/// One group × `N` activation rows with AVX2, on the weights at their
 /// stored width (or, `WIDE`, on one group widened to bytes once for many
 /// rows). Each 32-byte half line holds 4 weights of 8 rows; `vpmaddubsw`
 /// multiplies both halves by 4 activation bytes (broadcast) into pair sums,
@@ -1736,15 +1736,15 @@ unsafe fn factors_avx2(
 /// kernel's bit for bit.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; groups `g0..g0 + G` and rows
-/// `n0..n0 + N` exist; `W` and `F` are the matrix's storage and form; with
-/// `WIDE`, `G` is 1 and `p.wide` holds group `g0` widened.
+/// The CPU has AVX2, FMA and F16C; group `g` and rows `n0..n0 + N` exist;
+/// `W` and `F` are the matrix's storage and form; with `WIDE`, `p.wide`
+/// holds group `g` widened.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const G: usize, const N: usize, const W: u8, const F: u8, const WIDE: bool>(
+unsafe fn tile_avx2<const N: usize, const W: u8, const F: u8, const WIDE: bool>(
     w: &Q8Matrix,
     p: &Planes,
-    g0: usize,
+    g: usize,
     a: &Q8Acts,
     n0: usize,
     res: &mut [[f32; GROUP]],
@@ -1763,77 +1763,72 @@ unsafe fn tile_avx2<const G: usize, const N: usize, const W: u8, const F: u8, co
     let xsum = a.sums.as_ptr().add(n0 * nb);
     let xlow = a.lows.as_ptr().add(n0 * nb);
     let ones = _mm256_set1_epi16(1);
-    let mut facc = [[[_mm256_setzero_ps(); N]; 2]; G];
+    let mut facc = [[_mm256_setzero_ps(); N]; 2];
     for b in 0..nb {
-        for (gi, fg) in facc.iter_mut().enumerate() {
-            let g = g0 + gi;
-            let pb = if WIDE { b } else { g * nb + b };
-            if N == 1 && !WIDE {
-                p.prefetch::<W>(pb + AHEAD);
-            }
-            let fac = [factors_avx2(w, g, b, 0), factors_avx2(w, g, b, 1)];
-            for seg in 0..segs {
-                let mut acc = [[_mm256_setzero_si256(); N]; 2];
-                for c0 in (seg * per..(seg + 1) * per).step_by(l16) {
-                    let mut acc16 = [[_mm256_setzero_si256(); N]; 2];
-                    for k in c0..c0 + l16 {
-                        let lw = [p.line::<W, WIDE>(pb, k, 0), p.line::<W, WIDE>(pb, k, 1)];
-                        let mag = if W == W_Q8 { [_mm256_abs_epi8(lw[0]), _mm256_abs_epi8(lw[1])] } else { lw };
-                        for n in 0..N {
-                            let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
-                            let xb = _mm256_set1_epi32(x4);
-                            for h in 0..2 {
-                                if W == W_Q8 {
-                                    let pr = _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(xb, lw[h]));
-                                    acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(pr, ones));
-                                } else {
-                                    acc16[h][n] = _mm256_add_epi16(acc16[h][n], _mm256_maddubs_epi16(mag[h], xb));
-                                }
-                            }
-                        }
-                    }
-                    if W != W_Q8 {
+        let pb = if WIDE { b } else { g * nb + b };
+        if N == 1 && !WIDE {
+            p.prefetch::<W>(pb + AHEAD);
+        }
+        let fac = [factors_avx2(w, g, b, 0), factors_avx2(w, g, b, 1)];
+        for seg in 0..segs {
+            let mut acc = [[_mm256_setzero_si256(); N]; 2];
+            for c0 in (seg * per..(seg + 1) * per).step_by(l16) {
+                let mut acc16 = [[_mm256_setzero_si256(); N]; 2];
+                for k in c0..c0 + l16 {
+                    let lw = [p.line::<W, WIDE>(pb, k, 0), p.line::<W, WIDE>(pb, k, 1)];
+                    let mag = if W == W_Q8 { [_mm256_abs_epi8(lw[0]), _mm256_abs_epi8(lw[1])] } else { lw };
+                    for n in 0..N {
+                        let x4 = (xq.add((n * nb + b) * BLOCK + 4 * k) as *const i32).read_unaligned();
+                        let xb = _mm256_set1_epi32(x4);
                         for h in 0..2 {
-                            for n in 0..N {
-                                acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(acc16[h][n], ones));
+                            if W == W_Q8 {
+                                let pr = _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(xb, lw[h]));
+                                acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(pr, ones));
+                            } else {
+                                acc16[h][n] = _mm256_add_epi16(acc16[h][n], _mm256_maddubs_epi16(mag[h], xb));
                             }
                         }
                     }
                 }
-                for h in 0..2 {
-                    let f = if seg == 0 { fac[h].0 } else { fac[h].1 };
-                    for n in 0..N {
-                        let s = if off == 0 {
-                            acc[h][n]
-                        } else {
-                            let sum = *xsum.add(n * nb + b);
-                            let sx = match (segs, seg) {
-                                (1, _) => sum,
-                                (_, 0) => *xlow.add(n * nb + b),
-                                _ => sum - *xlow.add(n * nb + b),
-                            };
-                            _mm256_sub_epi32(acc[h][n], _mm256_set1_epi32(off * sx))
-                        };
-                        let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
-                        fg[h][n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), fg[h][n]);
+                if W != W_Q8 {
+                    for h in 0..2 {
+                        for n in 0..N {
+                            acc[h][n] = _mm256_add_epi32(acc[h][n], _mm256_madd_epi16(acc16[h][n], ones));
+                        }
                     }
                 }
             }
-            if F == F_MIN {
-                for h in 0..2 {
-                    for n in 0..N {
-                        let d = _mm256_mul_ps(fac[h].1, _mm256_set1_ps(*xs.add(n * nb + b)));
-                        fg[h][n] = _mm256_fmadd_ps(d, _mm256_set1_ps(*xsum.add(n * nb + b) as f32), fg[h][n]);
-                    }
+            for h in 0..2 {
+                let f = if seg == 0 { fac[h].0 } else { fac[h].1 };
+                for n in 0..N {
+                    let s = if off == 0 {
+                        acc[h][n]
+                    } else {
+                        let sum = *xsum.add(n * nb + b);
+                        let sx = match (segs, seg) {
+                            (1, _) => sum,
+                            (_, 0) => *xlow.add(n * nb + b),
+                            _ => sum - *xlow.add(n * nb + b),
+                        };
+                        _mm256_sub_epi32(acc[h][n], _mm256_set1_epi32(off * sx))
+                    };
+                    let d = _mm256_mul_ps(f, _mm256_set1_ps(*xs.add(n * nb + b)));
+                    facc[h][n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), facc[h][n]);
+                }
+            }
+        }
+        if F == F_MIN {
+            for h in 0..2 {
+                for n in 0..N {
+                    let d = _mm256_mul_ps(fac[h].1, _mm256_set1_ps(*xs.add(n * nb + b)));
+                    facc[h][n] = _mm256_fmadd_ps(d, _mm256_set1_ps(*xsum.add(n * nb + b) as f32), facc[h][n]);
                 }
             }
         }
     }
-    for (gi, fg) in facc.iter().enumerate() {
-        for (h, fh) in fg.iter().enumerate() {
-            for n in 0..N {
-                _mm256_storeu_ps(res[gi * N + n].as_mut_ptr().add(8 * h), fh[n]);
-            }
+    for (h, fh) in facc.iter().enumerate() {
+        for n in 0..N {
+            _mm256_storeu_ps(res[n].as_mut_ptr().add(8 * h), fh[n]);
         }
     }
 }
