@@ -363,12 +363,13 @@ pub struct AttnCall {
 /// positions from `past + 1 - window` on are read, so a cache may have
 /// dropped older ones. Writes `[t, n_heads, head_dim]` to `out`.
 ///
-/// Few queries (decode) go row by row; from [`BLOCKED_FROM`] on (prefill)
-/// they go through `gemm` in blocks of query rows, so the score buffer is
-/// at most `QUERY_BLOCK x (past + t)` per head. Row by row, each query's
-/// result does not depend on how many others share the call.
+/// Few queries (decode) go query by query in spans of keys
+/// ([`attend_rows`]); from [`BLOCKED_FROM`] on (prefill) they go through
+/// `gemm` in blocks of query rows, so the score buffer is at most
+/// `QUERY_BLOCK x (past + t)` per head. Query by query, each result does not
+/// depend on how many others share the call.
 pub fn attend<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut [f32]) -> Result<()> {
-    let AttnCall { n_heads, n_kv_heads, head_dim: d, past, .. } = *call;
+    let AttnCall { n_heads, n_kv_heads, head_dim: d, .. } = *call;
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
         return Err(Error::input("attention", format!("{n_kv_heads} kv heads do not divide {n_heads} heads")));
     }
@@ -381,58 +382,163 @@ pub fn attend<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut
     if t >= BLOCKED_FROM {
         return attend_blocked(q, t, call, kv, out);
     }
-    let group = n_heads / n_kv_heads;
-    let total = past + t;
-    let work = |(row, dst): (usize, &mut [f32])| {
-        let (i, h) = (row / n_heads, row % n_heads);
-        let pos = past + i;
-        let lo = call.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        attend_row(&q[row * d..(row + 1) * d], kv, h / group, lo, pos + 1, call.sdpa, dst);
-    };
-    if n_heads * t * total >= 1 << 14 {
-        out.par_chunks_mut(d).enumerate().for_each(work);
-    } else {
-        out.chunks_mut(d).enumerate().for_each(work);
-    }
+    attend_rows(q, t, call, kv, out);
     Ok(())
 }
 
-fn attend_row<K: KvRows>(q: &[f32], kv: &K, g: usize, lo: usize, hi: usize, o: SdpaOptions, out: &mut [f32]) {
-    thread_local! {
-        // Score rows reused across calls: no allocation per head and token.
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Keys one task of [`attend_rows`] reads: a query's window is cut into
+/// spans of this many positions, fixed, so a result depends only on the
+/// query and the cache, not on the thread count or the call's other rows.
+const DECODE_SPAN: usize = 512;
+
+/// Attention for a few queries (decode, verification of drafts): each
+/// query's window, per kv head, is cut into [`DECODE_SPAN`]-position spans;
+/// a task reads each key and value of its span once for all the query heads
+/// that share that kv head (GQA / MQA), and leaves each head's running max,
+/// sum of exponentials and unnormalised output; the spans are then merged
+/// in order (flash-decoding). The row loops run with AVX2/FMA/F16C where the
+/// CPU has them, so a 64-wide f16 dot is inlined rather than called per key.
+fn attend_rows<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: &mut [f32]) {
+    let AttnCall { n_heads, n_kv_heads, head_dim: d, past, .. } = *call;
+    let group = n_heads / n_kv_heads;
+    // (query row, kv head, first position, end) per task.
+    let mut tasks = Vec::new();
+    for i in 0..t {
+        let pos = past + i;
+        let lo = call.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for g in 0..n_kv_heads {
+            let mut p = lo;
+            while p <= pos {
+                let end = (p + DECODE_SPAN).min(pos + 1);
+                tasks.push((i, g, p, end));
+                p = end;
+            }
+        }
     }
-    SCORES.with_borrow_mut(|scores| attend_row_in(q, kv, g, lo, hi, o, out, scores));
+    // Per task: `group` rows of [max, sum, out (d values)].
+    let width = 2 + d;
+    let mut parts = vec![0f32; tasks.len() * group * width];
+    let work = |(&(i, g, lo, hi), part): (&(usize, usize, usize, usize), &mut [f32])| {
+        let qs = &q[(i * n_heads + g * group) * d..(i * n_heads + (g + 1) * group) * d];
+        #[cfg(target_arch = "x86_64")]
+        if crate::kv::has_f16c() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+            return unsafe { attend_span_avx2(qs, d, kv, g, lo, hi, call.sdpa, part) };
+        }
+        attend_span(qs, d, kv, g, lo, hi, call.sdpa, part)
+    };
+    let reads = t * n_heads * (past + t);
+    if reads >= 1 << 14 && tasks.len() > 1 {
+        tasks.par_iter().zip(parts.par_chunks_mut(group * width)).for_each(work);
+    } else {
+        tasks.iter().zip(parts.chunks_mut(group * width)).for_each(work);
+    }
+    // Merge each (query, kv head)'s spans in order.
+    let mut k = 0;
+    while k < tasks.len() {
+        let (i, g, _, _) = tasks[k];
+        let mut e = k;
+        while e < tasks.len() && tasks[e].0 == i && tasks[e].1 == g {
+            e += 1;
+        }
+        for j in 0..group {
+            let h = g * group + j;
+            let dst = &mut out[(i * n_heads + h) * d..(i * n_heads + h + 1) * d];
+            let row = |task: usize| &parts[(task * group + j) * width..(task * group + j + 1) * width];
+            let max = (k..e).map(|task| row(task)[0]).fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            dst.fill(0.0);
+            for task in k..e {
+                let r = row(task);
+                let c = exp_fast(r[0] - max);
+                total += c * r[1];
+                for (o, v) in dst.iter_mut().zip(&r[2..]) {
+                    *o += c * v;
+                }
+            }
+            let inv = 1.0 / total;
+            for o in dst.iter_mut() {
+                *o *= inv;
+            }
+        }
+        k = e;
+    }
 }
 
+/// [`attend_span`] compiled for AVX2, FMA and F16C.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-fn attend_row_in<K: KvRows>(
-    q: &[f32],
+unsafe fn attend_span_avx2<K: KvRows>(
+    qs: &[f32],
+    d: usize,
     kv: &K,
     g: usize,
     lo: usize,
     hi: usize,
     o: SdpaOptions,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
+    part: &mut [f32],
 ) {
+    attend_span(qs, d, kv, g, lo, hi, o, part)
+}
+
+/// The query heads `qs` (`[group, d]`) sharing kv head `g` over positions
+/// `lo..hi`: per head, `[max, Σ e^(s - max), Σ e^(s - max) v]` into `part`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_span<K: KvRows>(
+    qs: &[f32],
+    d: usize,
+    kv: &K,
+    g: usize,
+    lo: usize,
+    hi: usize,
+    o: SdpaOptions,
+    part: &mut [f32],
+) {
+    thread_local! {
+        // Score rows reused across calls: no allocation per task.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let group = qs.len() / d;
+    let n = hi - lo;
     let scale = o.scale as f32;
     let cap = o.softcap.map(|c| c as f32);
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in lo..hi {
-        let mut s = K::Elem::dot(q, kv.key(p, g)) * scale;
-        if let Some(c) = cap {
-            s = (s / c).tanh() * c;
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(group * n, 0.0);
+        for (i, p) in (lo..hi).enumerate() {
+            let key = kv.key(p, g);
+            for j in 0..group {
+                let mut s = K::Elem::dot(&qs[j * d..(j + 1) * d], key) * scale;
+                if let Some(c) = cap {
+                    s = (s / c).tanh() * c;
+                }
+                scores[j * n + i] = s;
+            }
         }
-        max = max.max(s);
-        scores.push(s);
-    }
-    softmax_shifted(scores, max);
-    out.fill(0.0);
-    for (p, s) in (lo..hi).zip(scores.iter()) {
-        K::Elem::axpy(*s, kv.value(p, g), out);
-    }
+        let width = 2 + d;
+        for j in 0..group {
+            let sj = &mut scores[j * n..(j + 1) * n];
+            let max = sj.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in sj.iter_mut() {
+                *v = exp_fast(*v - max);
+            }
+            let r = &mut part[j * width..(j + 1) * width];
+            r[0] = max;
+            r[1] = sum(sj);
+            r[2..].fill(0.0);
+        }
+        for (i, p) in (lo..hi).enumerate() {
+            let val = kv.value(p, g);
+            for j in 0..group {
+                K::Elem::axpy(scores[j * n + i], val, &mut part[j * width + 2..(j + 1) * width]);
+            }
+        }
+    });
 }
 
 pub const QUERY_BLOCK: usize = 128;
@@ -944,15 +1050,23 @@ mod tests {
         assert!(matmul_xwt(&x, m, k, &w[..10], n, &mut out).is_err());
     }
 
-    /// Both paths (row by row, blocked gemm) against candle's attention with
-    /// an explicit causal/window mask, with GQA, a past, and soft-capping.
+    /// Both paths (query by query in key spans, blocked gemm) against
+    /// candle's attention with an explicit causal/window mask, with GQA, a
+    /// past, and soft-capping; decode over several spans of keys (and a
+    /// window cutting a span) merges them exactly enough.
     #[test]
     fn attention_matches_the_reference() {
         let dev = Device::Cpu;
-        let (h, kvh, d) = (4, 2, 16);
-        for &(past, t, window, softcap) in
-            &[(0, 5, None, None), (7, 1, None, Some(5.0)), (3, 150, Some(40), None), (130, 20, None, Some(3.0))]
-        {
+        for &(h, kvh, past, t, window, softcap) in &[
+            (4, 2, 0, 5, None, None),
+            (4, 2, 7, 1, None, Some(5.0)),
+            (4, 2, 3, 150, Some(40), None),
+            (4, 2, 130, 20, None, Some(3.0)),
+            (6, 2, 1300, 2, None, None),
+            (6, 2, 1100, 3, Some(700), Some(4.0)),
+            (3, 1, DECODE_SPAN - 1, 1, None, None),
+        ] {
+            let d = 16;
             let total = past + t;
             let q = rand_vec(t * h * d, 3);
             let k = rand_vec(total * kvh * d, 4);
