@@ -161,7 +161,7 @@ def run_st(model, sentences, a):
 
 def run_attn(a, n):
     cmd = [a.attn, "embed", "-m", a.model, "--file", a.sentences, "--threads", str(a.threads),
-           "--batch-size", str(a.batch_size), "--timing", "--json"] + (["--int8"] if a.int8 else [])
+           "--batch-size", str(a.batch_size), "--timing", "--json"] + (["--int8"] if a.int8 else []) + (["--f32"] if a.f32 else [])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         b0 = busy_jiffies()
         t0 = time.perf_counter()
@@ -228,6 +228,8 @@ def main():
                     help="rewrite the sentences to exactly N word pieces each (equal-length batches)")
     ap.add_argument("--count", type=int, default=256, help="sentences for --equal-length")
     ap.add_argument("--int8", action="store_true", help="run `attn embed --int8` (8-bit weights and activations)")
+    ap.add_argument("--f32", action="store_true",
+                    help="run `attn embed --f32` (float32 matmuls even where the CPU has AMX bf16)")
     ap.add_argument("--out", help="result JSON (default scripts/bench/results/minilm-embed-b32-t2-DATE.json)")
     a = ap.parse_args()
 
@@ -331,7 +333,7 @@ def main():
                      "transformers": version("transformers"), "attn_commit": git_commit()},
         "setup": {"model": a.model, "sentences_file": (f"{source}, cut to {a.equal_length} word pieces each"
                                                         if tmp else source), "sentences": n,
-                  "word_pieces": sum(lens), "batch_size": a.batch_size, "attn_int8": a.int8,
+                  "word_pieces": sum(lens), "batch_size": a.batch_size, "attn_int8": a.int8, "attn_f32": a.f32,
                   "attn_overhead_cpu_s": a.attn_overhead_cpu, "threads": a.threads,
                   "rounds": a.rounds, "wait_idle": a.wait_idle, "wait_max": a.wait_max},
         "summary": summary,
@@ -339,7 +341,7 @@ def main():
     }
     out = a.out or os.path.join(REPO, "scripts", "bench", "results",
                                 f"minilm-embed-b{a.batch_size}-t{a.threads}"
-                                f"{f'-len{a.equal_length}' if a.equal_length else ''}{'-int8' if a.int8 else ''}"
+                                f"{f'-len{a.equal_length}' if a.equal_length else ''}{'-int8' if a.int8 else ''}{'-f32' if a.f32 else ''}"
                                 f"-{datetime.date.today()}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

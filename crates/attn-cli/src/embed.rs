@@ -28,8 +28,12 @@ pub struct EmbedArgs {
     #[arg(long)]
     json: bool,
     /// Run the linear layers as weight-only int8 (8-bit blocks of 32, activations quantized per row)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "f32")]
     int8: bool,
+    /// Keep the linear layers in float32 where the CPU has AMX (there the
+    /// default rounds weights and activations to bf16 and sums in f32)
+    #[arg(long)]
+    f32: bool,
     /// Print the embedding speed (sentences/s, excluding loading) to stderr
     #[arg(long)]
     timing: bool,
@@ -54,7 +58,13 @@ pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
             anyhow::bail!("`{}` is a {} model; `attn embed` needs a sentence-embedding model", args.model, other.kind())
         }
     };
-    let enc = if args.int8 { Box::new(enc.into_q8()?) } else { enc };
+    let enc = if args.int8 {
+        Box::new(enc.into_q8()?)
+    } else if args.f32 || !enc.is_packed() {
+        enc
+    } else {
+        Box::new(enc.into_bf16()?)
+    };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let t0 = std::time::Instant::now();
     let emb = enc.embed(&refs, args.batch_size)?.to_vec2::<f32>()?;

@@ -236,7 +236,9 @@ pub fn build_state(args: &ServeArgs, comm: &attn_dist::Comm) -> anyhow::Result<A
                 generators.push(GenModel { name, worker, tokenizer, chat_template: g.chat_template });
             }
             AnyModel::Encoder(e) => {
-                let worker = EmbedWorker::spawn(name.clone(), *e, metrics.clone())?;
+                // bf16 AMX tiles where the CPU has them (ATTN_AMX=0: float32).
+                let e = if e.is_packed() { e.into_bf16()? } else { *e };
+                let worker = EmbedWorker::spawn(name.clone(), e, metrics.clone())?;
                 encoders.push(EmbedModel { name, worker });
             }
             other => anyhow::bail!(

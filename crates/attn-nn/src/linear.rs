@@ -36,6 +36,8 @@ enum LinearWeight {
     Quantized(QMatMul),
     /// 8-bit blocks with a batched kernel (serving; see [`crate::kernels::q8`]).
     Q8(Arc<crate::kernels::q8::Q8Matrix>),
+    /// bf16 AMX tiles (inference; see [`crate::kernels::amx`]).
+    Bf16(Arc<crate::kernels::amx::Bf16Matrix>),
 }
 
 impl Linear {
@@ -89,7 +91,7 @@ impl Linear {
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(l) => Some(l.weight()),
-            LinearWeight::Quantized(_) | LinearWeight::Q8(_) => None,
+            LinearWeight::Quantized(_) | LinearWeight::Q8(_) | LinearWeight::Bf16(_) => None,
         }
     }
 
@@ -101,6 +103,26 @@ impl Linear {
         matches!(self.weight, LinearWeight::Quantized(_) | LinearWeight::Q8(_))
     }
 
+    /// The same layer with a dense f32 weight rounded to bf16 and packed
+    /// for the AMX kernel of [`crate::kernels::amx`] (inference only; the
+    /// products are summed in f32), where [`crate::kernels::amx::available`];
+    /// elsewhere, and for a quantized weight, the layer unchanged.
+    pub fn to_bf16(&self) -> Result<Linear> {
+        match &self.weight {
+            LinearWeight::Dense(l) if crate::kernels::amx::available() => {
+                let bias = match &self.bias {
+                    Some(b) => Some(fast::view_f32(b, |b| Ok(b.to_vec()))?),
+                    None => None,
+                };
+                let w = fast::view_f32(l.weight(), |w| {
+                    crate::kernels::amx::Bf16Matrix::new(w, self.out_features, self.in_features, bias.as_deref())
+                })?;
+                Ok(Linear { weight: LinearWeight::Bf16(Arc::new(w)), ..self.clone() })
+            }
+            _ => Ok(self.clone()),
+        }
+    }
+
     /// The same layer with its weight converted to 8-bit blocks and the
     /// batched kernel of [`crate::kernels::q8`]: each weight is read once per call
     /// however many rows the input has (continuous batching).
@@ -110,6 +132,9 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&candle_core::Device::Cpu)?,
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
             LinearWeight::Q8(_) => return Ok(self.clone()),
+            LinearWeight::Bf16(_) => {
+                return Err(Error::input("linear", "a bf16 layer has no float32 weight left to quantize"))
+            }
         };
         Ok(Linear {
             weight: LinearWeight::Q8(Arc::new(crate::kernels::q8::Q8Matrix::from_tensor(&w)?)),
@@ -142,6 +167,8 @@ impl Linear {
                 fast::view_f32(l.weight(), |w| fast::matmul_xwt_par(x, (m, k), w, n, out, ld, fast::may_split()))?
             }
             LinearWeight::Q8(q) => copy_rows(&q.matmul(&x[..m * k], m)?, out),
+            // The bias is inside the packed matrix.
+            LinearWeight::Bf16(b) => return b.matmul(x, m, out, ld, fast::may_split()),
             LinearWeight::Quantized(q) => {
                 let xt = Tensor::from_slice(&x[..m * k], (m, k), &candle_core::Device::Cpu)?;
                 copy_rows(&q.forward(&xt)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, out)
@@ -177,6 +204,15 @@ impl Linear {
                 y.to_dtype(dtype)?
             }
             LinearWeight::Q8(q) => q.forward(x)?.to_dtype(x.dtype())?,
+            LinearWeight::Bf16(b) => {
+                let m = x.elem_count() / self.in_features;
+                let mut y = vec![0f32; m * self.out_features];
+                fast::view_f32(x, |v| b.matmul(v, m, &mut y, self.out_features, fast::may_split()))?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("checked above") = self.out_features;
+                // The bias is inside the packed matrix.
+                return Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?);
+            }
         };
         match &self.bias {
             Some(b) => crate::grad_ops::bias_add(&y, b),

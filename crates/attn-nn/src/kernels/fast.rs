@@ -19,6 +19,84 @@ use crate::error::{Error, Result};
 use crate::ffn::Activation;
 use crate::kv::KvElem;
 
+/// Defines a function whose body is compiled three times, for AVX-512 (F,
+/// BW, VL, DQ), for AVX2 + FMA and for the baseline target, and runs the
+/// widest the CPU has. The loops these bodies hold fix their summation order
+/// (eight lanes, see [`dot`]) and Rust never fuses a multiply and an add by
+/// itself, so the three give identical results: only the vector width
+/// changes (the baseline build has SSE2, four lanes).
+macro_rules! wide {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                match simd_width() {
+                    // SAFETY: simd_width checked the CPU's features.
+                    SimdWidth::Avx512 => return unsafe { v4($($arg),*) },
+                    SimdWidth::Avx2 => return unsafe { v3($($arg),*) },
+                    SimdWidth::Base => {}
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum SimdWidth {
+    Base,
+    Avx2,
+    Avx512,
+}
+
+/// The widest vector code [`wide!`] functions may run here (once per
+/// process; `ATTN_SIMD=base` or `avx2` caps it, for tests and comparisons).
+fn simd_width() -> SimdWidth {
+    #[cfg(test)]
+    if let Some(w) = FORCE_WIDTH.with(|f| f.get()) {
+        return w.min(detected_width());
+    }
+    detected_width()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A cap on [`simd_width`] for this thread (tests of the three builds).
+    static FORCE_WIDTH: std::cell::Cell<Option<SimdWidth>> = const { std::cell::Cell::new(None) };
+}
+
+fn detected_width() -> SimdWidth {
+    static W: std::sync::OnceLock<SimdWidth> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cap = std::env::var("ATTN_SIMD").unwrap_or_default();
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 = avx2
+                && ["avx512f", "avx512bw", "avx512vl", "avx512dq"].iter().all(|f| match *f {
+                    "avx512f" => is_x86_feature_detected!("avx512f"),
+                    "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                    "avx512vl" => is_x86_feature_detected!("avx512vl"),
+                    _ => is_x86_feature_detected!("avx512dq"),
+                });
+            if avx512 && cap.is_empty() {
+                return SimdWidth::Avx512;
+            }
+            if avx2 && cap != "base" {
+                return SimdWidth::Avx2;
+            }
+        }
+        SimdWidth::Base
+    })
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major), multithreaded.
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
     matmul_xwt_ld(x, m, k, w, n, out, n)
@@ -106,6 +184,7 @@ pub(crate) unsafe fn gemm_raw(
     );
 }
 
+wide! {
 /// RMSNorm of each `d`-wide row of `x` in place: `x / rms(x) * w`.
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
@@ -116,6 +195,7 @@ pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
             *v = *v * inv * g;
         }
     }
+}
 }
 
 /// [`rms_norm_rows`] from `x` into `out`.
@@ -253,10 +333,12 @@ pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+wide! {
 fn gelu_tanh_mul_seq(g: &mut [f32], u: &[f32]) {
     for (a, b) in g.iter_mut().zip(u) {
         *a = gelu_tanh(*a) * b;
     }
+}
 }
 
 /// GELU, tanh approximation: `0.5 x (1 + tanh z)` with
@@ -306,12 +388,7 @@ pub fn erf(x: f32) -> f32 {
 /// activation, in parallel for large inputs when [`may_split`].
 pub fn activation_in_place(x: &mut [f32], act: Activation) {
     const CHUNK: usize = 1 << 14;
-    let seq = |x: &mut [f32]| match act {
-        Activation::GeluErf => x.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-        Activation::GeluTanh => x.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
-        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-        Activation::Silu => x.iter_mut().for_each(|v| *v = silu(*v)),
-    };
+    let seq = |x: &mut [f32]| activation_seq(x, act);
     if x.len() >= 2 * CHUNK && may_split() {
         x.par_chunks_mut(CHUNK).for_each(seq);
     } else {
@@ -319,18 +396,32 @@ pub fn activation_in_place(x: &mut [f32], act: Activation) {
     }
 }
 
+wide! {
+fn activation_seq(x: &mut [f32], act: Activation) {
+    match act {
+        Activation::GeluErf => x.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::GeluTanh => x.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Silu => x.iter_mut().for_each(|v| *v = silu(*v)),
+    }
+}
+}
+
+wide! {
+fn silu_mul_seq(g: &mut [f32], u: &[f32]) {
+    for (a, b) in g.iter_mut().zip(u) {
+        *a = silu(*a) * b;
+    }
+}
+}
+
 /// `g = silu(g) * u` element-wise (SwiGLU), in parallel for large inputs.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     const CHUNK: usize = 1 << 14;
-    let seq = |g: &mut [f32], u: &[f32]| {
-        for (a, b) in g.iter_mut().zip(u) {
-            *a = silu(*a) * b;
-        }
-    };
     if g.len() >= 2 * CHUNK {
-        g.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(g, u)| seq(g, u));
+        g.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(g, u)| silu_mul_seq(g, u));
     } else {
-        seq(g, u);
+        silu_mul_seq(g, u);
     }
 }
 
@@ -625,9 +716,9 @@ fn attend_blocked<K: KvRows>(q: &[f32], t: usize, call: &AttnCall, kv: &K, out: 
     Ok(())
 }
 
+wide! {
 /// `s = softmax(s)` in place given `max`, the largest element: `e^(s - max)`
 /// normalised to sum 1 (the one softmax every attention kernel ends in).
-#[inline]
 pub fn softmax_shifted(s: &mut [f32], max: f32) {
     for v in s.iter_mut() {
         *v = exp_fast(*v - max);
@@ -637,9 +728,10 @@ pub fn softmax_shifted(s: &mut [f32], max: f32) {
         *v *= inv;
     }
 }
+}
 
+wide! {
 /// `s = softmax(s * scale)` in place.
-#[inline]
 pub fn softmax_scaled(s: &mut [f32], scale: f32) {
     // Eight lanes for the max (a single running max would not vectorise).
     let mut lanes = [f32::NEG_INFINITY; 8];
@@ -658,6 +750,7 @@ pub fn softmax_scaled(s: &mut [f32], scale: f32) {
         max = max.max(l);
     }
     softmax_shifted(s, max);
+}
 }
 
 /// Sum in eight independent lanes (vectorises; see [`dot`]).
@@ -743,7 +836,7 @@ pub fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, w: &[f32], b: Op
     }
 }
 
-#[inline]
+wide! {
 fn layer_norm_row(row: &mut [f32], w: &[f32], b: Option<&[f32]>, eps: f32) {
     let n = row.len() as f32;
     let mean = sum(row) / n;
@@ -774,7 +867,9 @@ fn layer_norm_row(row: &mut [f32], w: &[f32], b: Option<&[f32]>, eps: f32) {
         }
     }
 }
+}
 
+wide! {
 /// `x[r, 0..bias.len()] += bias` for every row of `x`, rows `ld` apart.
 pub fn add_bias_rows(x: &mut [f32], bias: &[f32], ld: usize) {
     for row in x.chunks_mut(ld) {
@@ -782,6 +877,7 @@ pub fn add_bias_rows(x: &mut [f32], bias: &[f32], ld: usize) {
             *v += b;
         }
     }
+}
 }
 
 /// Bidirectional self-attention of every packed sequence over itself (an
@@ -928,6 +1024,52 @@ mod tests {
             sum += term / (2 * n + 1) as f64;
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// The `wide!` kernels give bit-identical results at every vector width
+    /// (the CPU's widest, AVX2, and the baseline build).
+    #[test]
+    fn wide_kernels_match_across_widths() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let d = 77;
+        let x: Vec<f32> = (0..5 * d).map(|_| rng.gen_range(-6.0..6.0)).collect();
+        let w: Vec<f32> = (0..d).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        let run = |width: SimdWidth| {
+            FORCE_WIDTH.with(|f| f.set(Some(width)));
+            let mut outs: Vec<Vec<f32>> = Vec::new();
+            let mut a = x.clone();
+            rms_norm_rows(&mut a, &w, 1e-6);
+            outs.push(a);
+            let mut a = x.clone();
+            layer_norm_rows(&mut a, Some(&x), &w, Some(&w), 1e-12);
+            outs.push(a);
+            for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu, Activation::Silu] {
+                let mut a = x.clone();
+                activation_in_place(&mut a, act);
+                outs.push(a);
+            }
+            let (mut g, mut h) = (x.clone(), x.clone());
+            gelu_tanh_mul(&mut g, &w);
+            silu_mul(&mut h, &w);
+            outs.extend([g, h]);
+            let mut a = x.clone();
+            softmax_scaled(&mut a, 0.3);
+            outs.push(a);
+            let mut a = x.clone();
+            add_bias_rows(&mut a, &w[..10], 13);
+            outs.push(a);
+            FORCE_WIDTH.with(|f| f.set(None));
+            outs
+        };
+        let widest = run(SimdWidth::Avx512);
+        for width in [SimdWidth::Avx2, SimdWidth::Base] {
+            let got = run(width);
+            for (i, (a, b)) in widest.iter().zip(&got).enumerate() {
+                let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "kernel {i} differs between {:?} and {width:?}", detected_width());
+            }
+        }
     }
 
     #[test]

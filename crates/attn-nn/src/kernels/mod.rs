@@ -17,6 +17,7 @@
 //! The paged KV pool itself ([`crate::paged`]) is a data structure; its rows
 //! are read by the attention kernel here.
 
+pub mod amx;
 pub mod fast;
 pub mod flash;
 pub mod logits;
