@@ -157,6 +157,31 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
 }
 
+/// The encoder as `attn embed` and `attn serve` run it by default: bf16 AMX
+/// tiles where the CPU has them (float32 elsewhere, where this repeats the
+/// check above). Cosine >= 0.9999 with sentence-transformers' float32
+/// embeddings, and the AMX kernel is batch-invariant too.
+#[test]
+fn minilm_bf16_embeddings_match_sentence_transformers() {
+    let enc = SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap().into_bf16().unwrap();
+    eprintln!("AMX bf16: {}", attn_nn::kernels::amx::available());
+    let reference = fixture_json("minilm_reference.json");
+    let sentences = reference["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let emb = enc.embed(&texts, 32).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 1f32;
+    for (s, e) in sentences.iter().zip(&emb) {
+        let cos = cosine(&floats(&s["embedding"]), e);
+        worst = worst.min(cos);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", s["text"]);
+    }
+    eprintln!("worst cosine {worst}");
+    let one_by_one: Vec<Vec<f32>> =
+        texts.iter().map(|t| enc.embed(&[*t], 1).unwrap().to_vec2::<f32>().unwrap().remove(0)).collect();
+    let diff = max_abs_diff_rows(&emb, &one_by_one);
+    assert!(diff < 1e-6, "bf16 embeddings depend on the batch: max diff {diff}");
+}
+
 fn minilm() -> &'static SentenceEncoder {
     static E: OnceLock<SentenceEncoder> = OnceLock::new();
     E.get_or_init(|| SentenceEncoder::load(&real_model("all-minilm-l6-v2"), &Device::Cpu).unwrap())
