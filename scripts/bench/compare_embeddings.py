@@ -80,7 +80,7 @@ def cpu_flags():
             for line in f:
                 if line.startswith("flags"):
                     fl = line.split(":", 1)[1].split()
-                    return [x for x in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni") if x in fl]
+                    return [x for x in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16") if x in fl]
     except OSError:
         pass
     return []
