@@ -19,6 +19,9 @@
 #   LLAMA_CPP_SDIST   an already downloaded sdist to use (its sha256 is checked)
 #   BUILD_VENV        virtualenv for cmake/ninja/scikit-build-core (default ~/.venvs/cmake)
 #   JOBS              parallel compile jobs (default: nproc)
+#   LLAMA_NO_AMX=1    compile without AMX (-mno-amx-*): this llama.cpp's AMX matmul dies with
+#                     SIGILL on a 2-core Xeon with AMX (`tilezero` in an OpenMP worker that
+#                     never loaded a tile configuration), so there it is built without
 set -euo pipefail
 
 # ---- the pin -------------------------------------------------------------------------------
@@ -59,6 +62,10 @@ CMAKE_FLAGS=(
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
     -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_MTMD=OFF
 )
+if [ "${LLAMA_NO_AMX:-0}" = 1 ]; then
+    CMAKE_FLAGS+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                  "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 stamp_text() { echo "$PKG $VERSION $SDIST_SHA256 commit=$(upstream_commit) ${CMAKE_FLAGS[*]}"; }
 STAMP=$BUILD/.attn-bench-stamp
 
