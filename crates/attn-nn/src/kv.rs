@@ -215,6 +215,7 @@ pub(crate) mod f16c {
 
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(q: &[f32], row: &[f16]) -> f32 {
         let n = q.len().min(row.len());
@@ -240,6 +241,7 @@ pub(crate) mod f16c {
 
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy(a: f32, row: &[f16], y: &mut [f32]) {
         let n = y.len().min(row.len());
@@ -259,6 +261,7 @@ pub(crate) mod f16c {
 
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn widen(row: &[f16], dst: &mut [f32]) {
         let n = dst.len().min(row.len());

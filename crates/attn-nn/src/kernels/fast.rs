@@ -614,7 +614,7 @@ fn attend_span<K: KvRows>(
         let width = 2 + d;
         for j in 0..group {
             let sj = &mut scores[j * n..(j + 1) * n];
-            let max = sj.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = max_lanes(sj);
             for v in sj.iter_mut() {
                 *v = exp_fast(*v - max);
             }
@@ -751,6 +751,25 @@ pub fn softmax_scaled(s: &mut [f32], scale: f32) {
     }
     softmax_shifted(s, max);
 }
+}
+
+/// The largest element (NaNs ignored, as `f32::max` does; -inf when
+/// empty), in eight independent lanes so that the loop vectorises (a single
+/// running max does not).
+#[inline]
+pub fn max_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    for l in lanes {
+        m = m.max(l);
+    }
+    m
 }
 
 /// Sum in eight independent lanes (vectorises; see [`dot`]).
@@ -1024,6 +1043,20 @@ mod tests {
             sum += term / (2 * n + 1) as f64;
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn max_lanes_matches_a_running_max() {
+        for n in [0, 1, 7, 8, 9, 33, 512] {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.25).collect();
+            let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_lanes(&x).to_bits(), want.to_bits(), "n = {n}");
+            if n > 2 {
+                x[1] = f32::NAN;
+                let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max_lanes(&x).to_bits(), want.to_bits(), "n = {n} with a NaN");
+            }
+        }
     }
 
     /// The `wide!` kernels give bit-identical results at every vector width
