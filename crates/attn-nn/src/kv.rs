@@ -74,6 +74,24 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     fn dot(q: &[f32], row: &[Self]) -> f32;
     /// `y += a * row`.
     fn axpy(a: f32, row: &[Self], y: &mut [f32]);
+    /// `out[j] = qs[j] · row` for the `out.len()` query rows of `qs` (`d`
+    /// apart), each with exactly the sums of [`KvElem::dot`]; a format may
+    /// widen `row` once for all of them.
+    #[inline]
+    fn dot_many(qs: &[f32], d: usize, row: &[Self], out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = Self::dot(&qs[j * d..(j + 1) * d], row);
+        }
+    }
+    /// `ys[j] += a[j] * row` for the `a.len()` rows of `ys` (`stride` apart,
+    /// `row.len()` wide), each as [`KvElem::axpy`] computes it.
+    #[inline]
+    fn axpy_many(a: &[f32], row: &[Self], ys: &mut [f32], stride: usize) {
+        let w = row.len();
+        for (j, &aj) in a.iter().enumerate() {
+            Self::axpy(aj, row, &mut ys[j * stride..j * stride + w]);
+        }
+    }
     /// `dst = row` as f32.
     fn widen(row: &[Self], dst: &mut [f32]);
     /// `dst = src` in this format (round to nearest even).
@@ -147,6 +165,29 @@ impl KvElem for f16 {
             return unsafe { f16c::axpy(a, row, y) };
         }
         axpy_f16_portable(a, row, y)
+    }
+    #[inline]
+    fn dot_many(qs: &[f32], d: usize, row: &[f16], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_f16c() && out.len() <= f16c::MAX_GROUP && d == row.len() {
+            // SAFETY: as above.
+            return unsafe { f16c::dot_many(qs, d, row, out) };
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = Self::dot(&qs[j * d..(j + 1) * d], row);
+        }
+    }
+    #[inline]
+    fn axpy_many(a: &[f32], row: &[f16], ys: &mut [f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if has_f16c() {
+            // SAFETY: as above.
+            return unsafe { f16c::axpy_many(a, row, ys, stride) };
+        }
+        let w = row.len();
+        for (j, &aj) in a.iter().enumerate() {
+            Self::axpy(aj, row, &mut ys[j * stride..j * stride + w]);
+        }
     }
     #[inline]
     fn widen(row: &[f16], dst: &mut [f32]) {
@@ -256,6 +297,83 @@ pub(crate) mod f16c {
         while i < n {
             y[i] += a * row[i].to_f32();
             i += 1;
+        }
+    }
+
+    /// Query heads [`dot_many`] takes at once (its accumulators stay in
+    /// registers).
+    pub const MAX_GROUP: usize = 8;
+
+    /// [`dot`] of each of the `out.len()` (at most [`MAX_GROUP`]) rows of
+    /// `qs` (`d` apart, `d == row.len()`) with `row`, widening each 8 values
+    /// of `row` once: per row the same accumulators, order and tail as
+    /// [`dot`], so the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_many(qs: &[f32], d: usize, row: &[f16], out: &mut [f32]) {
+        let g = out.len();
+        assert!(g <= MAX_GROUP && row.len() == d && qs.len() >= g * d);
+        let (qp, rp) = (qs.as_ptr(), row.as_ptr());
+        let mut a0 = [_mm256_setzero_ps(); MAX_GROUP];
+        let mut a1 = [_mm256_setzero_ps(); MAX_GROUP];
+        let mut i = 0;
+        while i + 16 <= d {
+            let (r0, r1) = (load8(rp.add(i)), load8(rp.add(i + 8)));
+            for j in 0..g {
+                let q = qp.add(j * d + i);
+                a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q), r0, a0[j]);
+                a1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(8)), r1, a1[j]);
+            }
+            i += 16;
+        }
+        if i + 8 <= d {
+            let r0 = load8(rp.add(i));
+            for j in 0..g {
+                a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j * d + i)), r0, a0[j]);
+            }
+            i += 8;
+        }
+        for j in 0..g {
+            let mut s = hsum(_mm256_add_ps(a0[j], a1[j]));
+            for t in i..d {
+                s += qs[j * d + t] * row[t].to_f32();
+            }
+            out[j] = s;
+        }
+    }
+
+    /// [`axpy`] of `row` into each of the `a.len()` rows of `ys` (`stride`
+    /// apart), widening each 8 values of `row` once: every element gets the
+    /// same single multiply-add as in [`axpy`], so the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_many(a: &[f32], row: &[f16], ys: &mut [f32], stride: usize) {
+        let (n, g) = (row.len(), a.len());
+        if g == 0 {
+            return;
+        }
+        assert!(ys.len() >= (g - 1) * stride + n);
+        let (rp, yp) = (row.as_ptr(), ys.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let r = load8(rp.add(i));
+            for (j, &aj) in a.iter().enumerate() {
+                let y = yp.add(j * stride + i);
+                _mm256_storeu_ps(y, _mm256_fmadd_ps(_mm256_set1_ps(aj), r, _mm256_loadu_ps(y)));
+            }
+            i += 8;
+        }
+        for t in i..n {
+            let v = row[t].to_f32();
+            for (j, &aj) in a.iter().enumerate() {
+                ys[j * stride + t] += aj * v;
+            }
         }
     }
 
@@ -637,6 +755,36 @@ mod tests {
 
     /// An f16 cache attends exactly as an f32 cache holding the f16-rounded
     /// keys and values (decode rows and blocked prefill).
+    /// The grouped row kernels give each head exactly the bits of the
+    /// per-head ones (head sizes with and without a tail, 1 to 8 heads).
+    #[test]
+    fn grouped_dot_and_axpy_equal_per_head_calls() {
+        for d in [8, 24, 64, 70, 128] {
+            let row: Vec<f16> = (0..d).map(|i| f16::from_f32(((i * 29 % 17) as f32 - 8.0) * 0.37)).collect();
+            for g in 1..=8 {
+                let qs: Vec<f32> = (0..g * d).map(|i| ((i * 13 % 23) as f32 - 11.0) * 0.11).collect();
+                let mut got = vec![0f32; g];
+                f16::dot_many(&qs, d, &row, &mut got);
+                for j in 0..g {
+                    assert_eq!(
+                        got[j].to_bits(),
+                        f16::dot(&qs[j * d..(j + 1) * d], &row).to_bits(),
+                        "d {d} g {g} head {j}"
+                    );
+                }
+                let a: Vec<f32> = (0..g).map(|j| 0.3 - 0.1 * j as f32).collect();
+                let stride = d + 2;
+                let mut ys: Vec<f32> = (0..g * stride).map(|i| (i % 7) as f32 * 0.5).collect();
+                let mut want = ys.clone();
+                f16::axpy_many(&a, &row, &mut ys, stride);
+                for j in 0..g {
+                    f16::axpy(a[j], &row, &mut want[j * stride..j * stride + d]);
+                }
+                assert!(ys.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "axpy d {d} g {g}");
+            }
+        }
+    }
+
     #[test]
     fn f16_cache_equals_f32_attention_on_rounded_kv() {
         let (kvw, qw) = (2 * 16, 4 * 16);

@@ -601,14 +601,20 @@ fn attend_span<K: KvRows>(
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
         scores.resize(group * n, 0.0);
+        let mut dots = [0f32; 8];
         for (i, p) in (lo..hi).enumerate() {
             let key = kv.key(p, g);
-            for j in 0..group {
-                let mut s = K::Elem::dot(&qs[j * d..(j + 1) * d], key) * scale;
-                if let Some(c) = cap {
-                    s = (s / c).tanh() * c;
+            // The group's heads share one read (and widening) of the key.
+            for j0 in (0..group).step_by(8) {
+                let m = (group - j0).min(8);
+                K::Elem::dot_many(&qs[j0 * d..(j0 + m) * d], d, key, &mut dots[..m]);
+                for (jj, &dv) in dots[..m].iter().enumerate() {
+                    let mut s = dv * scale;
+                    if let Some(c) = cap {
+                        s = (s / c).tanh() * c;
+                    }
+                    scores[(j0 + jj) * n + i] = s;
                 }
-                scores[j * n + i] = s;
             }
         }
         let width = 2 + d;
@@ -625,8 +631,12 @@ fn attend_span<K: KvRows>(
         }
         for (i, p) in (lo..hi).enumerate() {
             let val = kv.value(p, g);
-            for j in 0..group {
-                K::Elem::axpy(scores[j * n + i], val, &mut part[j * width + 2..(j + 1) * width]);
+            for j0 in (0..group).step_by(8) {
+                let m = (group - j0).min(8);
+                for (jj, w) in dots[..m].iter_mut().enumerate() {
+                    *w = scores[(j0 + jj) * n + i];
+                }
+                K::Elem::axpy_many(&dots[..m], val, &mut part[j0 * width + 2..], width);
             }
         }
     });
