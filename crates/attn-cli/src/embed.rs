@@ -60,7 +60,7 @@ pub fn embed(args: &EmbedArgs) -> anyhow::Result<()> {
     };
     let enc = if args.int8 {
         Box::new(enc.into_q8()?)
-    } else if args.f32 || !enc.is_packed() {
+    } else if args.f32 {
         enc
     } else {
         Box::new(enc.into_bf16()?)

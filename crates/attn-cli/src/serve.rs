@@ -237,7 +237,7 @@ pub fn build_state(args: &ServeArgs, comm: &attn_dist::Comm) -> anyhow::Result<A
             }
             AnyModel::Encoder(e) => {
                 // bf16 AMX tiles where the CPU has them (ATTN_AMX=0: float32).
-                let e = if e.is_packed() { e.into_bf16()? } else { *e };
+                let e = e.into_bf16()?;
                 let worker = EmbedWorker::spawn(name.clone(), e, metrics.clone())?;
                 encoders.push(EmbedModel { name, worker });
             }

@@ -533,10 +533,12 @@ impl SentenceEncoder {
     /// The same encoder with its dense linear layers as bf16 AMX tiles
     /// where the CPU has them ([`attn_nn::kernels::amx`]: bf16 weights and
     /// activations, f32 sums; about 16x the f32 multiply rate), unchanged
-    /// elsewhere. `attn embed` and `attn serve` use it unless asked for
-    /// float32.
+    /// elsewhere, and on candle's padded path (the float32 reference).
+    /// `attn embed` and `attn serve` use it unless asked for float32.
     pub fn into_bf16(mut self) -> Result<Self> {
-        self.model = self.model.to_bf16()?;
+        if self.packed {
+            self.model = self.model.to_bf16()?;
+        }
         Ok(self)
     }
 
